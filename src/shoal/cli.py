@@ -1,0 +1,186 @@
+"""The `shoal` command line. Every command but `serve` talks to the REST API at --endpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal import settings
+from shoal.client import Client, ShoalAPIError
+
+app = typer.Typer(help="Shoal: one server for every model kind, behind the OpenAI API.", no_args_is_help=True)
+console = Console()
+Endpoint = Annotated[str, typer.Option("--endpoint", "-e", envvar=settings.ENDPOINT.env, help=settings.ENDPOINT.help)]
+
+
+def _client(endpoint: str) -> Client:
+    return Client(endpoint)
+
+
+def _fail(exc: ShoalAPIError) -> typer.Exit:
+    console.print(f"[red]error {exc.status}:[/red] {exc.message}")
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(envvar=settings.HOST.env, help=settings.HOST.help)] = settings.HOST.default,
+    port: Annotated[int, typer.Option(envvar=settings.PORT.env, help=settings.PORT.help)] = int(settings.PORT.default),
+    data_dir: Annotated[Path, typer.Option(envvar=settings.DATA_DIR.env, help=settings.DATA_DIR.help)] = Path(
+        settings.DATA_DIR.default),
+    launch: Annotated[list[str] | None, typer.Option(help="catalog model to launch at start (repeatable)")] = None,
+    log_level: Annotated[str, typer.Option(envvar=settings.LOG_LEVEL.env, help=settings.LOG_LEVEL.help)] = "info",
+) -> None:
+    """Start the server (gateway) in the foreground."""
+    import logging
+
+    import uvicorn
+
+    from shoal.gateway.app import build_app
+    from shoal.settings import ServerSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server_settings = ServerSettings(host=host, port=port, data_dir=data_dir)
+    uvicorn.run(build_app(server_settings, launch or []), host=host, port=port, log_level=log_level,
+                access_log=False, timeout_graceful_shutdown=10)
+
+
+@app.command()
+def launch(
+    name: Annotated[str, typer.Argument(help="catalog model name")],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
+    replica: Annotated[int, typer.Option(help="number of replicas")] = 1,
+    n_gpu: Annotated[str, typer.Option("--n-gpu", help="GPUs per replica: auto, 0 (CPU) or a number")] = "auto",
+    gpu_idx: Annotated[list[int] | None, typer.Option("--gpu-idx", help="pin to these GPU indices")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="engine option KEY=VALUE")] = None,
+) -> None:
+    """Launch a model and wait until it is ready, showing progress."""
+    options: dict[str, Any] = {}
+    for item in option or []:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    with _client(endpoint) as client:
+        try:
+            model_uid = client.launch(name, model_uid=uid, model_engine=engine, replica=replica,
+                                      n_gpu=None if n_gpu == "0" else n_gpu, gpu_idx=gpu_idx,
+                                      wait_ready=False, **options)
+            start = time.monotonic()
+            with console.status(f"loading {model_uid}...") as status:
+                while (state := client.describe(model_uid))["status"] == "loading":
+                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s")
+                    time.sleep(0.2)
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    if state["status"] != "ready":
+        errors = "; ".join(r["last_error"] or "" for r in state["replicas"])
+        console.print(f"[red]{model_uid} failed to load:[/red] {errors}")
+        raise typer.Exit(1)
+    console.print(f"[green]{model_uid}[/green] ready in {time.monotonic() - start:.1f} s")
+
+
+@app.command()
+def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
+    """List running models and their replicas."""
+    with _client(endpoint) as client:
+        try:
+            models = client.list()
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS")
+    for m in models:
+        table.add_row(m["id"], m["model_name"], m["model_type"], m["model_engine"], m["status"],
+                      str(m["replica"]), ",".join(sorted({r["device"] for r in m["replicas"]})),
+                      ",".join(str(r["pid"]) for r in m["replicas"]))
+    console.print(table)
+
+
+@app.command()
+def stop(uid: Annotated[str, typer.Argument(help="model uid")], endpoint: Endpoint = settings.ENDPOINT.default) -> None:
+    """Terminate a running model (all its replicas)."""
+    with _client(endpoint) as client:
+        try:
+            client.terminate(uid)
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    console.print(f"stopped {uid}")
+
+
+@app.command()
+def models(
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    model_type: Annotated[str, typer.Option("--type", help="LLM or embedding")] = "LLM",
+) -> None:
+    """List the catalog: built-in and registered models."""
+    with _client(endpoint) as client:
+        try:
+            families = client.registrations(model_type, detailed=True)
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    table = Table("NAME", "TYPE", "ABILITY", "FORMATS", "BUILT-IN")
+    for f in families:
+        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in f["model_specs"]}))
+        table.add_row(f["model_name"], f["model_type"], ",".join(f["model_ability"]), formats,
+                      "yes" if f["is_builtin"] else "no")
+    console.print(table)
+
+
+@app.command()
+def register(
+    file: Annotated[Path, typer.Argument(help="model JSON (Xinference format; specs may use model_uri)")],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    model_type: Annotated[str | None, typer.Option("--type", help="LLM or embedding (default: from file)")] = None,
+) -> None:
+    """Register a custom model from a local path."""
+    data = json.loads(file.read_text())
+    with _client(endpoint) as client:
+        try:
+            name = client.register(model_type or data.get("model_type", "LLM"), data)
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    console.print(f"registered {name}")
+
+
+@app.command()
+def chat(
+    uid: Annotated[str, typer.Argument(help="model uid")],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 512,
+) -> None:
+    """Chat with a model interactively, streaming answers (Ctrl-D to quit)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    with _client(endpoint) as client:
+        handle = client.model(uid)
+        while True:
+            try:
+                prompt = console.input("[bold]you> [/bold]")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                return
+            messages.append({"role": "user", "content": prompt})
+            answer = []
+            try:
+                for event in handle.chat_stream(messages, max_tokens=max_tokens):
+                    for choice in event.get("choices", []):
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        answer.append(piece)
+                        console.print(piece, end="", markup=False, highlight=False)
+            except ShoalAPIError as exc:
+                raise _fail(exc) from exc
+            console.print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,126 @@
+"""llama.cpp for GGUF models, through xllamacpp, which embeds llama.cpp's own server in-process:
+the model's chat template, stop strings, usage, and continuous batching over `n_parallel` slots.
+
+Requests are handed to xllamacpp on worker threads (it releases the GIL); streamed chunks come back
+through a callback whose return value tells llama.cpp to stop, which is how a disconnected client
+cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shoal.engines.base import Engine
+from shoal.errors import InvalidRequest, ShoalError
+
+DEFAULT_PARALLEL = 4
+DEFAULT_CONTEXT = 4096  # per slot, capped by the model's own context length
+_END = object()
+
+
+def _raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
+    """xllamacpp returns llama.cpp's errors as dicts ({"code", "message", "type"} or {"error": {...}})."""
+    error = result.get("error") if isinstance(result.get("error"), dict) else None
+    if error is None and "code" in result and "choices" not in result:
+        error = result
+    if error is None:
+        return result
+    message = str(error.get("message", error))
+    if int(error.get("code", 500)) < 500:
+        raise InvalidRequest(message)
+    raise ShoalError(f"llama.cpp: {message}")
+
+
+class LlamaCppEngine(Engine):
+    name = "llama.cpp"
+
+    def load(self) -> None:
+        import xllamacpp as xl
+
+        opts = self.pop_options("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "flash_attn", "chat_template")
+        self.n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
+        model_ctx = self.config.context_length or DEFAULT_CONTEXT
+        self.slot_context = int(opts.get("n_ctx", min(DEFAULT_CONTEXT, model_ctx)))
+        params = xl.CommonParams()
+        params.model.path = str(self.config.model_path)
+        params.n_parallel = self.n_parallel
+        params.n_ctx = self.slot_context * self.n_parallel  # llama.cpp splits n_ctx across the slots
+        params.n_gpu_layers = int(opts.get("n_gpu_layers", -1 if self.config.device == "cuda" else 0))
+        if "n_batch" in opts:
+            params.n_batch = int(opts["n_batch"])
+        if "chat_template" in opts:
+            params.chat_template = str(opts["chat_template"])
+        if self.config.n_threads:
+            params.cpuparams.n_threads = self.config.n_threads
+            params.cpuparams_batch.n_threads = self.config.n_threads
+        # llama.cpp's embedded HTTP server also listens on a loopback port; a random key keeps
+        # anything but this process out of it (Shoal serves the runner on its own socket).
+        params.api_keys = [secrets.token_hex(16)]
+        params.verbosity = 0
+        try:
+            self._server = xl.Server(params)
+        except RuntimeError as exc:
+            raise RuntimeError(f"llama.cpp could not load {self.config.model_path}: {exc}") from exc
+        # One thread per slot plus room for requests waiting on a slot.
+        self._pool = ThreadPoolExecutor(max_workers=self.n_parallel * 4, thread_name_prefix="llama")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        del self._server
+
+    def _check(self, body: dict[str, Any]) -> dict[str, Any]:
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        if max_tokens is not None and int(max_tokens) > self.slot_context:
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} is more than this model's context of {self.slot_context} tokens"
+            )
+        body = dict(body)
+        body.pop("model", None)
+        return body
+
+    async def _call(self, fn: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool, fn, self._check(body))
+        result = _raise_if_error(result)
+        result.pop("timings", None)
+        result["model"] = self.config.model_uid
+        return result
+
+    async def _stream(self, fn: Callable[..., Any], body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        body = {**self._check(body), "stream": True}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_chunk(chunk: dict[str, Any]) -> bool:  # runs on a llama.cpp thread
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            return cancelled.is_set()  # True tells llama.cpp to stop this generation
+
+        future = loop.run_in_executor(self._pool, fn, body, on_chunk)
+        future.add_done_callback(lambda _: queue.put_nowait(_END))
+        try:
+            while (chunk := await queue.get()) is not _END:
+                chunk = _raise_if_error(chunk)
+                chunk.pop("timings", None)
+                chunk["model"] = self.config.model_uid
+                yield chunk
+            future.result()
+        finally:
+            cancelled.set()
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self._server.handle_chat_completions, body)
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(self._server.handle_chat_completions, body)
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self._server.handle_completions, body)
+
+    def complete_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(self._server.handle_completions, body)

@@ -1,0 +1,48 @@
+"""Engine names → "module:Class", imported lazily and only inside runner processes."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from shoal.errors import EngineMissing, InvalidRequest
+
+ENGINES: dict[str, str] = {
+    "llama.cpp": "shoal.engines.llamacpp:LlamaCppEngine",
+    "sentence_transformers": "shoal.engines.sentence_transformers:SentenceTransformersEngine",
+}
+# The Python package each engine needs, and the extra that installs it.
+REQUIRES: dict[str, tuple[str, str]] = {
+    "llama.cpp": ("xllamacpp", "llamacpp"),
+    "sentence_transformers": ("sentence_transformers", "embeddings"),
+}
+ALIASES: dict[str, str] = {
+    "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "xllamacpp": "llama.cpp",
+    "sentence_transformers": "sentence_transformers", "sentence-transformers": "sentence_transformers",
+}
+# Which engines can serve which model format.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "llama.cpp": ("ggufv2", "gguf"),
+    "sentence_transformers": ("sentence_transformers", "pytorch"),
+}
+
+
+def canonical(name: str, model_format: str) -> str:
+    engine = ALIASES.get(name.lower())
+    if engine is None:
+        raise InvalidRequest(f"unknown model_engine {name!r}; known: {', '.join(ENGINES)}")
+    if model_format not in FORMATS[engine]:
+        raise InvalidRequest(f"engine {engine} cannot serve format {model_format!r}")
+    return engine
+
+
+def check_installed(engine: str) -> None:
+    """Cheap check (no import) so a launch fails with the fix instead of a runner traceback."""
+    package, extra = REQUIRES[engine]
+    if importlib.util.find_spec(package) is None:
+        raise EngineMissing(f"engine {engine} needs the package {package}: pip install 'shoal[{extra}]'")
+
+
+def load_class(engine: str) -> type:
+    module_name, class_name = ENGINES[engine].split(":")
+    return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]

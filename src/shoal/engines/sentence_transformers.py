@@ -1,0 +1,75 @@
+"""sentence-transformers for embedding models (CPU or CUDA, torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from typing import Any
+
+from shoal.engines.base import Engine
+from shoal.errors import InvalidRequest
+
+
+class SentenceTransformersEngine(Engine):
+    name = "sentence_transformers"
+
+    def load(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        opts = self.pop_options("batch_size", "trust_remote_code")
+        if self.config.n_threads:
+            torch.set_num_threads(self.config.n_threads)
+        self._batch_size = int(opts.get("batch_size", 32))
+        self._model = SentenceTransformer(
+            str(self.config.model_path),
+            device=self.config.device,
+            trust_remote_code=bool(opts.get("trust_remote_code", False)),
+            local_files_only=True,
+        )
+        self.dimensions = self._model.get_sentence_embedding_dimension()
+        self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
+
+    def close(self) -> None:
+        del self._model
+
+    def _texts(self, raw: Any) -> list[str]:
+        if isinstance(raw, str):
+            return [raw]
+        if raw and all(isinstance(x, int) for x in raw):
+            return [self._model.tokenizer.decode(raw)]
+        if raw and all(isinstance(x, list) for x in raw):
+            return [self._model.tokenizer.decode(ids) for ids in raw]
+        return list(raw)
+
+    def _encode(self, texts: list[str], dimensions: int | None) -> tuple[Any, int]:
+        with self._lock:
+            vectors = self._model.encode(
+                texts, batch_size=self._batch_size, convert_to_numpy=True, truncate_dim=dimensions,
+                normalize_embeddings=dimensions is not None,
+            )
+            tokens = int(self._model.tokenize(texts)["attention_mask"].sum())
+        return vectors, tokens
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts = self._texts(body["input"])
+        dimensions = body.get("dimensions")
+        if dimensions is not None and not 0 < dimensions <= self.dimensions:
+            raise InvalidRequest(f"dimensions must be between 1 and {self.dimensions}")
+        vectors, tokens = await asyncio.to_thread(self._encode, texts, dimensions)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.config.model_uid,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

@@ -1,0 +1,61 @@
+"""Shoal's exception tree. One handler in the gateway maps it to HTTP and the OpenAI error shape.
+
+    ShoalError                      500  (never raised for anything a client sent)
+    ├── InvalidRequest              400  bad field values, unsupported ability
+    ├── ModelNotFound               404  unknown model uid or catalog name
+    ├── Conflict                    409  a uid already in use
+    ├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
+    ├── LaunchFailed                500→ reported as 400 when the engine refused the model
+    └── EngineMissing               400  the engine's extra is not installed
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ShoalError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(ShoalError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Conflict(ShoalError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class ModelUnavailable(ShoalError):
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LaunchFailed(ShoalError):
+    """The runner could not load the model; message carries the engine's own reason."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "launch_failed"
+
+
+class EngineMissing(InvalidRequest):
+    code = "engine_missing"

@@ -1,0 +1,59 @@
+"""Composition root: build_app() wires catalog, model service and routes into one FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from shoal import __version__
+from shoal.catalog import Catalog
+from shoal.errors import ShoalError
+from shoal.gateway import errors, routes_admin, routes_openai
+from shoal.protocol.admin import LaunchRequest
+from shoal.services.models import ModelService
+from shoal.settings import ServerSettings
+
+log = logging.getLogger("shoal.gateway")
+
+
+async def _launch_at_start(service: ModelService, names: Sequence[str], base_url: str) -> None:
+    for name in names:
+        try:
+            model = await service.launch(LaunchRequest(model_name=name))
+            log.info("launched %s", model.uid)
+        except ShoalError as exc:
+            log.error("could not launch %s: %s", name, exc.message)
+    if names:
+        print(f"\nShoal is serving on {base_url} with: {', '.join(m.uid for m in service.list())}\nTry:\n"
+              f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"smollm2-135m-instruct\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+              f"  curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"all-MiniLM-L6-v2\", \"input\": \"Hello!\"}}'\n", flush=True)
+
+
+def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = ModelService(Catalog(settings.data_dir / "registrations"), settings)
+        app.state.models = service
+        supervisor = asyncio.create_task(service.supervise())
+        starter = asyncio.create_task(
+            _launch_at_start(service, launch, f"http://{settings.host}:{settings.port}"))
+        try:
+            yield
+        finally:
+            starter.cancel()
+            supervisor.cancel()
+            await service.shutdown()
+
+    app = FastAPI(title="Shoal", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(routes_admin.router)
+    app.include_router(routes_openai.router)
+    return app

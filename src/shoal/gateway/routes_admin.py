@@ -1,0 +1,78 @@
+"""Admin routes with Xinference's paths and field names (xinference-client works unchanged)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from shoal.devices import all_devices
+from shoal.protocol.admin import LaunchRequest, RegisterRequest
+from shoal.services.models import ModelService
+
+router = APIRouter(tags=["admin"])
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.models  # type: ignore[no-any-return]
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post("/v1/models")
+async def launch_model(request: Request, body: LaunchRequest,
+                       wait_ready: bool = Query(True, description="answer once the model is ready")) -> dict[str, Any]:
+    model = await _service(request).launch(body, wait=wait_ready)
+    return {"model_uid": model.uid, "status": model.status}
+
+
+@router.get("/v1/models/{model_uid}")
+async def describe_model(request: Request, model_uid: str) -> dict[str, Any]:
+    return _service(request).get(model_uid).describe()
+
+
+@router.delete("/v1/models/{model_uid}")
+async def terminate_model(request: Request, model_uid: str) -> dict[str, Any]:
+    await _service(request).terminate(model_uid)
+    return {"model_uid": model_uid, "status": "terminated"}
+
+
+@router.get("/v1/model_registrations/{model_type}")
+async def list_registrations(request: Request, model_type: str, detailed: bool = False) -> list[dict[str, Any]]:
+    families = _service(request).catalog.list(model_type)
+    if detailed:
+        return [{**f.model_dump(exclude={"builtin"}), "is_builtin": f.builtin} for f in families]
+    return [{"model_name": f.model_name, "is_builtin": f.builtin} for f in families]
+
+
+@router.get("/v1/model_registrations/{model_type}/{model_name}")
+async def get_registration(request: Request, model_type: str, model_name: str) -> dict[str, Any]:
+    family = _service(request).catalog.get(model_name, model_type)
+    return {**family.model_dump(exclude={"builtin"}), "is_builtin": family.builtin}
+
+
+@router.post("/v1/model_registrations/{model_type}")
+async def register_model(request: Request, model_type: str, body: RegisterRequest) -> dict[str, Any]:
+    family = _service(request).catalog.register(model_type, body.model, body.persist)
+    return {"model_name": family.model_name, "model_type": family.model_type}
+
+
+@router.delete("/v1/model_registrations/{model_type}/{model_name}")
+async def unregister_model(request: Request, model_type: str, model_name: str) -> dict[str, Any]:
+    _service(request).catalog.get(model_name, model_type)
+    _service(request).catalog.unregister(model_name)
+    return {"model_name": model_name, "status": "unregistered"}
+
+
+@router.get("/v1/cluster/devices")
+async def devices() -> list[dict[str, object]]:
+    return [d.to_dict() for d in all_devices()]
+
+
+@router.get("/v1/cluster/auth")
+async def cluster_auth() -> bool:
+    """xinference-client asks whether the server wants a token; auth arrives with API keys."""
+    return False

@@ -1,0 +1,25 @@
+"""What the gateway tells a runner at spawn, as one JSON document (shared by both sides)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from shoal.catalog.specs import Source
+
+
+class RunnerConfig(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_uid: str
+    replica: int
+    engine: str
+    model_format: str
+    source: Source
+    context_length: int | None = None
+    device: str = "cpu"
+    n_threads: int | None = None
+    options: dict[str, Any] = {}
+    socket: str  # Unix socket the runner listens on
+    status_file: str  # where the runner writes why it failed to load

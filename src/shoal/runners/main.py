@@ -1,0 +1,55 @@
+"""Runner process entry point: `python -m shoal.runners.main CONFIG.json`.
+
+Loads the engine first, then serves on the Unix socket; the gateway treats a socket that answers
+/health as "ready". A load failure is written to the status file for the gateway to report.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+from shoal.catalog.resolve import materialize
+from shoal.engines.base import EngineConfig
+from shoal.engines.registry import load_class
+from shoal.runners.config import RunnerConfig
+
+
+def main(config_path: str) -> int:
+    config = RunnerConfig.model_validate_json(Path(config_path).read_text())
+    try:
+        engine_cls = load_class(config.engine)
+        engine = engine_cls(
+            EngineConfig(
+                model_path=materialize(config.source),
+                model_uid=config.model_uid,
+                model_format=config.model_format,
+                context_length=config.context_length,
+                device=config.device,
+                n_threads=config.n_threads,
+                options=config.options,
+            )
+        )
+        engine.load()
+    except Exception as exc:  # any load failure: report the engine's own reason, then exit
+        traceback.print_exc()
+        Path(config.status_file).write_text(f"{type(exc).__name__}: {exc}")
+        return 2
+
+    import uvicorn
+
+    from shoal.runners.app import build_runner_app
+
+    socket = Path(config.socket)
+    socket.unlink(missing_ok=True)
+    uvicorn.run(
+        build_runner_app(engine), uds=str(socket), log_level="warning", access_log=False,
+        timeout_keep_alive=600, timeout_graceful_shutdown=5,
+    )
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,117 @@
+"""The gateway's handle on one runner process: spawn, wait until ready, ping, terminate, kill.
+
+Runners get PR_SET_PDEATHSIG so they die with the gateway even when it is SIGKILLed (a runner that
+outlives its parent keeps its memory; see shared/RAY-FACTS.md). Their output goes to a log file,
+never a pipe (a full pipe blocks the runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from shoal.errors import LaunchFailed
+from shoal.runners.config import RunnerConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ReplicaState(enum.Enum):
+    STARTING = "starting"  # process spawned, model loading
+    READY = "ready"  # answering requests
+    RESTARTING = "restarting"  # its process died; a new one is being started after a backoff
+    STOPPING = "stopping"  # terminate requested
+    STOPPED = "stopped"  # process gone on purpose
+    FAILED = "failed"  # crashed too often, or could not load; last_error says why
+
+
+class RunnerProcess:
+    """One spawned runner. Not restartable: the supervisor makes a new one."""
+
+    def __init__(self, config: RunnerConfig, log_path: Path, env: dict[str, str]) -> None:
+        self.config = config
+        self.log_path = log_path
+        self._env = env
+        self._popen: subprocess.Popen[bytes] | None = None
+        self.client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=config.socket),
+            base_url="http://runner",
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def spawn(self, config_path: Path) -> None:
+        config_path.write_text(self.config.model_dump_json())
+        Path(self.config.status_file).unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-m", "shoal.runners.main", str(config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self._env}, preexec_fn=_die_with_parent, close_fds=True,
+            )
+
+    def exited(self) -> int | None:
+        """The exit code once the process is gone, else None."""
+        return None if self._popen is None else self._popen.poll()
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited() is not None:
+                raise LaunchFailed(self.failure_reason())
+            if Path(self.config.socket).exists():
+                try:
+                    response = await self.client.get("/health", timeout=2.0)
+                    if response.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise LaunchFailed(f"runner for {self.config.model_uid} did not become ready within {timeout:.0f} s")
+
+    def failure_reason(self) -> str:
+        status = Path(self.config.status_file)
+        if status.exists():
+            reason = status.read_text().strip()
+        else:
+            reason = f"runner exited with code {self.exited()}"
+        # llama.cpp and friends log the real cause; add the last error-looking lines of the log.
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-200:]
+        except OSError:
+            lines = []
+        hints = [ln.strip() for ln in lines if any(k in ln.lower() for k in ("error", "failed", "exception"))]
+        hints = [h for h in hints if h not in reason][-3:]
+        return reason + (" | " + " | ".join(hints) if hints else "")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL; always reaps the process."""
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.terminate()
+            deadline = time.monotonic() + grace
+            while self._popen.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self._popen.poll() is None:
+                self._popen.kill()
+                await asyncio.to_thread(self._popen.wait)
+        await self.client.aclose()
+        Path(self.config.socket).unlink(missing_ok=True)

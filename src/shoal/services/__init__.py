@@ -1,0 +1,1 @@
+"""Services: what routes call. They never see FastAPI objects."""

@@ -1,0 +1,74 @@
+"""Forward an inference request to a ready replica over its Unix socket, streaming included.
+
+Bodies pass through as bytes; a runner that dies mid-request turns into a 503 (or, once a stream
+has started, an in-band SSE error event), never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from shoal.errors import ModelUnavailable
+from shoal.services.models import ModelService
+
+
+@dataclass
+class Forwarded:
+    status: int
+    body: bytes | None = None  # a whole JSON answer
+    stream: AsyncIterator[bytes] | None = None  # SSE bytes, chunk by chunk
+    close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
+
+
+def _runner_gone(uid: str, exc: Exception) -> ModelUnavailable:
+    return ModelUnavailable(f"model {uid!r} stopped answering ({type(exc).__name__}); it is being restarted",
+                            retry_after=2)
+
+
+async def forward(service: ModelService, uid: str, path: str, body: bytes, stream: bool,
+                  timeout: float) -> Forwarded:
+    replica = service.checkout(uid)
+    assert replica.runner is not None
+    client = replica.runner.client
+    request = client.build_request("POST", path, content=body, headers={"content-type": "application/json"},
+                                   timeout=httpx.Timeout(timeout, connect=5.0))
+    try:
+        response = await client.send(request, stream=stream)
+    except httpx.TransportError as exc:
+        service.release(replica)
+        raise _runner_gone(uid, exc) from exc
+    if not stream or response.status_code != 200:
+        try:
+            content = await response.aread()
+        except httpx.TransportError as exc:
+            raise _runner_gone(uid, exc) from exc
+        finally:
+            await response.aclose()
+            service.release(replica)
+        return Forwarded(response.status_code, body=content)
+
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await response.aclose()
+            service.release(replica)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            error = _runner_gone(uid, exc)
+            payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
+            yield b"data: " + json.dumps(payload).encode() + b"\n\n"
+        finally:
+            await close()
+
+    return Forwarded(200, stream=chunks(), close=close)
