@@ -46,6 +46,7 @@ def serve(
     from shoal.settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     server_settings = ServerSettings(host=host, port=port, data_dir=data_dir)
     uvicorn.run(build_app(server_settings, launch or []), host=host, port=port, log_level=log_level,
                 access_log=False, timeout_graceful_shutdown=10)

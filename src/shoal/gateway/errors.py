@@ -23,6 +23,8 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {error.get('ctx', {}).get('error', 'parse error')}"
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {error.get('msg')}")
     return "invalid request: " + "; ".join(parts)

@@ -73,6 +73,6 @@ async def devices() -> list[dict[str, object]]:
 
 
 @router.get("/v1/cluster/auth")
-async def cluster_auth() -> bool:
+async def cluster_auth() -> dict[str, bool]:
     """xinference-client asks whether the server wants a token; auth arrives with API keys."""
-    return False
+    return {"auth": False}

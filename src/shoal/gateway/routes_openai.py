@@ -28,10 +28,11 @@ async def _run(request: Request, body: BaseModel, model: str, ability: str, path
                              f"it can do: {', '.join(running.family.model_ability)}")
     payload = body.model_dump_json(exclude_unset=True).encode()
     result = await forward(service, model, path, payload, stream, request.app.state.settings.request_timeout)
+    headers = {"x-shoal-replica": str(result.replica)}  # which replica answered, for debugging and tests
     if result.stream is not None:
-        return StreamingResponse(result.stream, media_type="text/event-stream", headers=STREAM_HEADERS,
+        return StreamingResponse(result.stream, media_type="text/event-stream", headers={**STREAM_HEADERS, **headers},
                                  background=BackgroundTask(result.close) if result.close else None)
-    return Response(result.body, status_code=result.status, media_type="application/json")
+    return Response(result.body, status_code=result.status, media_type="application/json", headers=headers)
 
 
 @router.get("/models")

@@ -271,6 +271,12 @@ class ModelService:
                         self._on_crash(model, replica)
             await asyncio.sleep(SUPERVISOR_TICK)
 
+    def notice_unreachable(self, uid: str, replica: Replica) -> None:
+        """A request could not reach this replica: if its process is gone, handle it now, not next tick."""
+        model = self._models.get(uid)
+        if model and replica.state is ReplicaState.READY and replica.runner and replica.runner.exited() is not None:
+            self._on_crash(model, replica)
+
     def _on_crash(self, model: RunningModel, replica: Replica) -> None:
         assert replica.runner is not None
         replica.last_error = replica.runner.failure_reason()

@@ -19,6 +19,7 @@ from shoal.services.models import ModelService
 @dataclass
 class Forwarded:
     status: int
+    replica: int
     body: bytes | None = None  # a whole JSON answer
     stream: AsyncIterator[bytes] | None = None  # SSE bytes, chunk by chunk
     close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
@@ -40,6 +41,7 @@ async def forward(service: ModelService, uid: str, path: str, body: bytes, strea
         response = await client.send(request, stream=stream)
     except httpx.TransportError as exc:
         service.release(replica)
+        service.notice_unreachable(uid, replica)
         raise _runner_gone(uid, exc) from exc
     if not stream or response.status_code != 200:
         try:
@@ -49,7 +51,7 @@ async def forward(service: ModelService, uid: str, path: str, body: bytes, strea
         finally:
             await response.aclose()
             service.release(replica)
-        return Forwarded(response.status_code, body=content)
+        return Forwarded(response.status_code, replica.index, body=content)
 
     closed = False
 
@@ -71,4 +73,4 @@ async def forward(service: ModelService, uid: str, path: str, body: bytes, strea
         finally:
             await close()
 
-    return Forwarded(200, stream=chunks(), close=close)
+    return Forwarded(200, replica.index, stream=chunks(), close=close)

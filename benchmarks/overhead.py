@@ -1,0 +1,431 @@
+"""What Shoal costs: the same engine on the same model, called in-process and through Shoal over HTTP.
+
+Phase 1 loads each engine in this process (one at a time), measures it, and frees it. Phase 2 starts a
+Shoal server on a free loopback port with a temporary data dir, launches the same models through
+POST /v1/models (one at a time, same n_threads, CPU), measures the same requests over a keep-alive
+httpx client, and stops the server. The two phases never overlap, so they never compete for cores.
+
+Prints one JSON document to stdout (everything else goes to stderr).
+
+    .venv/bin/python benchmarks/overhead.py [--repeats 10] [--max-tokens 128] [--port 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shoal.catalog import Catalog, ModelFamily
+from shoal.catalog.resolve import local_path
+from shoal.engines.base import EngineConfig
+from shoal.engines.llamacpp import LlamaCppEngine
+from shoal.engines.sentence_transformers import SentenceTransformersEngine
+
+EMBED_MODEL = "all-MiniLM-L6-v2"
+CHAT_MODEL = "smollm2-135m-instruct"
+BATCH_SIZE = 64
+WARMUPS = 2
+PROMPT = "Explain in a few sentences why the sky is blue."
+SINGLE_SENTENCE = "A quick brown fox jumps over the lazy dog near the riverbank."
+_SUBJECTS = ["The engineer", "A small cat", "Our team", "The old library", "A passing train", "The committee",
+             "My neighbour", "The server"]
+_ACTIONS = ["reviewed the quarterly report", "waited patiently by the door", "shipped the new release",
+            "opened early on Sunday", "rattled past the station", "postponed the decision",
+            "planted tomatoes in spring", "answered every request"]
+BATCH = [f"{_SUBJECTS[i % 8]} {_ACTIONS[(i // 8) % 8]} (sentence {i})." for i in range(BATCH_SIZE)]
+
+Timed = Callable[[], Awaitable[Any]]
+
+
+# ---- measurement helpers --------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return percentile(values, 50)
+
+
+async def latencies_ms(call: Timed, warmups: int, runs: int) -> dict[str, Any]:
+    for _ in range(warmups):
+        await call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": round(percentile(samples, 50), 3), "p95_ms": round(percentile(samples, 95), 3),
+            "mean_ms": round(sum(samples) / len(samples), 3), "n": runs}
+
+
+@dataclass
+class ChatRun:
+    ttft_s: float  # request start to the first chunk with content
+    total_s: float  # request start to the end of the stream
+    decode_s: float  # first content chunk to last content chunk
+    tokens: int
+    text: str
+
+
+class StreamTimer:
+    """Fed every streamed chunk of one chat completion, in-process dicts or parsed SSE alike."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.pieces: list[str] = []
+        self.usage_tokens: int | None = None
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        now = time.perf_counter()
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.first = self.first if self.first is not None else now
+                self.last = now
+                self.pieces.append(content)
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            self.usage_tokens = int(usage["completion_tokens"])
+
+    def finish(self) -> ChatRun:
+        end = time.perf_counter()
+        if self.first is None or self.last is None:
+            raise RuntimeError("the stream carried no content")
+        tokens = self.usage_tokens if self.usage_tokens is not None else len(self.pieces)
+        return ChatRun(self.first - self.start, end - self.start, self.last - self.first, tokens,
+                       "".join(self.pieces))
+
+
+async def chat_runs(stream_once: Callable[[], Awaitable[ChatRun]], warmups: int, runs: int) -> list[ChatRun]:
+    for _ in range(warmups):
+        await stream_once()
+    return [await stream_once() for _ in range(runs)]
+
+
+def summarize_chat(runs: list[ChatRun]) -> dict[str, Any]:
+    """tokens/s is end to end (tokens / whole request); decode tokens/s leaves out the first token."""
+    decode_rates = [(r.tokens - 1) / r.decode_s for r in runs if r.decode_s > 0] or [0.0]
+    return {
+        "tokens_per_s_median": round(median([r.tokens / r.total_s for r in runs]), 2),
+        "decode_tokens_per_s_median": round(median(decode_rates), 2),
+        "ttft_ms_median": round(median([r.ttft_s * 1000 for r in runs]), 2),
+        "total_ms_median": round(median([r.total_s * 1000 for r in runs]), 2),
+        "completion_tokens_median": median([float(r.tokens) for r in runs]),
+        "n": len(runs),
+    }
+
+
+def chat_body(max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": CHAT_MODEL, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "seed": 1,
+        "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+    }
+
+
+def embed_body(texts: str | list[str]) -> dict[str, Any]:
+    return {"model": EMBED_MODEL, "input": texts, "encoding_format": "float"}
+
+
+# ---- phase 1: in-process --------------------------------------------------------------------------
+
+def engine_config(family: ModelFamily, n_threads: int) -> EngineConfig:
+    """What a runner builds for a CPU replica of this catalog model (see shoal.runners.main)."""
+    spec = family.pick_spec(None, None, None)  # the spec a launch without constraints gets
+    assert spec.source is not None
+    path = local_path(spec.source)
+    assert path is not None, f"{family.model_name} is not available locally"
+    return EngineConfig(model_path=path, model_uid=family.model_name, model_format=spec.model_format,
+                        context_length=family.context_length, device="cpu", n_threads=n_threads)
+
+
+async def inprocess_embeddings(config: EngineConfig, runs: int, batch_runs: int) -> dict[str, Any]:
+    engine = SentenceTransformersEngine(config)
+    engine.load()
+    try:
+        result = {
+            "single": await latencies_ms(lambda: engine.embed(embed_body(SINGLE_SENTENCE)), 3, runs),
+            "batch64": await latencies_ms(lambda: engine.embed(embed_body(BATCH)), WARMUPS, batch_runs),
+        }
+        result["_vector"] = (await engine.embed(embed_body(SINGLE_SENTENCE)))["data"][0]["embedding"]
+        return result
+    finally:
+        engine.close()
+
+
+async def inprocess_chat(config: EngineConfig, max_tokens: int, runs: int) -> list[ChatRun]:
+    engine = LlamaCppEngine(config)
+    engine.load()
+
+    async def stream_once() -> ChatRun:
+        timer = StreamTimer()
+        async for chunk in engine.chat_stream(chat_body(max_tokens)):
+            timer.feed(chunk)
+        return timer.finish()
+
+    try:
+        return await chat_runs(stream_once, WARMUPS, runs)
+    finally:
+        engine.close()
+
+
+# ---- phase 2: through Shoal -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def shoal_server(port: int, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A gateway subprocess with no models; its runners die with it (PR_SET_PDEATHSIG)."""
+    log = (data_dir / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # graceful: the gateway stops its runners
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shoal exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if (await client.get("/health")).status_code == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"shoal did not answer /health within 60 s:\n{log.read_text()[-2000:]}")
+
+
+@contextlib.asynccontextmanager
+async def launched(client: httpx.AsyncClient, model_name: str, n_threads: int) -> AsyncIterator[str]:
+    """One model on CPU with n_threads, ready when entered, terminated on exit."""
+    launch = {"model_name": model_name, "n_gpu": None, "n_threads": n_threads}  # n_gpu None: CPU
+    resp = await client.post("/v1/models", json=launch)
+    if resp.status_code != 200:
+        raise RuntimeError(f"launch {model_name} failed: {resp.status_code} {resp.text}")
+    uid = resp.json()["model_uid"]
+    try:
+        yield uid
+    finally:
+        await client.delete(f"/v1/models/{uid}")
+
+
+async def shoal_embeddings(client: httpx.AsyncClient, runs: int, batch_runs: int) -> dict[str, Any]:
+    async def embed(texts: str | list[str]) -> dict[str, Any]:
+        resp = await client.post("/v1/embeddings", json=embed_body(texts))
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]  # a client has to parse the answer too
+
+    result = {
+        "single": await latencies_ms(lambda: embed(SINGLE_SENTENCE), 3, runs),
+        "batch64": await latencies_ms(lambda: embed(BATCH), WARMUPS, batch_runs),
+    }
+    result["_vector"] = (await embed(SINGLE_SENTENCE))["data"][0]["embedding"]
+    return result
+
+
+async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> list[ChatRun]:
+    async def stream_once() -> ChatRun:
+        timer = StreamTimer()
+        async with client.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens)) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"chat failed: {resp.status_code} {(await resp.aread()).decode()}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                timer.feed(json.loads(data))
+        return timer.finish()
+
+    return await chat_runs(stream_once, WARMUPS, runs)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("shoal", "torch", "sentence-transformers", "xllamacpp", "httpx"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return {
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "python": platform.python_version(),
+        "platform": platform.platform(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
+
+
+def embed_comparison(inproc: dict[str, Any], shoal: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "inprocess": inproc, "shoal": shoal,
+        "delta_p50_ms": round(shoal["p50_ms"] - inproc["p50_ms"], 3),
+        "delta_p95_ms": round(shoal["p95_ms"] - inproc["p95_ms"], 3),
+    }
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def build_report(args: argparse.Namespace, n_threads: int, timings: dict[str, Any],
+                 load: dict[str, list[float]]) -> dict[str, Any]:
+    emb_in, emb_sh = timings["embed_inprocess"], timings["embed_shoal"]
+    vec_in, vec_sh = emb_in.pop("_vector"), emb_sh.pop("_vector")
+    chat_in, chat_sh = summarize_chat(timings["chat_inprocess"]), summarize_chat(timings["chat_shoal"])
+    single = embed_comparison(emb_in["single"], emb_sh["single"])
+    batch = embed_comparison(emb_in["batch64"], emb_sh["batch64"])
+    chat = {
+        "inprocess": chat_in, "shoal": chat_sh,
+        "tokens_per_s_ratio": ratio(chat_sh["tokens_per_s_median"], chat_in["tokens_per_s_median"]),
+        "decode_tokens_per_s_ratio": ratio(chat_sh["decode_tokens_per_s_median"],
+                                           chat_in["decode_tokens_per_s_median"]),
+        "ttft_ratio": ratio(chat_sh["ttft_ms_median"], chat_in["ttft_ms_median"]),
+        "ttft_delta_ms": round(chat_sh["ttft_ms_median"] - chat_in["ttft_ms_median"], 2),
+        # temperature 0 and a fixed seed: both sides should generate the very same text
+        "same_output": timings["chat_inprocess"][-1].text == timings["chat_shoal"][-1].text,
+    }
+    return {
+        "benchmark": "shoal-overhead",
+        "machine": {**machine_info(), "loadavg_1m": load},
+        "config": {
+            "n_threads": n_threads, "repeats": args.repeats, "warmups": WARMUPS,
+            "max_tokens": args.max_tokens,
+            "embedding_model": EMBED_MODEL, "chat_model": CHAT_MODEL, "batch_size": BATCH_SIZE,
+            "single_sentence_runs": emb_in["single"]["n"], "batch_runs": emb_in["batch64"]["n"],
+            "chat_prompt": PROMPT, "temperature": 0, "seed": 1, "order": "in-process first, then Shoal",
+        },
+        "embeddings": {
+            "single": single, "batch64": batch,
+            "max_abs_diff_vector": max(abs(a - b) for a, b in zip(vec_in, vec_sh, strict=True)),
+        },
+        "chat": chat,
+        "summary": {
+            "embed_single_delta_p50_ms": single["delta_p50_ms"],
+            "embed_batch64_delta_p50_ms": batch["delta_p50_ms"],
+            "chat_tokens_per_s_ratio": chat["tokens_per_s_ratio"],
+            "chat_ttft_delta_ms": chat["ttft_delta_ms"],
+        },
+    }
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Engines and libraries may print; only the JSON report belongs on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def log(message: str) -> None:
+    print(f"[overhead] {message}", file=sys.stderr, flush=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    n_threads = os.cpu_count() or 1
+    single_runs, batch_runs = args.repeats * 10, args.repeats * 2
+    timings: dict[str, Any] = {}
+    load: dict[str, list[float]] = {"start": list(os.getloadavg())}
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        data_dir = Path(tmp)
+        catalog = Catalog(data_dir / "registrations")  # the gateway's own catalog, in its own data dir
+        embed_config = engine_config(catalog.get(EMBED_MODEL), n_threads)
+        chat_config = engine_config(catalog.get(CHAT_MODEL), n_threads)
+
+        log(f"in-process embeddings ({single_runs} single, {batch_runs} batches of {BATCH_SIZE})")
+        timings["embed_inprocess"] = await inprocess_embeddings(embed_config, single_runs, batch_runs)
+        gc.collect()  # the engine is closed and out of scope: give its memory back before the next one
+        log(f"in-process chat ({args.repeats} runs of up to {args.max_tokens} tokens)")
+        timings["chat_inprocess"] = await inprocess_chat(chat_config, args.max_tokens, args.repeats)
+        gc.collect()
+        load["after_inprocess"] = list(os.getloadavg())
+
+        port = args.port or free_port()
+        log(f"starting shoal on 127.0.0.1:{port}")
+        with shoal_server(port, data_dir) as proc:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(600),
+                                         trust_env=False) as client:
+                await wait_healthy(client, proc, data_dir / "gateway.log")
+                async with launched(client, EMBED_MODEL, n_threads):
+                    log("shoal embeddings")
+                    timings["embed_shoal"] = await shoal_embeddings(client, single_runs, batch_runs)
+                async with launched(client, CHAT_MODEL, n_threads):
+                    log("shoal chat")
+                    timings["chat_shoal"] = await shoal_chat(client, args.max_tokens, args.repeats)
+        load["end"] = list(os.getloadavg())
+    return build_report(args, n_threads, timings, load)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed chat runs per side (after 2 warm-ups); embeddings time 10x this many "
+                             "single sentences and 2x this many 64-sentence batches (default 10)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per chat run (default 128)")
+    parser.add_argument("--port", type=int, default=0, help="port for the Shoal server (default: a free one)")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    with stdout_to_stderr():
+        report = asyncio.run(run(args))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

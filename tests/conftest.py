@@ -1,0 +1,127 @@
+"""Shared fixtures: one real `shoal serve` process on a free loopback port for the session.
+
+Tests that run models share this server and run one after another (2 cores: two model jobs at
+once slow each other 30-100x).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-MiniLM-L6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ShoalServer:
+    def __init__(self, data_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=300)
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shoal.cli", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start:\n" + self.log_path.read_text())
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def ensure(self, name: str, **options: object) -> None:
+        """Launch `name` (uid = name) unless it is already running and ready."""
+        if self.http.get(f"/v1/models/{name}").status_code == 200:
+            wait_until_ready(self, name)
+            return
+        response = self.http.post("/v1/models", json={"model_name": name, **options})
+        assert response.status_code == 200, response.text
+
+
+def wait_until_ready(server: ShoalServer, uid: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described = server.http.get(f"/v1/models/{uid}").json()
+        if described["status"] == "ready":
+            return described
+        assert described["status"] != "failed", described
+        time.sleep(0.1)
+    raise AssertionError(f"{uid} not ready in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShoalServer]:
+    root = tmp_path_factory.mktemp("shoal")
+    srv = ShoalServer(root / "data", root / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_server(server: ShoalServer) -> ShoalServer:
+    server.ensure(CHAT_MODEL)
+    return server
+
+
+@pytest.fixture(scope="session")
+def embed_server(server: ShoalServer) -> ShoalServer:
+    server.ensure(EMBED_MODEL)
+    return server
+
+
+@pytest.fixture
+def openai_client(server: ShoalServer):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def pids_of(server: ShoalServer, uid: str) -> list[int]:
+    return [r["pid"] for r in server.http.get(f"/v1/models/{uid}").json()["replicas"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
