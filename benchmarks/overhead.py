@@ -46,17 +46,33 @@ BATCH_SIZE = 64
 WARMUPS = 2
 PROMPT = "Explain in a few sentences why the sky is blue."
 SINGLE_SENTENCE = "A quick brown fox jumps over the lazy dog near the riverbank."
-_SUBJECTS = ["The engineer", "A small cat", "Our team", "The old library", "A passing train", "The committee",
-             "My neighbour", "The server"]
-_ACTIONS = ["reviewed the quarterly report", "waited patiently by the door", "shipped the new release",
-            "opened early on Sunday", "rattled past the station", "postponed the decision",
-            "planted tomatoes in spring", "answered every request"]
+_SUBJECTS = [
+    "The engineer",
+    "A small cat",
+    "Our team",
+    "The old library",
+    "A passing train",
+    "The committee",
+    "My neighbour",
+    "The server",
+]
+_ACTIONS = [
+    "reviewed the quarterly report",
+    "waited patiently by the door",
+    "shipped the new release",
+    "opened early on Sunday",
+    "rattled past the station",
+    "postponed the decision",
+    "planted tomatoes in spring",
+    "answered every request",
+]
 BATCH = [f"{_SUBJECTS[i % 8]} {_ACTIONS[(i // 8) % 8]} (sentence {i})." for i in range(BATCH_SIZE)]
 
 Timed = Callable[[], Awaitable[Any]]
 
 
 # ---- measurement helpers --------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
@@ -79,8 +95,12 @@ async def latencies_ms(call: Timed, warmups: int, runs: int) -> dict[str, Any]:
         start = time.perf_counter()
         await call()
         samples.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": round(percentile(samples, 50), 3), "p95_ms": round(percentile(samples, 95), 3),
-            "mean_ms": round(sum(samples) / len(samples), 3), "n": runs}
+    return {
+        "p50_ms": round(percentile(samples, 50), 3),
+        "p95_ms": round(percentile(samples, 95), 3),
+        "mean_ms": round(sum(samples) / len(samples), 3),
+        "n": runs,
+    }
 
 
 @dataclass
@@ -121,8 +141,9 @@ class StreamTimer:
         if self.first is None or self.last is None:
             raise RuntimeError("the stream carried no content")
         tokens = self.usage_tokens if self.usage_tokens is not None else len(self.pieces)
-        return ChatRun(self.first - self.start, end - self.start, self.last - self.first, tokens,
-                       "".join(self.pieces))
+        return ChatRun(
+            self.first - self.start, end - self.start, self.last - self.first, tokens, "".join(self.pieces)
+        )
 
 
 async def chat_runs(stream_once: Callable[[], Awaitable[ChatRun]], warmups: int, runs: int) -> list[ChatRun]:
@@ -146,8 +167,13 @@ def summarize_chat(runs: list[ChatRun]) -> dict[str, Any]:
 
 def chat_body(max_tokens: int) -> dict[str, Any]:
     return {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "seed": 1,
-        "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "seed": 1,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -157,14 +183,21 @@ def embed_body(texts: str | list[str]) -> dict[str, Any]:
 
 # ---- phase 1: in-process --------------------------------------------------------------------------
 
+
 def engine_config(family: ModelFamily, n_threads: int) -> EngineConfig:
     """What a runner builds for a CPU replica of this catalog model (see shoal.runners.main)."""
     spec = family.pick_spec(None, None, None)  # the spec a launch without constraints gets
     assert spec.source is not None
     path = local_path(spec.source)
     assert path is not None, f"{family.model_name} is not available locally"
-    return EngineConfig(model_path=path, model_uid=family.model_name, model_format=spec.model_format,
-                        context_length=family.context_length, device="cpu", n_threads=n_threads)
+    return EngineConfig(
+        model_path=path,
+        model_uid=family.model_name,
+        model_format=spec.model_format,
+        context_length=family.context_length,
+        device="cpu",
+        n_threads=n_threads,
+    )
 
 
 async def inprocess_embeddings(config: EngineConfig, runs: int, batch_runs: int) -> dict[str, Any]:
@@ -199,6 +232,7 @@ async def inprocess_chat(config: EngineConfig, max_tokens: int, runs: int) -> li
 
 # ---- phase 2: through Shoal -----------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -210,9 +244,23 @@ def shoal_server(port: int, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]
     """A gateway subprocess with no models; its runners die with it (PR_SET_PDEATHSIG)."""
     log = (data_dir / "gateway.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         yield proc
@@ -276,7 +324,7 @@ async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> l
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     break
                 timer.feed(json.loads(data))
@@ -286,6 +334,7 @@ async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> l
 
 
 # ---- report ---------------------------------------------------------------------------------------
+
 
 def machine_info() -> dict[str, Any]:
     cpu_model = "unknown"
@@ -299,15 +348,19 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "python": platform.python_version(),
-        "platform": platform.platform(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": versions,
     }
 
 
 def embed_comparison(inproc: dict[str, Any], shoal: dict[str, Any]) -> dict[str, Any]:
     return {
-        "inprocess": inproc, "shoal": shoal,
+        "inprocess": inproc,
+        "shoal": shoal,
         "delta_p50_ms": round(shoal["p50_ms"] - inproc["p50_ms"], 3),
         "delta_p95_ms": round(shoal["p95_ms"] - inproc["p95_ms"], 3),
     }
@@ -317,18 +370,21 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def build_report(args: argparse.Namespace, n_threads: int, timings: dict[str, Any],
-                 load: dict[str, list[float]]) -> dict[str, Any]:
+def build_report(
+    args: argparse.Namespace, n_threads: int, timings: dict[str, Any], load: dict[str, list[float]]
+) -> dict[str, Any]:
     emb_in, emb_sh = timings["embed_inprocess"], timings["embed_shoal"]
     vec_in, vec_sh = emb_in.pop("_vector"), emb_sh.pop("_vector")
     chat_in, chat_sh = summarize_chat(timings["chat_inprocess"]), summarize_chat(timings["chat_shoal"])
     single = embed_comparison(emb_in["single"], emb_sh["single"])
     batch = embed_comparison(emb_in["batch64"], emb_sh["batch64"])
     chat = {
-        "inprocess": chat_in, "shoal": chat_sh,
+        "inprocess": chat_in,
+        "shoal": chat_sh,
         "tokens_per_s_ratio": ratio(chat_sh["tokens_per_s_median"], chat_in["tokens_per_s_median"]),
-        "decode_tokens_per_s_ratio": ratio(chat_sh["decode_tokens_per_s_median"],
-                                           chat_in["decode_tokens_per_s_median"]),
+        "decode_tokens_per_s_ratio": ratio(
+            chat_sh["decode_tokens_per_s_median"], chat_in["decode_tokens_per_s_median"]
+        ),
         "ttft_ratio": ratio(chat_sh["ttft_ms_median"], chat_in["ttft_ms_median"]),
         "ttft_delta_ms": round(chat_sh["ttft_ms_median"] - chat_in["ttft_ms_median"], 2),
         # temperature 0 and a fixed seed: both sides should generate the very same text
@@ -338,14 +394,23 @@ def build_report(args: argparse.Namespace, n_threads: int, timings: dict[str, An
         "benchmark": "shoal-overhead",
         "machine": {**machine_info(), "loadavg_1m": load},
         "config": {
-            "n_threads": n_threads, "repeats": args.repeats, "warmups": WARMUPS,
+            "n_threads": n_threads,
+            "repeats": args.repeats,
+            "warmups": WARMUPS,
             "max_tokens": args.max_tokens,
-            "embedding_model": EMBED_MODEL, "chat_model": CHAT_MODEL, "batch_size": BATCH_SIZE,
-            "single_sentence_runs": emb_in["single"]["n"], "batch_runs": emb_in["batch64"]["n"],
-            "chat_prompt": PROMPT, "temperature": 0, "seed": 1, "order": "in-process first, then Shoal",
+            "embedding_model": EMBED_MODEL,
+            "chat_model": CHAT_MODEL,
+            "batch_size": BATCH_SIZE,
+            "single_sentence_runs": emb_in["single"]["n"],
+            "batch_runs": emb_in["batch64"]["n"],
+            "chat_prompt": PROMPT,
+            "temperature": 0,
+            "seed": 1,
+            "order": "in-process first, then Shoal",
         },
         "embeddings": {
-            "single": single, "batch64": batch,
+            "single": single,
+            "batch64": batch,
             "max_abs_diff_vector": max(abs(a - b) for a, b in zip(vec_in, vec_sh, strict=True)),
         },
         "chat": chat,
@@ -373,7 +438,7 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def log(message: str) -> None:
-    print(f"[overhead] {message}", file=sys.stderr, flush=True)
+    print(f"[overhead {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -398,8 +463,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         port = args.port or free_port()
         log(f"starting shoal on 127.0.0.1:{port}")
         with shoal_server(port, data_dir) as proc:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(600),
-                                         trust_env=False) as client:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(600), trust_env=False
+            ) as client:
                 await wait_healthy(client, proc, data_dir / "gateway.log")
                 async with launched(client, EMBED_MODEL, n_threads):
                     log("shoal embeddings")
@@ -412,11 +478,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10,
-                        help="timed chat runs per side (after 2 warm-ups); embeddings time 10x this many "
-                             "single sentences and 2x this many 64-sentence batches (default 10)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed chat runs per side (after 2 warm-ups); embeddings time 10x this many "
+        "single sentences and 2x this many 64-sentence batches (default 10)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per chat run (default 128)")
     parser.add_argument("--port", type=int, default=0, help="port for the Shoal server (default: a free one)")
     args = parser.parse_args()

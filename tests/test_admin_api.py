@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
 from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer, alive, pids_of
 
 
@@ -32,8 +33,10 @@ def test_devices_include_the_cpu(server: ShoalServer) -> None:
 
 
 def test_launch_with_two_replicas_spreads_requests(server: ShoalServer) -> None:
-    response = server.http.post("/v1/models", json={
-        "model_name": CHAT_MODEL, "model_uid": "chat-x2", "replica": 2, "n_parallel": 1, "n_ctx": 512})
+    response = server.http.post(
+        "/v1/models",
+        json={"model_name": CHAT_MODEL, "model_uid": "chat-x2", "replica": 2, "n_parallel": 1, "n_ctx": 512},
+    )
     assert response.status_code == 200, response.text
     assert response.json()["model_uid"] == "chat-x2"
     try:
@@ -43,8 +46,10 @@ def test_launch_with_two_replicas_spreads_requests(server: ShoalServer) -> None:
         assert len(set(pids)) == 2 and all(alive(p) for p in pids)
         answered_by = set()
         for _ in range(4):
-            r = server.http.post("/v1/chat/completions", json={
-                "model": "chat-x2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            r = server.http.post(
+                "/v1/chat/completions",
+                json={"model": "chat-x2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
             assert r.status_code == 200, r.text
             answered_by.add(r.headers["x-shoal-replica"])
         assert answered_by == {"0", "1"}
@@ -62,7 +67,9 @@ def test_same_uid_twice_is_a_conflict(chat_server: ShoalServer) -> None:
 
 def test_register_a_local_gguf_and_chat(server: ShoalServer) -> None:
     model = {
-        "model_name": "my-smol", "model_ability": ["chat"], "context_length": 2048,
+        "model_name": "my-smol",
+        "model_ability": ["chat"],
+        "context_length": 2048,
         "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_1", "model_uri": str(smollm2_gguf())}],
     }
     r = server.http.post("/v1/model_registrations/LLM", json={"model": model, "persist": True})
@@ -72,8 +79,10 @@ def test_register_a_local_gguf_and_chat(server: ShoalServer) -> None:
     assert names["my-smol"]["is_builtin"] is False
     assert server.http.post("/v1/models", json={"model_name": "my-smol"}).status_code == 200
     try:
-        r = server.http.post("/v1/chat/completions", json={
-            "model": "my-smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = server.http.post(
+            "/v1/chat/completions",
+            json={"model": "my-smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         r = server.http.post("/v1/completions", json={"model": "my-smol", "prompt": "hi"})
         assert r.status_code == 400  # registered as chat only
@@ -100,8 +109,16 @@ def test_load_failure_reports_the_engines_reason(server: ShoalServer, tmp_path: 
     ("body", "status", "words"),
     [
         ({"model_name": "no-such-model"}, 404, "not in the catalog"),
-        ({"model_name": CHAT_MODEL, "model_uid": "x", "model_engine": "warp-drive"}, 400, "unknown model_engine"),
-        ({"model_name": CHAT_MODEL, "model_uid": "x", "model_engine": "sentence_transformers"}, 400, "cannot serve"),
+        (
+            {"model_name": CHAT_MODEL, "model_uid": "x", "model_engine": "warp-drive"},
+            400,
+            "unknown model_engine",
+        ),
+        (
+            {"model_name": CHAT_MODEL, "model_uid": "x", "model_engine": "sentence_transformers"},
+            400,
+            "cannot serve",
+        ),
         ({"model_name": CHAT_MODEL, "model_uid": "x", "quantization": "Q8_0"}, 400, "no spec"),
         ({"model_name": CHAT_MODEL, "model_uid": "x", "replica": 0}, 400, "replica"),
         ({"model_name": CHAT_MODEL, "model_uid": "x", "gpu_idx": [3]}, 400, "gpu_idx"),
@@ -118,11 +135,17 @@ def test_bad_launches_are_refused_clearly(server: ShoalServer, body: dict, statu
 
 
 def test_registration_errors(server: ShoalServer) -> None:
-    missing = {"model_name": "ghost", "model_specs": [{"model_format": "ggufv2", "model_uri": "/nope/x.gguf"}]}
+    missing = {
+        "model_name": "ghost",
+        "model_specs": [{"model_format": "ggufv2", "model_uri": "/nope/x.gguf"}],
+    }
     r = server.http.post("/v1/model_registrations/LLM", json={"model": missing})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
     r = server.http.post("/v1/model_registrations/LLM", json={"model": "{not json"})
     assert r.status_code == 400
-    builtin = {"model_name": CHAT_MODEL, "model_specs": [{"model_format": "ggufv2", "model_uri": "/etc/hostname"}]}
+    builtin = {
+        "model_name": CHAT_MODEL,
+        "model_specs": [{"model_format": "ggufv2", "model_uri": "/etc/hostname"}],
+    }
     assert server.http.post("/v1/model_registrations/LLM", json={"model": builtin}).status_code == 409
     assert server.http.post("/v1/model_registrations/video", json={"model": builtin}).status_code == 400

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -22,7 +23,11 @@ def assert_openai_error(response, status: int) -> dict:  # type: ignore[no-untyp
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": []}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": "hi"}, 400),
-        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        (
+            "/v1/chat/completions",
+            {"model": CHAT_MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+        ),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": "many"}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": -1}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "temperature": 7}, 400),
@@ -40,8 +45,9 @@ def assert_openai_error(response, status: int) -> dict:  # type: ignore[no-untyp
         ("/v1/embeddings", {"model": CHAT_MODEL, "input": "x"}, 400),
     ],
 )
-def test_bad_bodies(chat_server: ShoalServer, embed_server: ShoalServer, path: str, body: object,
-                    status: int) -> None:
+def test_bad_bodies(
+    chat_server: ShoalServer, embed_server: ShoalServer, path: str, body: object, status: int
+) -> None:
     assert_openai_error(chat_server.http.post(path, json=body), status)
 
 
@@ -59,5 +65,7 @@ def test_unknown_routes_and_methods(server: ShoalServer) -> None:
 
 
 def test_model_still_answers_after_bad_input(chat_server: ShoalServer) -> None:
-    r = chat_server.http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MSG, "max_tokens": 2})
+    r = chat_server.http.post(
+        "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MSG, "max_tokens": 2}
+    )
     assert r.status_code == 200

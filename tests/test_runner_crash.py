@@ -9,6 +9,7 @@ import time
 
 import openai
 import pytest
+
 from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer, pids_of, wait_until_ready
 
 
@@ -17,8 +18,10 @@ def test_killed_runner_gives_503_then_restarts(chat_server: ShoalServer, embed_s
     [pid] = pids_of(server, CHAT_MODEL)
     os.kill(pid, signal.SIGKILL)
     # Until the supervisor notices, the dead socket refuses; afterwards the replica is restarting.
-    r = server.http.post("/v1/chat/completions", json={
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = server.http.post(
+        "/v1/chat/completions",
+        json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 503, r.text
     assert int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "model_unavailable"
@@ -30,8 +33,10 @@ def test_killed_runner_gives_503_then_restarts(chat_server: ShoalServer, embed_s
         assert time.monotonic() < deadline, "the runner was not restarted"
         time.sleep(0.1)
     assert described["replicas"][0]["restarts"] == 1
-    r = server.http.post("/v1/chat/completions", json={
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = server.http.post(
+        "/v1/chat/completions",
+        json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 200
 
 
@@ -39,8 +44,12 @@ def test_kill_during_stream_fails_the_stream(chat_server: ShoalServer, openai_cl
     server = chat_server
     [pid] = pids_of(server, CHAT_MODEL)
     stream = openai_client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story."}],
-        max_tokens=2000, temperature=0, stream=True)
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=2000,
+        temperature=0,
+        stream=True,
+    )
     killed = threading.Event()
     with pytest.raises(openai.APIError):
         for i, _ in enumerate(stream):

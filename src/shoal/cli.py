@@ -16,7 +16,9 @@ from shoal.client import Client, ShoalAPIError
 
 app = typer.Typer(help="Shoal: one server for every model kind, behind the OpenAI API.", no_args_is_help=True)
 console = Console()
-Endpoint = Annotated[str, typer.Option("--endpoint", "-e", envvar=settings.ENDPOINT.env, help=settings.ENDPOINT.help)]
+Endpoint = Annotated[
+    str, typer.Option("--endpoint", "-e", envvar=settings.ENDPOINT.env, help=settings.ENDPOINT.help)
+]
 
 
 def _client(endpoint: str) -> Client:
@@ -30,12 +32,21 @@ def _fail(exc: ShoalAPIError) -> typer.Exit:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(envvar=settings.HOST.env, help=settings.HOST.help)] = settings.HOST.default,
-    port: Annotated[int, typer.Option(envvar=settings.PORT.env, help=settings.PORT.help)] = int(settings.PORT.default),
+    host: Annotated[
+        str, typer.Option(envvar=settings.HOST.env, help=settings.HOST.help)
+    ] = settings.HOST.default,
+    port: Annotated[int, typer.Option(envvar=settings.PORT.env, help=settings.PORT.help)] = int(
+        settings.PORT.default
+    ),
     data_dir: Annotated[Path, typer.Option(envvar=settings.DATA_DIR.env, help=settings.DATA_DIR.help)] = Path(
-        settings.DATA_DIR.default),
-    launch: Annotated[list[str] | None, typer.Option(help="catalog model to launch at start (repeatable)")] = None,
-    log_level: Annotated[str, typer.Option(envvar=settings.LOG_LEVEL.env, help=settings.LOG_LEVEL.help)] = "info",
+        settings.DATA_DIR.default
+    ),
+    launch: Annotated[
+        list[str] | None, typer.Option(help="catalog model to launch at start (repeatable)")
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(envvar=settings.LOG_LEVEL.env, help=settings.LOG_LEVEL.help)
+    ] = "info",
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -48,8 +59,14 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     server_settings = ServerSettings(host=host, port=port, data_dir=data_dir)
-    uvicorn.run(build_app(server_settings, launch or []), host=host, port=port, log_level=log_level,
-                access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        build_app(server_settings, launch or []),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
 
 
 @app.command()
@@ -59,9 +76,13 @@ def launch(
     uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
     replica: Annotated[int, typer.Option(help="number of replicas")] = 1,
-    n_gpu: Annotated[str, typer.Option("--n-gpu", help="GPUs per replica: auto, 0 (CPU) or a number")] = "auto",
+    n_gpu: Annotated[
+        str, typer.Option("--n-gpu", help="GPUs per replica: auto, 0 (CPU) or a number")
+    ] = "auto",
     gpu_idx: Annotated[list[int] | None, typer.Option("--gpu-idx", help="pin to these GPU indices")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="engine option KEY=VALUE")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="engine option KEY=VALUE")
+    ] = None,
 ) -> None:
     """Launch a model and wait until it is ready, showing progress."""
     options: dict[str, Any] = {}
@@ -73,9 +94,16 @@ def launch(
             options[key] = value
     with _client(endpoint) as client:
         try:
-            model_uid = client.launch(name, model_uid=uid, model_engine=engine, replica=replica,
-                                      n_gpu=None if n_gpu == "0" else n_gpu, gpu_idx=gpu_idx,
-                                      wait_ready=False, **options)
+            model_uid = client.launch(
+                name,
+                model_uid=uid,
+                model_engine=engine,
+                replica=replica,
+                n_gpu=None if n_gpu == "0" else n_gpu,
+                gpu_idx=gpu_idx,
+                wait_ready=False,
+                **options,
+            )
             start = time.monotonic()
             with console.status(f"loading {model_uid}...") as status:
                 while (state := client.describe(model_uid))["status"] == "loading":
@@ -95,19 +123,28 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
     """List running models and their replicas."""
     with _client(endpoint) as client:
         try:
-            models = client.list()
+            models = client.list_models()
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
     table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS")
     for m in models:
-        table.add_row(m["id"], m["model_name"], m["model_type"], m["model_engine"], m["status"],
-                      str(m["replica"]), ",".join(sorted({r["device"] for r in m["replicas"]})),
-                      ",".join(str(r["pid"]) for r in m["replicas"]))
+        table.add_row(
+            m["id"],
+            m["model_name"],
+            m["model_type"],
+            m["model_engine"],
+            m["status"],
+            str(m["replica"]),
+            ",".join(sorted({r["device"] for r in m["replicas"]})),
+            ",".join(str(r["pid"]) for r in m["replicas"]),
+        )
     console.print(table)
 
 
 @app.command()
-def stop(uid: Annotated[str, typer.Argument(help="model uid")], endpoint: Endpoint = settings.ENDPOINT.default) -> None:
+def stop(
+    uid: Annotated[str, typer.Argument(help="model uid")], endpoint: Endpoint = settings.ENDPOINT.default
+) -> None:
     """Terminate a running model (all its replicas)."""
     with _client(endpoint) as client:
         try:
@@ -131,8 +168,13 @@ def models(
     table = Table("NAME", "TYPE", "ABILITY", "FORMATS", "BUILT-IN")
     for f in families:
         formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in f["model_specs"]}))
-        table.add_row(f["model_name"], f["model_type"], ",".join(f["model_ability"]), formats,
-                      "yes" if f["is_builtin"] else "no")
+        table.add_row(
+            f["model_name"],
+            f["model_type"],
+            ",".join(f["model_ability"]),
+            formats,
+            "yes" if f["is_builtin"] else "no",
+        )
     console.print(table)
 
 
@@ -140,7 +182,9 @@ def models(
 def register(
     file: Annotated[Path, typer.Argument(help="model JSON (Xinference format; specs may use model_uri)")],
     endpoint: Endpoint = settings.ENDPOINT.default,
-    model_type: Annotated[str | None, typer.Option("--type", help="LLM or embedding (default: from file)")] = None,
+    model_type: Annotated[
+        str | None, typer.Option("--type", help="LLM or embedding (default: from file)")
+    ] = None,
 ) -> None:
     """Register a custom model from a local path."""
     data = json.loads(file.read_text())

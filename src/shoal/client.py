@@ -33,7 +33,7 @@ def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
     for line in response.iter_lines():
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             return
         event = json.loads(data)
@@ -86,14 +86,30 @@ class Client:
         return _check(self.http.post(path, json=body, params=params)).json()
 
     # ---- admin ---------------------------------------------------------------------------
-    def launch(self, model_name: str, *, model_uid: str | None = None, model_engine: str | None = None,
-               replica: int = 1, n_gpu: int | str | None = "auto", gpu_idx: int | list[int] | None = None,
-               wait_ready: bool = True, **engine_options: Any) -> str:
-        body = {"model_name": model_name, "model_uid": model_uid, "model_engine": model_engine,
-                "replica": replica, "n_gpu": n_gpu, "gpu_idx": gpu_idx, **engine_options}
+    def launch(
+        self,
+        model_name: str,
+        *,
+        model_uid: str | None = None,
+        model_engine: str | None = None,
+        replica: int = 1,
+        n_gpu: int | str | None = "auto",
+        gpu_idx: int | list[int] | None = None,
+        wait_ready: bool = True,
+        **engine_options: Any,
+    ) -> str:
+        body = {
+            "model_name": model_name,
+            "model_uid": model_uid,
+            "model_engine": model_engine,
+            "replica": replica,
+            "n_gpu": n_gpu,
+            "gpu_idx": gpu_idx,
+            **engine_options,
+        }
         return str(self._post("/v1/models", body, wait_ready=wait_ready)["model_uid"])
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_models(self) -> list[dict[str, Any]]:
         return list(self._get("/v1/models")["data"])
 
     def describe(self, uid: str) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """Shoal's exception tree. One handler in the gateway maps it to HTTP and the OpenAI error shape.
 
-    ShoalError                      500  (never raised for anything a client sent)
-    ├── InvalidRequest              400  bad field values, unsupported ability
-    ├── ModelNotFound               404  unknown model uid or catalog name
-    ├── Conflict                    409  a uid already in use
-    ├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
-    ├── LaunchFailed                500→ reported as 400 when the engine refused the model
-    └── EngineMissing               400  the engine's extra is not installed
+ShoalError                      500  (never raised for anything a client sent)
+├── InvalidRequest              400  bad field values, unsupported ability
+├── ModelNotFound               404  unknown model uid or catalog name
+├── Conflict                    409  a uid already in use
+├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
+├── LaunchFailed                500→ reported as 400 when the engine refused the model
+└── EngineMissing               400  the engine's extra is not installed
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ class Setting:
 
 
 ENDPOINT = Setting("SHOAL_ENDPOINT", "http://127.0.0.1:9997", "URL of the Shoal server the CLI talks to")
-DATA_DIR = Setting("SHOAL_DATA_DIR", str(Path.home() / ".shoal"), "where registrations, logs and sockets live")
+DATA_DIR = Setting(
+    "SHOAL_DATA_DIR", str(Path.home() / ".shoal"), "where registrations, logs and sockets live"
+)
 HOST = Setting("SHOAL_HOST", "127.0.0.1", "address the server listens on")
 PORT = Setting("SHOAL_PORT", "9997", "port the server listens on")
 LAUNCH_TIMEOUT = Setting("SHOAL_LAUNCH_TIMEOUT", "600", "seconds a runner may take to load its model")
@@ -29,7 +31,16 @@ REQUEST_TIMEOUT = Setting("SHOAL_REQUEST_TIMEOUT", "600", "seconds a proxied inf
 MAX_RESTARTS = Setting("SHOAL_MAX_RESTARTS", "5", "fast crashes of a replica before it is marked failed")
 LOG_LEVEL = Setting("SHOAL_LOG_LEVEL", "info", "gateway log level")
 
-ALL: tuple[Setting, ...] = (ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL)
+ALL: tuple[Setting, ...] = (
+    ENDPOINT,
+    DATA_DIR,
+    HOST,
+    PORT,
+    LAUNCH_TIMEOUT,
+    REQUEST_TIMEOUT,
+    MAX_RESTARTS,
+    LOG_LEVEL,
+)
 
 
 @dataclass(frozen=True)

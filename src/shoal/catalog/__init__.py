@@ -43,7 +43,9 @@ class Catalog:
 
     def list(self, model_type: str | None = None) -> list[ModelFamily]:
         merged = {**self._builtin, **self._user}
-        return [f for f in merged.values() if model_type is None or f.model_type.lower() == model_type.lower()]
+        return [
+            f for f in merged.values() if model_type is None or f.model_type.lower() == model_type.lower()
+        ]
 
     def register(self, model_type: str, raw: dict | str, persist: bool = True) -> ModelFamily:
         if model_type not in MODEL_TYPES:

@@ -22,11 +22,15 @@ def local_path(source: Source) -> Path | None:
         spec = importlib.util.find_spec(source.python_package)
         if spec is None or not spec.submodule_search_locations:
             hint = f" (install it: {source.pip})" if source.pip else ""
-            raise InvalidRequest(f"the package {source.python_package!r} that carries this model is not installed{hint}")
+            raise InvalidRequest(
+                f"the package {source.python_package!r} that carries this model is not installed{hint}"
+            )
         folder = Path(next(iter(spec.submodule_search_locations)))
         matches = sorted(folder.glob(source.pattern or "*"))
         if not matches:
-            raise InvalidRequest(f"no {source.pattern!r} inside package {source.python_package!r} at {folder}")
+            raise InvalidRequest(
+                f"no {source.pattern!r} inside package {source.python_package!r} at {folder}"
+            )
         return matches[0]
     return None
 

@@ -13,7 +13,11 @@ ModelType = Literal["LLM", "embedding"]
 MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding")
 
 # Which engine serves a format when the launch names none.
-DEFAULT_ENGINE_BY_FORMAT = {"ggufv2": "llama.cpp", "gguf": "llama.cpp", "sentence_transformers": "sentence_transformers"}
+DEFAULT_ENGINE_BY_FORMAT = {
+    "ggufv2": "llama.cpp",
+    "gguf": "llama.cpp",
+    "sentence_transformers": "sentence_transformers",
+}
 
 
 class Source(BaseModel):
@@ -72,8 +76,9 @@ class ModelFamily(BaseModel):
             self.model_ability = ["chat", "generate"] if self.model_type == "LLM" else ["embed"]
         return self
 
-    def pick_spec(self, model_format: str | None, quantization: str | None,
-                  size: float | str | None) -> ModelSpec:
+    def pick_spec(
+        self, model_format: str | None, quantization: str | None, size: float | str | None
+    ) -> ModelSpec:
         """The first spec matching every constraint given (None matches anything)."""
         for spec in self.model_specs:
             if model_format and spec.model_format != model_format:
@@ -86,5 +91,7 @@ class ModelFamily(BaseModel):
         raise LookupError(
             f"model {self.model_name!r} has no spec with format={model_format} quantization={quantization} "
             f"size={size}; it has: "
-            + ", ".join(f"{s.model_format}/{s.model_size_in_billions}B/{s.quantization}" for s in self.model_specs)
+            + ", ".join(
+                f"{s.model_format}/{s.model_size_in_billions}B/{s.quantization}" for s in self.model_specs
+            )
         )

@@ -42,7 +42,9 @@ class LlamaCppEngine(Engine):
     def load(self) -> None:
         import xllamacpp as xl
 
-        opts = self.pop_options("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "flash_attn", "chat_template")
+        opts = self.pop_options(
+            "n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "flash_attn", "chat_template"
+        )
         self.n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
         model_ctx = self.config.context_length or DEFAULT_CONTEXT
         self.slot_context = int(opts.get("n_ctx", min(DEFAULT_CONTEXT, model_ctx)))

@@ -17,8 +17,12 @@ REQUIRES: dict[str, tuple[str, str]] = {
     "sentence_transformers": ("sentence_transformers", "embeddings"),
 }
 ALIASES: dict[str, str] = {
-    "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "xllamacpp": "llama.cpp",
-    "sentence_transformers": "sentence_transformers", "sentence-transformers": "sentence_transformers",
+    "llama.cpp": "llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "llamacpp": "llama.cpp",
+    "xllamacpp": "llama.cpp",
+    "sentence_transformers": "sentence_transformers",
+    "sentence-transformers": "sentence_transformers",
 }
 # Which engines can serve which model format.
 FORMATS: dict[str, tuple[str, ...]] = {

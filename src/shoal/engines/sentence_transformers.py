@@ -28,7 +28,7 @@ class SentenceTransformersEngine(Engine):
             trust_remote_code=bool(opts.get("trust_remote_code", False)),
             local_files_only=True,
         )
-        self.dimensions = self._model.get_sentence_embedding_dimension()
+        self.dimensions = self._model.get_embedding_dimension()
         self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
 
     def close(self) -> None:
@@ -46,10 +46,13 @@ class SentenceTransformersEngine(Engine):
     def _encode(self, texts: list[str], dimensions: int | None) -> tuple[Any, int]:
         with self._lock:
             vectors = self._model.encode(
-                texts, batch_size=self._batch_size, convert_to_numpy=True, truncate_dim=dimensions,
+                texts,
+                batch_size=self._batch_size,
+                convert_to_numpy=True,
+                truncate_dim=dimensions,
                 normalize_embeddings=dimensions is not None,
             )
-            tokens = int(self._model.tokenize(texts)["attention_mask"].sum())
+            tokens = int(self._model.preprocess(texts)["attention_mask"].sum())
         return vectors, tokens
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +66,9 @@ class SentenceTransformersEngine(Engine):
             {
                 "object": "embedding",
                 "index": i,
-                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist(),
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if as_base64
+                else v.tolist(),
             }
             for i, v in enumerate(vectors)
         ]

@@ -28,12 +28,15 @@ async def _launch_at_start(service: ModelService, names: Sequence[str], base_url
         except ShoalError as exc:
             log.error("could not launch %s: %s", name, exc.message)
     if names:
-        print(f"\nShoal is serving on {base_url} with: {', '.join(m.uid for m in service.list())}\nTry:\n"
-              f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"smollm2-135m-instruct\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
-              f"  curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"all-MiniLM-L6-v2\", \"input\": \"Hello!\"}}'\n", flush=True)
+        print(
+            f"\nShoal is serving on {base_url} with: {', '.join(m.uid for m in service.running())}\nTry:\n"
+            f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "smollm2-135m-instruct", "messages": '
+            f'[{{"role": "user", "content": "Hello!"}}]}}\'\n'
+            f"  curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "all-MiniLM-L6-v2", "input": "Hello!"}}\'\n',
+            flush=True,
+        )
 
 
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
@@ -43,7 +46,8 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
         app.state.models = service
         supervisor = asyncio.create_task(service.supervise())
         starter = asyncio.create_task(
-            _launch_at_start(service, launch, f"http://{settings.host}:{settings.port}"))
+            _launch_at_start(service, launch, f"http://{settings.host}:{settings.port}")
+        )
         try:
             yield
         finally:

@@ -14,10 +14,14 @@ from shoal.errors import ModelUnavailable, ShoalError
 log = logging.getLogger("shoal.gateway")
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": None}},
-                        status_code=status, headers=headers)
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "code": code, "param": None}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _describe_validation(exc: RequestValidationError) -> str:

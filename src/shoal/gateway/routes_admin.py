@@ -23,8 +23,11 @@ async def health() -> dict[str, str]:
 
 
 @router.post("/v1/models")
-async def launch_model(request: Request, body: LaunchRequest,
-                       wait_ready: bool = Query(True, description="answer once the model is ready")) -> dict[str, Any]:
+async def launch_model(
+    request: Request,
+    body: LaunchRequest,
+    wait_ready: bool = Query(True, description="answer once the model is ready"),
+) -> dict[str, Any]:
     model = await _service(request).launch(body, wait=wait_ready)
     return {"model_uid": model.uid, "status": model.status}
 
@@ -41,7 +44,9 @@ async def terminate_model(request: Request, model_uid: str) -> dict[str, Any]:
 
 
 @router.get("/v1/model_registrations/{model_type}")
-async def list_registrations(request: Request, model_type: str, detailed: bool = False) -> list[dict[str, Any]]:
+async def list_registrations(
+    request: Request, model_type: str, detailed: bool = False
+) -> list[dict[str, Any]]:
     families = _service(request).catalog.list(model_type)
     if detailed:
         return [{**f.model_dump(exclude={"builtin"}), "is_builtin": f.builtin} for f in families]

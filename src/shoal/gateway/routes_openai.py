@@ -20,18 +20,26 @@ def _service(request: Request) -> ModelService:
     return request.app.state.models  # type: ignore[no-any-return]
 
 
-async def _run(request: Request, body: BaseModel, model: str, ability: str, path: str, stream: bool) -> Response:
+async def _run(
+    request: Request, body: BaseModel, model: str, ability: str, path: str, stream: bool
+) -> Response:
     service = _service(request)
     running = service.get(model)
     if ability not in running.family.model_ability:
-        raise InvalidRequest(f"model {model!r} ({running.family.model_type}) cannot do {ability}; "
-                             f"it can do: {', '.join(running.family.model_ability)}")
+        raise InvalidRequest(
+            f"model {model!r} ({running.family.model_type}) cannot do {ability}; "
+            f"it can do: {', '.join(running.family.model_ability)}"
+        )
     payload = body.model_dump_json(exclude_unset=True).encode()
     result = await forward(service, model, path, payload, stream, request.app.state.settings.request_timeout)
     headers = {"x-shoal-replica": str(result.replica)}  # which replica answered, for debugging and tests
     if result.stream is not None:
-        return StreamingResponse(result.stream, media_type="text/event-stream", headers={**STREAM_HEADERS, **headers},
-                                 background=BackgroundTask(result.close) if result.close else None)
+        return StreamingResponse(
+            result.stream,
+            media_type="text/event-stream",
+            headers={**STREAM_HEADERS, **headers},
+            background=BackgroundTask(result.close) if result.close else None,
+        )
     return Response(result.body, status_code=result.status, media_type="application/json", headers=headers)
 
 
@@ -39,7 +47,9 @@ async def _run(request: Request, body: BaseModel, model: str, ability: str, path
 async def list_models(request: Request) -> dict[str, object]:
     return {
         "object": "list",
-        "data": [{**m.describe(), "object": "model", "owned_by": "shoal"} for m in _service(request).list()],
+        "data": [
+            {**m.describe(), "object": "model", "owned_by": "shoal"} for m in _service(request).running()
+        ],
     }
 
 

@@ -8,8 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Fields xinference-client always sends; Shoal accepts them and uses what applies to one machine.
 XINFERENCE_IGNORED = (
-    "peft_model_config", "n_worker", "worker_ip", "replica_config", "enable_thinking",
-    "enable_virtual_env", "virtual_env_packages", "virtual_env_find_links", "request_limits",
+    "peft_model_config",
+    "n_worker",
+    "worker_ip",
+    "replica_config",
+    "enable_thinking",
+    "enable_virtual_env",
+    "virtual_env_packages",
+    "virtual_env_find_links",
+    "request_limits",
 )
 
 

@@ -44,8 +44,12 @@ def main(config_path: str) -> int:
     socket = Path(config.socket)
     socket.unlink(missing_ok=True)
     uvicorn.run(
-        build_runner_app(engine), uds=str(socket), log_level="warning", access_log=False,
-        timeout_keep_alive=600, timeout_graceful_shutdown=5,
+        build_runner_app(engine),
+        uds=str(socket),
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=600,
+        timeout_graceful_shutdown=5,
     )
     engine.close()
     return 0

@@ -64,8 +64,12 @@ class RunnerProcess:
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 [sys.executable, "-m", "shoal.runners.main", str(config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self._env}, preexec_fn=_die_with_parent, close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self._env},
+                preexec_fn=_die_with_parent,
+                close_fds=True,
             )
 
     def exited(self) -> int | None:

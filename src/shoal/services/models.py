@@ -48,8 +48,12 @@ class Replica:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "index": self.index, "state": self.state.value, "pid": self.runner.pid if self.runner else None,
-            "device": self.device, "in_flight": self.in_flight, "restarts": self.crashes,
+            "index": self.index,
+            "state": self.state.value,
+            "pid": self.runner.pid if self.runner else None,
+            "device": self.device,
+            "in_flight": self.in_flight,
+            "restarts": self.crashes,
             "last_error": self.last_error,
         }
 
@@ -116,7 +120,11 @@ def _device_for(request: LaunchRequest) -> list[str]:
             raise InvalidRequest(f"n_gpu must be an integer, 'auto' or null, not {n_gpu!r}")
         n_gpu = int(n_gpu)
     if n_gpu == "auto":
-        return [f"cuda:{gpus[i % len(gpus)]}" for i in range(request.replica)] if gpus else ["cpu"] * request.replica
+        return (
+            [f"cuda:{gpus[i % len(gpus)]}" for i in range(request.replica)]
+            if gpus
+            else ["cpu"] * request.replica
+        )
     assert isinstance(n_gpu, int)
     if n_gpu > len(gpus):
         raise InvalidRequest(f"n_gpu={n_gpu} but this machine has {len(gpus)} GPU(s)")
@@ -142,7 +150,7 @@ class ModelService:
             raise ModelNotFound(f"model {uid!r} is not running (see GET /v1/models)")
         return model
 
-    def list(self) -> list[RunningModel]:
+    def running(self) -> list[RunningModel]:
         return list(self._models.values())
 
     def checkout(self, uid: str) -> Replica:
@@ -169,7 +177,9 @@ class ModelService:
     def _resolve(self, request: LaunchRequest) -> tuple[ModelFamily, ModelSpec, str, Source]:
         family = self.catalog.get(request.model_name, request.model_type)
         try:
-            spec = family.pick_spec(request.model_format, request.quantization, request.model_size_in_billions)
+            spec = family.pick_spec(
+                request.model_format, request.quantization, request.model_size_in_billions
+            )
         except LookupError as exc:
             raise InvalidRequest(str(exc)) from exc
         engine_name = request.model_engine or DEFAULT_ENGINE_BY_FORMAT.get(spec.model_format)
@@ -188,8 +198,15 @@ class ModelService:
         if uid in self._models:
             raise Conflict(f"model uid {uid!r} is already in use; terminate it or pick another model_uid")
         devices = _device_for(request)
-        model = RunningModel(uid, family, spec, engine, source, request,
-                             [Replica(i, device) for i, device in enumerate(devices)])
+        model = RunningModel(
+            uid,
+            family,
+            spec,
+            engine,
+            source,
+            request,
+            [Replica(i, device) for i, device in enumerate(devices)],
+        )
         self._models[uid] = model
         starting = asyncio.gather(*(self._start(model, r) for r in model.replicas))
         if not wait:  # the caller polls GET /v1/models/{uid}; a failure stays visible there
@@ -198,8 +215,9 @@ class ModelService:
         await self._finish_launch(model, starting, forget_on_failure=True)
         return model
 
-    async def _finish_launch(self, model: RunningModel, starting: asyncio.Future[list[None]],
-                             forget_on_failure: bool) -> None:
+    async def _finish_launch(
+        self, model: RunningModel, starting: asyncio.Future[list[None]], forget_on_failure: bool
+    ) -> None:
         await starting
         failed = [r for r in model.replicas if r.state is ReplicaState.FAILED]
         if failed:
@@ -215,13 +233,17 @@ class ModelService:
         """Spawn one runner and wait until it answers; on failure record why."""
         n = next(self._spawned)
         config = RunnerConfig(
-            model_uid=model.uid, replica=replica.index, engine=model.engine,
-            model_format=model.spec.model_format, source=model.source,
+            model_uid=model.uid,
+            replica=replica.index,
+            engine=model.engine,
+            model_format=model.spec.model_format,
+            source=model.source,
             context_length=model.family.context_length,
             device="cpu" if replica.device == "cpu" else "cuda",
             n_threads=model.request.engine_options().get("n_threads"),
             options={k: v for k, v in model.request.engine_options().items() if k != "n_threads"},
-            socket=str(self._run_dir / f"r{n}.sock"), status_file=str(self._run_dir / f"r{n}.status"),
+            socket=str(self._run_dir / f"r{n}.sock"),
+            status_file=str(self._run_dir / f"r{n}.status"),
         )
         env = dict(model.request.envs or {})
         env["CUDA_VISIBLE_DEVICES"] = "" if replica.device == "cpu" else replica.device.split(":", 1)[1]
@@ -267,14 +289,23 @@ class ModelService:
         while True:
             for model in list(self._models.values()):
                 for replica in model.replicas:
-                    if replica.state is ReplicaState.READY and replica.runner and replica.runner.exited() is not None:
+                    if (
+                        replica.state is ReplicaState.READY
+                        and replica.runner
+                        and replica.runner.exited() is not None
+                    ):
                         self._on_crash(model, replica)
             await asyncio.sleep(SUPERVISOR_TICK)
 
     def notice_unreachable(self, uid: str, replica: Replica) -> None:
         """A request could not reach this replica: if its process is gone, handle it now, not next tick."""
         model = self._models.get(uid)
-        if model and replica.state is ReplicaState.READY and replica.runner and replica.runner.exited() is not None:
+        if (
+            model
+            and replica.state is ReplicaState.READY
+            and replica.runner
+            and replica.runner.exited() is not None
+        ):
             self._on_crash(model, replica)
 
     def _on_crash(self, model: RunningModel, replica: Replica) -> None:
@@ -304,4 +335,3 @@ class ModelService:
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()
         shutil.rmtree(self._run_dir, ignore_errors=True)
-

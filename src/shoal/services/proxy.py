@@ -26,17 +26,24 @@ class Forwarded:
 
 
 def _runner_gone(uid: str, exc: Exception) -> ModelUnavailable:
-    return ModelUnavailable(f"model {uid!r} stopped answering ({type(exc).__name__}); it is being restarted",
-                            retry_after=2)
+    return ModelUnavailable(
+        f"model {uid!r} stopped answering ({type(exc).__name__}); it is being restarted", retry_after=2
+    )
 
 
-async def forward(service: ModelService, uid: str, path: str, body: bytes, stream: bool,
-                  timeout: float) -> Forwarded:
+async def forward(
+    service: ModelService, uid: str, path: str, body: bytes, stream: bool, timeout: float
+) -> Forwarded:
     replica = service.checkout(uid)
     assert replica.runner is not None
     client = replica.runner.client
-    request = client.build_request("POST", path, content=body, headers={"content-type": "application/json"},
-                                   timeout=httpx.Timeout(timeout, connect=5.0))
+    request = client.build_request(
+        "POST",
+        path,
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=httpx.Timeout(timeout, connect=5.0),
+    )
     try:
         response = await client.send(request, stream=stream)
     except httpx.TransportError as exc:
