@@ -49,6 +49,12 @@ class ModelUnavailable(ShoalError):
         self.retry_after = retry_after
 
 
+class RequestTimeout(ShoalError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
 class LaunchFailed(ShoalError):
     """The runner could not load the model; message carries the engine's own reason."""
 

@@ -1,5 +1,6 @@
 """The engine interface. An engine loads one model in a runner process and answers OpenAI-shaped
-request bodies (already validated by the gateway) with OpenAI-shaped dicts."""
+request bodies (already validated by the gateway) with OpenAI-shaped dicts (orjson-serialisable:
+numpy arrays are allowed)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -39,6 +40,27 @@ async def _launch_at_start(service: ModelService, names: Sequence[str], base_url
         )
 
 
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Routes that parse their own bodies reference models FastAPI never saw: add them to the schema."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    from shoal.protocol import openai as protocol
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema(
+                [(m, "validation") for m in protocol.REQUEST_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +78,7 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
             await service.shutdown()
 
     app = FastAPI(title="Shoal", version=__version__, lifespan=lifespan)
+    _document_raw_bodies(app)
     app.state.settings = settings
     errors.install(app)
     app.include_router(routes_admin.router)

@@ -1,10 +1,17 @@
-"""OpenAI-compatible inference routes: parse, check the model can do it, forward, render."""
+"""OpenAI-compatible inference routes: parse, check the model can do it, forward, render.
+
+These are the hot path, so bodies are validated straight from the raw bytes with pydantic (no
+FastAPI body injection) and forwarded as they came; the OpenAPI schema still documents them.
+"""
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal.errors import InvalidRequest
@@ -14,24 +21,35 @@ from shoal.services.proxy import forward
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Body = TypeVar("Body", bound=BaseModel)
 
 
-def _service(request: Request) -> ModelService:
-    return request.app.state.models  # type: ignore[no-any-return]
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra documenting a JSON body that the route parses itself."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def _run(
-    request: Request, body: BaseModel, model: str, ability: str, path: str, stream: bool
-) -> Response:
-    service = _service(request)
-    running = service.get(model)
+async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw), raw
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
+    body, raw = await _parse(request, model)
+    uid: str = body.model  # type: ignore[attr-defined]
+    stream: bool = getattr(body, "stream", False)
+    service: ModelService = request.app.state.models
+    running = service.get(uid)
     if ability not in running.family.model_ability:
         raise InvalidRequest(
-            f"model {model!r} ({running.family.model_type}) cannot do {ability}; "
+            f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
             f"it can do: {', '.join(running.family.model_ability)}"
         )
-    payload = body.model_dump_json(exclude_unset=True).encode()
-    result = await forward(service, model, path, payload, stream, request.app.state.settings.request_timeout)
+    result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
     headers = {"x-shoal-replica": str(result.replica)}  # which replica answered, for debugging and tests
     if result.stream is not None:
         return StreamingResponse(
@@ -48,21 +66,22 @@ async def list_models(request: Request) -> dict[str, object]:
     return {
         "object": "list",
         "data": [
-            {**m.describe(), "object": "model", "owned_by": "shoal"} for m in _service(request).running()
+            {**m.describe(), "object": "model", "owned_by": "shoal"}
+            for m in request.app.state.models.running()
         ],
     }
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    return await _run(request, body, body.model, "chat", "/v1/chat/completions", body.stream)
+@router.post("/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    return await _run(request, ChatCompletionRequest, "chat", "/v1/chat/completions")
 
 
-@router.post("/completions")
-async def completions(request: Request, body: CompletionRequest) -> Response:
-    return await _run(request, body, body.model, "generate", "/v1/completions", body.stream)
+@router.post("/completions", openapi_extra=body_schema(CompletionRequest))
+async def completions(request: Request) -> Response:
+    return await _run(request, CompletionRequest, "generate", "/v1/completions")
 
 
-@router.post("/embeddings")
-async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
-    return await _run(request, body, body.model, "embed", "/v1/embeddings", False)
+@router.post("/embeddings", openapi_extra=body_schema(EmbeddingRequest))
+async def embeddings(request: Request) -> Response:
+    return await _run(request, EmbeddingRequest, "embed", "/v1/embeddings")

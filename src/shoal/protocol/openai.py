@@ -74,3 +74,6 @@ class EmbeddingRequest(BaseModel):
         if isinstance(value, list) and len(value) > 2048:
             raise ValueError("at most 2048 inputs per request")
         return value
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)

@@ -10,9 +10,9 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
-from shoal.errors import ModelUnavailable
+from shoal.errors import ModelUnavailable, RequestTimeout
 from shoal.services.models import ModelService
 
 
@@ -25,7 +25,7 @@ class Forwarded:
     close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
 
 
-def _runner_gone(uid: str, exc: Exception) -> ModelUnavailable:
+def _runner_gone(uid: str, exc: BaseException) -> ModelUnavailable:
     return ModelUnavailable(
         f"model {uid!r} stopped answering ({type(exc).__name__}); it is being restarted", retry_after=2
     )
@@ -36,29 +36,29 @@ async def forward(
 ) -> Forwarded:
     replica = service.checkout(uid)
     assert replica.runner is not None
-    client = replica.runner.client
-    request = client.build_request(
-        "POST",
-        path,
-        content=body,
-        headers={"content-type": "application/json"},
-        timeout=httpx.Timeout(timeout, connect=5.0),
-    )
     try:
-        response = await client.send(request, stream=stream)
-    except httpx.TransportError as exc:
+        response = await replica.runner.session.post(
+            path,
+            data=body,
+            headers={"content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5),
+        )
+    except TimeoutError as exc:
+        service.release(replica)
+        raise RequestTimeout(f"model {uid!r} did not answer within {timeout:.0f} s") from exc
+    except aiohttp.ClientError as exc:
         service.release(replica)
         service.notice_unreachable(uid, replica)
         raise _runner_gone(uid, exc) from exc
-    if not stream or response.status_code != 200:
+    if not stream or response.status != 200:
         try:
-            content = await response.aread()
-        except httpx.TransportError as exc:
+            content = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _runner_gone(uid, exc) from exc
         finally:
-            await response.aclose()
+            response.release()
             service.release(replica)
-        return Forwarded(response.status_code, replica.index, body=content)
+        return Forwarded(response.status, replica.index, body=content)
 
     closed = False
 
@@ -66,14 +66,14 @@ async def forward(
         nonlocal closed
         if not closed:
             closed = True
-            await response.aclose()
+            response.close()  # drops the connection: the runner sees the client go and stops generating
             service.release(replica)
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 yield chunk
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             error = _runner_gone(uid, exc)
             payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
