@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import gc
 import importlib.metadata
 import json
 import os
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +203,12 @@ async def inprocess_embeddings(config: EngineConfig, runs: int, batch_runs: int)
     engine = SentenceTransformersEngine(config)
     engine.load()
     try:
-        result = {
+        result: dict[str, Any] = {
             "single": await latencies_ms(lambda: engine.embed(embed_body(SINGLE_SENTENCE)), 3, runs),
             "batch64": await latencies_ms(lambda: engine.embed(embed_body(BATCH)), WARMUPS, batch_runs),
         }
-        result["_vector"] = (await engine.embed(embed_body(SINGLE_SENTENCE)))["data"][0]["embedding"]
+        vector = (await engine.embed(embed_body(SINGLE_SENTENCE)))["data"][0]["embedding"]
+        result["_vector"] = [float(x) for x in vector]
         return result
     finally:
         engine.close()
@@ -441,23 +441,48 @@ def log(message: str) -> None:
     print(f"[overhead {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def in_child(phase: str, args: argparse.Namespace) -> Any:
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--repeats",
+        str(args.repeats),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--threads",
+        str(args.threads),
+    ]
+    return json.loads(subprocess.run(command, stdout=subprocess.PIPE, check=True).stdout)
+
+
+async def child_phase(args: argparse.Namespace) -> Any:
+    """One in-process measurement, run inside the child process started by in_child()."""
+    n_threads = args.threads
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        catalog = Catalog(Path(tmp))
+        if args.phase == "embed":
+            config = engine_config(catalog.get(EMBED_MODEL), n_threads)
+            return await inprocess_embeddings(config, args.repeats * 10, args.repeats * 2)
+        config = engine_config(catalog.get(CHAT_MODEL), n_threads)
+        return [asdict(run) for run in await inprocess_chat(config, args.max_tokens, args.repeats)]
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    n_threads = os.cpu_count() or 1
+    n_threads = args.threads
     single_runs, batch_runs = args.repeats * 10, args.repeats * 2
     timings: dict[str, Any] = {}
     load: dict[str, list[float]] = {"start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         data_dir = Path(tmp)
-        catalog = Catalog(data_dir / "registrations")  # the gateway's own catalog, in its own data dir
-        embed_config = engine_config(catalog.get(EMBED_MODEL), n_threads)
-        chat_config = engine_config(catalog.get(CHAT_MODEL), n_threads)
 
+        # Each in-process phase runs in a fresh child process, as a runner does: no engine shares a
+        # process (or torch's thread pool) with another, or with the benchmark's own client code.
         log(f"in-process embeddings ({single_runs} single, {batch_runs} batches of {BATCH_SIZE})")
-        timings["embed_inprocess"] = await inprocess_embeddings(embed_config, single_runs, batch_runs)
-        gc.collect()  # the engine is closed and out of scope: give its memory back before the next one
+        timings["embed_inprocess"] = in_child("embed", args)
         log(f"in-process chat ({args.repeats} runs of up to {args.max_tokens} tokens)")
-        timings["chat_inprocess"] = await inprocess_chat(chat_config, args.max_tokens, args.repeats)
-        gc.collect()
+        timings["chat_inprocess"] = [ChatRun(**run) for run in in_child("chat", args)]
         load["after_inprocess"] = list(os.getloadavg())
 
         port = args.port or free_port()
@@ -490,11 +515,19 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per chat run (default 128)")
     parser.add_argument("--port", type=int, default=0, help="port for the Shoal server (default: a free one)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="engine threads, both sides (default: all cores)",
+    )
+    # internal: the child process that runs one in-process phase
+    parser.add_argument("--phase", choices=["embed", "chat"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     with stdout_to_stderr():
-        report = asyncio.run(run(args))
+        report = asyncio.run(child_phase(args) if args.phase else run(args))
     print(json.dumps(report, indent=2))
 
 
