@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 class ShoalServer:
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
+        self.extra_args = extra_args or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -49,6 +50,7 @@ class ShoalServer:
                     str(self.port),
                     "--data-dir",
                     str(self.data_dir),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

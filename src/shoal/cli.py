@@ -47,6 +47,14 @@ def serve(
     log_level: Annotated[
         str, typer.Option(envvar=settings.LOG_LEVEL.env, help=settings.LOG_LEVEL.help)
     ] = "info",
+    fake_gpus: Annotated[str, typer.Option(envvar=settings.FAKE_GPUS.env, help=settings.FAKE_GPUS.help)] = "",
+    placement: Annotated[
+        str, typer.Option(envvar=settings.PLACEMENT.env, help=settings.PLACEMENT.help)
+    ] = settings.PLACEMENT.default,
+    headroom: Annotated[
+        float, typer.Option(envvar=settings.HEADROOM.env, help=settings.HEADROOM.help)
+    ] = float(settings.HEADROOM.default),
+    autoload: Annotated[bool, typer.Option(help=settings.AUTOLOAD.help)] = False,
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -58,7 +66,17 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
-    server_settings = ServerSettings(host=host, port=port, data_dir=data_dir)
+    if placement not in ("binpack", "spread"):
+        raise typer.BadParameter("placement must be binpack or spread")
+    server_settings = ServerSettings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        fake_gpus=fake_gpus,
+        placement=placement,
+        headroom=headroom,
+        autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
+    )
     uvicorn.run(
         build_app(server_settings, launch or []),
         host=host,
@@ -83,9 +101,20 @@ def launch(
     option: Annotated[
         list[str] | None, typer.Option("--option", "-o", help="engine option KEY=VALUE")
     ] = None,
+    gpu_memory: Annotated[str | None, typer.Option("--gpu-memory", help="declared memory, e.g. 6GiB")] = None,
+    keep_alive: Annotated[
+        str | None, typer.Option("--keep-alive", help="idle time before eviction: 5m, -1")
+    ] = None,
+    pinned: Annotated[bool, typer.Option("--pinned", help="never evict this model")] = False,
+    queue_timeout: Annotated[float, typer.Option("--queue-timeout", help="seconds to wait for memory")] = 0,
 ) -> None:
     """Launch a model and wait until it is ready, showing progress."""
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {
+        "gpu_memory": gpu_memory,
+        "keep_alive": keep_alive,
+        "pinned": pinned,
+        "queue_timeout": queue_timeout,
+    }
     for item in option or []:
         key, _, value = item.partition("=")
         try:
@@ -152,6 +181,98 @@ def stop(
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
     console.print(f"stopped {uid}")
+
+
+def _gib(n: object) -> str:
+    return f"{int(n) / 1024**3:.2f}" if isinstance(n, int | float) else "-"
+
+
+@app.command()
+def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
+    """Show each device's memory: total, used by others, each model's reservation and use, free."""
+    with _client(endpoint) as client:
+        try:
+            devices = client.devices()
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    table = Table("DEVICE", "NAME", "TOTAL GiB", "OTHERS GiB", "RESERVED GiB", "FREE GiB", "MODELS")
+    for d in devices:
+        held = [
+            f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}"
+            + (f" (measured {_gib(m['measured_bytes'])})" if m.get("measured_bytes") else "")
+            + (" [red]OVER[/red]" if m.get("over_reservation") else "")
+            for m in d["models"]
+        ]
+        name = d["name"] + (" (fake)" if d.get("fake") else "")
+        table.add_row(
+            d["id"],
+            name,
+            _gib(d["total_bytes"]),
+            _gib(d["used_by_others_bytes"]),
+            _gib(d["reserved_bytes"]),
+            _gib(d["free_bytes"]),
+            "\n".join(held) or "-",
+        )
+    console.print(table)
+
+
+@app.command()
+def estimate(
+    name: Annotated[str, typer.Argument(help="catalog model name")],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    context_length: Annotated[
+        int | None, typer.Option("--context-length", "-c", help="tokens per sequence")
+    ] = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", "-p", help="sequences at once")] = None,
+    dtype: Annotated[str | None, typer.Option(help="weights dtype: float16, bfloat16, float32")] = None,
+    quantization: Annotated[str | None, typer.Option("--quantization", "-q", help="which spec")] = None,
+    model_format: Annotated[str | None, typer.Option("--model-format", "-f", help="which spec")] = None,
+    size_in_billions: Annotated[
+        str | None, typer.Option("--size-in-billions", "-s", help="which spec")
+    ] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help="16, 8, fp16, q8_0")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="engine (default: by format)")] = None,
+    n_gpu: Annotated[str, typer.Option("--n-gpu", help="auto, 0 (CPU) or a number")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON answer")] = False,
+) -> None:
+    """Estimate a model's memory (Xinference's cal-model-mem options work) and where it would go."""
+    body = {
+        "model_name": name,
+        "context_length": context_length,
+        "parallel": parallel,
+        "dtype": dtype,
+        "quantization": quantization,
+        "model_format": model_format,
+        "model_size_in_billions": size_in_billions,
+        "kv_cache_dtype": kv_cache_dtype,
+        "model_engine": engine,
+        "n_gpu": None if n_gpu == "0" else n_gpu,
+    }
+    with _client(endpoint) as client:
+        try:
+            result = client.estimate({k: v for k, v in body.items() if v is not None or k == "n_gpu"})
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    est = result["estimate"]
+    table = Table(
+        "PART", "GiB", title=f"{result['model_name']} ({result['model_engine']}, {result['device_kind']})"
+    )
+    for part in ("weights", "kv_cache", "activations", "cuda_context", "cpu_runtime"):
+        table.add_row(part, _gib(est.get(part, 0)))
+    table.add_row("[bold]per device[/bold]", _gib(est["per_device"]))
+    console.print(table)
+    console.print(
+        f"context {est.get('context_length')} × {est.get('parallel')} sequences, dtype {est.get('dtype')}"
+    )
+    where = result["placement"]
+    if where["fits"]:
+        evict = f", after evicting {', '.join(where['evict'])}" if where.get("evict") else ""
+        console.print(f"[green]fits[/green] on {', '.join(where['devices'])}{evict}")
+    else:
+        console.print(f"[red]does not fit:[/red] {where['reason']}")
 
 
 @app.command()

@@ -128,5 +128,8 @@ class Client:
     def devices(self) -> list[dict[str, Any]]:
         return list(self._get("/v1/cluster/devices"))
 
+    def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._post("/v1/models/estimate", body))
+
     def model(self, uid: str) -> ModelHandle:
         return ModelHandle(self, uid)

@@ -1,23 +1,47 @@
-"""Devices Shoal can place models on: the CPU (RAM) and NVIDIA GPUs read through NVML."""
+"""Devices Shoal places models on, from one interface with three sources:
+
+- NVML (nvidia-ml-py): real NVIDIA GPUs, their memory and each process's use of it;
+- declared fake GPUs (SHOAL_FAKE_GPUS="2x24GiB" or "24GiB,80GiB"): for machines without one, so the
+  scheduler and supervisor run end to end; runners placed on them run on the CPU;
+- the CPU: RAM and cores.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
+
+from shoal.units import parse_size
+
+_FAKE = re.compile(r"^(?:(\d+)\s*[xX]\s*)?(.+)$")
 
 
 @dataclass(frozen=True)
 class Device:
-    kind: str  # "cpu" or "gpu"
+    id: str  # "gpu:0" or "cpu"
+    kind: str  # "gpu" or "cpu"
     index: int
     name: str
     total_bytes: int
-    used_bytes: int
-    free_bytes: int
-    cores: int | None = None
+    used_bytes: int  # by every process, Shoal's runners included
+    fake: bool = False
+    cores: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def parse_fake_gpus(spec: str) -> list[int]:
+    """ "2x24GiB" → two of 24 GiB; "24GiB,80GiB" → one of each; "" → none."""
+    sizes: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        match = _FAKE.match(part)
+        count = int(match.group(1) or 1) if match else 0
+        if match is None or count < 1:
+            raise ValueError(f"bad SHOAL_FAKE_GPUS entry {part!r}: use e.g. 2x24GiB or 24GiB,80GiB")
+        sizes.extend([parse_size(match.group(2))] * count)
+    return sizes
 
 
 def cpu_device() -> Device:
@@ -27,7 +51,15 @@ def cpu_device() -> Device:
             key, value = line.split(":", 1)
             meminfo[key] = int(value.split()[0]) * 1024
     total, available = meminfo["MemTotal"], meminfo.get("MemAvailable", meminfo["MemFree"])
-    return Device("cpu", 0, "cpu", total, total - available, available, cores=os.cpu_count())
+    cores = len(os.sched_getaffinity(0))
+    return Device("cpu", "cpu", 0, "cpu", total, total - available, cores=cores)
+
+
+def fake_gpus(spec: str) -> list[Device]:
+    return [
+        Device(f"gpu:{i}", "gpu", i, f"fake GPU {i}", size, 0, fake=True)
+        for i, size in enumerate(parse_fake_gpus(spec))
+    ]
 
 
 def nvml_devices() -> list[Device]:
@@ -36,7 +68,7 @@ def nvml_devices() -> list[Device]:
         import pynvml
 
         pynvml.nvmlInit()
-    except Exception:  # no driver, no library: a machine without NVIDIA GPUs
+    except Exception:  # no driver or no library: a machine without NVIDIA GPUs
         return []
     try:
         devices = []
@@ -45,11 +77,42 @@ def nvml_devices() -> list[Device]:
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
-            devices.append(Device("gpu", i, name, int(mem.total), int(mem.used), int(mem.free)))
+            devices.append(Device(f"gpu:{i}", "gpu", i, name, int(mem.total), int(mem.used)))
         return devices
     finally:
         pynvml.nvmlShutdown()
 
 
-def all_devices() -> list[Device]:
-    return [cpu_device(), *nvml_devices()]
+def gpu_process_usage() -> dict[tuple[str, int], int]:
+    """(device id, pid) → bytes, from NVML's compute processes; {} without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        usage: dict[tuple[str, int], int] = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                used = proc.usedGpuMemory  # None when the driver cannot say (e.g. in some containers)
+                if used is not None:
+                    usage[(f"gpu:{i}", int(proc.pid))] = int(used)
+        return usage
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def all_devices(fake_spec: str = "") -> list[Device]:
+    """The CPU, then the GPUs: declared fake ones when SHOAL_FAKE_GPUS is set, else NVML's."""
+    gpus = fake_gpus(fake_spec) if fake_spec else nvml_devices()
+    return [cpu_device(), *gpus]

@@ -49,6 +49,16 @@ class ModelUnavailable(ShoalError):
         self.retry_after = retry_after
 
 
+class InsufficientMemory(ShoalError):
+    status = 507
+    type = "insufficient_memory"
+    code = "no_fit"
+
+    def __init__(self, message: str, details: dict[str, object]) -> None:
+        super().__init__(message)
+        self.details = details
+
+
 class RequestTimeout(ShoalError):
     status = 504
     type = "server_error"

@@ -30,17 +30,19 @@ LAUNCH_TIMEOUT = Setting("SHOAL_LAUNCH_TIMEOUT", "600", "seconds a runner may ta
 REQUEST_TIMEOUT = Setting("SHOAL_REQUEST_TIMEOUT", "600", "seconds a proxied inference request may take")
 MAX_RESTARTS = Setting("SHOAL_MAX_RESTARTS", "5", "fast crashes of a replica before it is marked failed")
 LOG_LEVEL = Setting("SHOAL_LOG_LEVEL", "info", "gateway log level")
+FAKE_GPUS = Setting(
+    "SHOAL_FAKE_GPUS", "", 'declare fake GPUs instead of NVML\'s, e.g. "2x24GiB" or "24GiB,80GiB"'
+)
+HEADROOM = Setting("SHOAL_HEADROOM", "0.05", "fraction of each device's memory never reserved")
+PLACEMENT = Setting("SHOAL_PLACEMENT", "binpack", "binpack (fill a device first) or spread (most free first)")
+KEEP_ALIVE = Setting("SHOAL_KEEP_ALIVE", "300", "default seconds a model stays idle before it may be evicted")
+CPU_CORES_PER_MODEL = Setting("SHOAL_CPU_CORES_PER_MODEL", "", "cores a CPU runner gets (default: half)")
+AUTOLOAD = Setting("SHOAL_AUTOLOAD", "0", "1: a request for a catalog model that is not running loads it")
 
 ALL: tuple[Setting, ...] = (
-    ENDPOINT,
-    DATA_DIR,
-    HOST,
-    PORT,
-    LAUNCH_TIMEOUT,
-    REQUEST_TIMEOUT,
-    MAX_RESTARTS,
-    LOG_LEVEL,
-)
+    ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
+    FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,11 @@ class ServerSettings:
     launch_timeout: float = field(default_factory=lambda: float(LAUNCH_TIMEOUT.get()))
     request_timeout: float = field(default_factory=lambda: float(REQUEST_TIMEOUT.get()))
     max_restarts: int = field(default_factory=lambda: int(MAX_RESTARTS.get()))
+    fake_gpus: str = field(default_factory=FAKE_GPUS.get)
+    headroom: float = field(default_factory=lambda: float(HEADROOM.get()))
+    placement: str = field(default_factory=PLACEMENT.get)
+    keep_alive: float = field(default_factory=lambda: float(KEEP_ALIVE.get()))
+    cpu_cores_per_model: int = field(
+        default_factory=lambda: int(CPU_CORES_PER_MODEL.get() or max(1, (os.cpu_count() or 1) // 2))
+    )
+    autoload: bool = field(default_factory=lambda: AUTOLOAD.get().lower() in ("1", "true", "yes"))

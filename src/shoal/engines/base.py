@@ -61,3 +61,32 @@ class Engine:
                 f"unknown option(s) for engine {self.name}: {', '.join(unknown)}; known: {', '.join(known)}"
             )
         return dict(self.config.options)
+
+
+# What a launch means for memory when it names no options, per engine: the context each sequence
+# may fill, how many sequences run at once, and the resident memory of an idle runner process on
+# the CPU (interpreter and libraries; measured with RSS). The gateway's estimate reads this table;
+# engines use the same numbers as their defaults.
+ESTIMATE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama.cpp": {
+        "context_option": "n_ctx",
+        "context": 4096,
+        "parallel_option": "n_parallel",
+        "parallel": 4,
+        "cpu_runtime_bytes": 120 * 1024**2,
+    },
+    "sentence_transformers": {
+        "context_option": None,
+        "context": 512,
+        "parallel_option": None,
+        "parallel": 1,
+        "cpu_runtime_bytes": 450 * 1024**2,
+    },
+    "transformers": {
+        "context_option": "context_length",
+        "context": 4096,
+        "parallel_option": "max_batch_size",
+        "parallel": 8,
+        "cpu_runtime_bytes": 450 * 1024**2,
+    },
+}

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shoal.engines.base import Engine
+from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
 from shoal.errors import InvalidRequest, ShoalError
 
-DEFAULT_PARALLEL = 4
-DEFAULT_CONTEXT = 4096  # per slot, capped by the model's own context length
+DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
+DEFAULT_CONTEXT: int = ESTIMATE_DEFAULTS["llama.cpp"]["context"]  # per slot, capped by the model's own
 _END = object()
 
 

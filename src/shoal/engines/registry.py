@@ -10,11 +10,13 @@ from shoal.errors import EngineMissing, InvalidRequest
 ENGINES: dict[str, str] = {
     "llama.cpp": "shoal.engines.llamacpp:LlamaCppEngine",
     "sentence_transformers": "shoal.engines.sentence_transformers:SentenceTransformersEngine",
+    "transformers": "shoal.engines.transformers:TransformersEngine",
 }
 # The Python package each engine needs, and the extra that installs it.
 REQUIRES: dict[str, tuple[str, str]] = {
     "llama.cpp": ("xllamacpp", "llamacpp"),
     "sentence_transformers": ("sentence_transformers", "embeddings"),
+    "transformers": ("transformers", "embeddings"),
 }
 ALIASES: dict[str, str] = {
     "llama.cpp": "llama.cpp",
@@ -23,11 +25,15 @@ ALIASES: dict[str, str] = {
     "xllamacpp": "llama.cpp",
     "sentence_transformers": "sentence_transformers",
     "sentence-transformers": "sentence_transformers",
+    "transformers": "transformers",  # looked up lower-cased, so "Transformers" too
+    "pytorch": "transformers",
+    "hf": "transformers",
 }
 # Which engines can serve which model format.
 FORMATS: dict[str, tuple[str, ...]] = {
     "llama.cpp": ("ggufv2", "gguf"),
     "sentence_transformers": ("sentence_transformers", "pytorch"),
+    "transformers": ("pytorch", "safetensors"),
 }
 
 

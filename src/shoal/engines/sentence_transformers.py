@@ -18,9 +18,12 @@ class SentenceTransformersEngine(Engine):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        opts = self.pop_options("batch_size", "trust_remote_code")
+        opts = self.pop_options("batch_size", "trust_remote_code", "memory_fraction")
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
+        if self.config.device == "cuda" and "memory_fraction" in opts:
+            # the scheduler's reservation, enforced: going past it raises OutOfMemoryError here only
+            torch.cuda.set_per_process_memory_fraction(float(opts["memory_fraction"]))
         self._batch_size = int(opts.get("batch_size", 32))
         self._model = SentenceTransformer(
             str(self.config.model_path),

@@ -9,19 +9,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from shoal.errors import ModelUnavailable, ShoalError
+from shoal.errors import InsufficientMemory, ModelUnavailable, ShoalError
 
 log = logging.getLogger("shoal.gateway")
 
 
 def error_response(
-    status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    details: dict[str, object] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "code": code, "param": None}},
-        status_code=status,
-        headers=headers,
-    )
+    error: dict[str, object] = {"message": message, "type": type_, "code": code, "param": None}
+    if details:
+        error["details"] = details  # e.g. a 507's numbers, for programs (the UI) rather than people
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -38,7 +42,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
     async def _shoal(_: Request, exc: ShoalError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
-        return error_response(exc.status, exc.message, exc.type, exc.code, headers)
+        details = exc.details if isinstance(exc, InsufficientMemory) else None
+        return error_response(exc.status, exc.message, exc.type, exc.code, headers, details)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

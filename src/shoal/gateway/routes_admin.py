@@ -6,8 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from shoal.devices import all_devices
-from shoal.protocol.admin import LaunchRequest, RegisterRequest
+from shoal.protocol.admin import EstimateRequest, LaunchRequest, RegisterRequest
 from shoal.services.models import ModelService
 
 router = APIRouter(tags=["admin"])
@@ -73,8 +72,15 @@ async def unregister_model(request: Request, model_type: str, model_name: str) -
 
 
 @router.get("/v1/cluster/devices")
-async def devices() -> list[dict[str, object]]:
-    return [d.to_dict() for d in all_devices()]
+async def devices(request: Request) -> list[dict[str, Any]]:
+    """Each device: total, used by others, each Shoal replica's reservation and measured use, free."""
+    return await _service(request).devices()
+
+
+@router.post("/v1/models/estimate")
+async def estimate(request: Request, body: EstimateRequest) -> dict[str, Any]:
+    """The memory estimate of a launch and where it would be placed now; launches nothing."""
+    return await _service(request).estimate(body)
 
 
 @router.get("/v1/cluster/auth")

@@ -43,6 +43,8 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
     uid: str = body.model  # type: ignore[attr-defined]
     stream: bool = getattr(body, "stream", False)
     service: ModelService = request.app.state.models
+    if service.settings.autoload:
+        await service.ensure_ready(uid)
     running = service.get(uid)
     if ability not in running.family.model_ability:
         raise InvalidRequest(

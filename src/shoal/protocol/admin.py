@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,12 +37,48 @@ class LaunchRequest(BaseModel):
     gpu_idx: int | list[int] | None = None
     model_path: str | None = None
     envs: dict[str, str] | None = None
+    # Memory placement (Shoal's own; not engine options):
+    gpu_memory: str | int | None = Field(
+        None, description='declared memory per device, e.g. "6GiB"; overrides the estimate'
+    )
+    keep_alive: str | float | None = Field(
+        None, description="idle time before it may be evicted: 300, 5m, 1h; -1 never"
+    )
+    pinned: bool = Field(False, description="never evicted")
+    queue_timeout: float = Field(
+        0, ge=0, le=3600, description="seconds to wait for memory when it does not fit now"
+    )
+    device: Literal["cpu", "gpu", "auto"] | None = Field(
+        None, description="cpu runs on the CPU, like n_gpu=0"
+    )
 
     def engine_options(self) -> dict[str, Any]:
         extra = dict(self.model_extra or {})
         for name in XINFERENCE_IGNORED:
             extra.pop(name, None)
         return {k: v for k, v in extra.items() if v is not None}
+
+
+class EstimateRequest(BaseModel):
+    """POST /v1/models/estimate: a launch body, or Xinference's cal-model-mem fields for a model
+    that is not in the catalog (size, format, quantization, context length)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model_name: str | None = None
+    model_format: str | None = None
+    model_size_in_billions: float | int | str | None = None
+    quantization: str | None = None
+    model_engine: str | None = None
+    context_length: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1, le=1024)
+    dtype: str | None = None
+    kv_cache_dtype: str | int | None = None
+    n_gpu: int | str | None = "auto"
+    gpu_idx: int | list[int] | None = None
+    device: Literal["cpu", "gpu", "auto"] | None = None
+    gpu_memory: str | int | None = None
+    replica: int = Field(1, ge=1, le=64)
 
 
 class RegisterRequest(BaseModel):

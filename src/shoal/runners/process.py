@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,9 +26,14 @@ from shoal.runners.config import RunnerConfig
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _child_setup(cores: tuple[int, ...]) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if cores:  # the cores the scheduler shared out to this runner
+            os.sched_setaffinity(0, cores)
+
+    return setup
 
 
 class ReplicaState(enum.Enum):
@@ -36,14 +42,18 @@ class ReplicaState(enum.Enum):
     RESTARTING = "restarting"  # its process died; a new one is being started after a backoff
     STOPPING = "stopping"  # terminate requested
     STOPPED = "stopped"  # process gone on purpose
+    EVICTED = "evicted"  # stopped to make room for another model; a relaunch (or autoload) brings it back
     FAILED = "failed"  # crashed too often, or could not load; last_error says why
 
 
 class RunnerProcess:
     """One spawned runner. Not restartable: the supervisor makes a new one."""
 
-    def __init__(self, config: RunnerConfig, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, config: RunnerConfig, log_path: Path, env: dict[str, str], cores: tuple[int, ...] = ()
+    ) -> None:
         self.config = config
+        self.cores = cores
         self.log_path = log_path
         self._env = env
         self._popen: subprocess.Popen[bytes] | None = None
@@ -73,7 +83,7 @@ class RunnerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self._env},
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(self.cores),
                 close_fds=True,
             )
 

@@ -1,8 +1,9 @@
 """The model service: launch, describe, terminate, route to a ready replica, and supervise runners.
 
-It owns all mutable state about running models; one supervisor loop watches the runner processes
-and restarts crashed replicas with exponential backoff (capped; after too many fast crashes the
-replica is marked failed with the last error).
+It owns all mutable state about running models. Launches reserve memory through the pure
+scheduler (one placement at a time, under a lock, so two launches never take the same bytes);
+one supervisor loop watches runner processes (restarting crashed replicas with capped backoff)
+and samples each runner's real memory use into the ledger.
 """
 
 from __future__ import annotations
@@ -20,39 +21,62 @@ from typing import Any
 
 from shoal.catalog import DEFAULT_ENGINE_BY_FORMAT, Catalog, ModelFamily, ModelSpec, Source
 from shoal.catalog.resolve import local_path
-from shoal.devices import nvml_devices
 from shoal.engines import registry
-from shoal.errors import Conflict, InvalidRequest, LaunchFailed, ModelNotFound, ModelUnavailable
-from shoal.protocol.admin import LaunchRequest
+from shoal.errors import (
+    Conflict,
+    InsufficientMemory,
+    InvalidRequest,
+    LaunchFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ShoalError,
+)
+from shoal.protocol.admin import EstimateRequest, LaunchRequest
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import ReplicaState, RunnerProcess
+from shoal.scheduler import Decision, Demand, Evict, Holding, NoFit, Place, Policy, place
+from shoal.services import memory
+from shoal.services.memory import Reservation, Snapshot
+from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.settings import ServerSettings
 
 log = logging.getLogger("shoal.models")
 
 SUPERVISOR_TICK = 0.2  # seconds between checks of runner processes
+MEASURE_EVERY = 10  # ticks between samples of each runner's memory use
 FAST_CRASH = 60.0  # a replica that dies sooner than this after becoming ready counts as a fast crash
 MAX_BACKOFF = 30.0
+MEMORY_BACK_TIMEOUT = 30.0  # seconds to wait for an evicted runner's GPU memory to show as free
+HOLDS_MEMORY = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.RESTARTING, ReplicaState.STOPPING)
+TORCH_ENGINES = ("sentence_transformers", "transformers")
 
 
 @dataclass
 class Replica:
     index: int
-    device: str
     runner: RunnerProcess | None = None
     state: ReplicaState = ReplicaState.STARTING
+    reservation: Reservation | None = None
     in_flight: int = 0
     crashes: int = 0  # consecutive fast crashes
     last_error: str | None = None
     ready_since: float | None = None
+    last_used: float = field(default_factory=time.monotonic)
 
     def describe(self) -> dict[str, Any]:
+        r = self.reservation
         return {
             "index": self.index,
             "state": self.state.value,
             "pid": self.runner.pid if self.runner else None,
-            "device": self.device,
+            "device": ",".join(r.devices) if r else None,
+            "cores": list(r.cores) if r else [],
+            "estimate_bytes": r.estimate if r else None,
+            "measured_bytes": r.measured if r else None,
+            "reserved_bytes": r.reserved if r else None,
+            "over_reservation": r.over if r else False,
             "in_flight": self.in_flight,
+            "idle_seconds": round(time.monotonic() - self.last_used, 1),
             "restarts": self.crashes,
             "last_error": self.last_error,
         }
@@ -66,9 +90,10 @@ class RunningModel:
     engine: str
     source: Source
     request: LaunchRequest
+    plan: LaunchPlan
+    keep_alive: float
     replicas: list[Replica]
     created: int = field(default_factory=lambda: int(time.time()))
-    last_used: float = field(default_factory=time.monotonic)
     _turn: Iterator[int] = field(default_factory=itertools.count)
 
     @property
@@ -78,8 +103,10 @@ class RunningModel:
             return "ready"
         if states & {ReplicaState.STARTING, ReplicaState.RESTARTING}:
             return "loading"
-        if states == {ReplicaState.FAILED}:
+        if ReplicaState.FAILED in states:
             return "failed"
+        if ReplicaState.EVICTED in states:
+            return "evicted"
         return "stopped"
 
     def describe(self) -> dict[str, Any]:
@@ -98,43 +125,18 @@ class RunningModel:
             "replica": len(self.replicas),
             "status": self.status,
             "created": self.created,
+            "pinned": self.request.pinned,
+            "keep_alive": self.keep_alive,
+            "estimate": self.plan.breakdown,
             "replicas": [r.describe() for r in self.replicas],
         }
-
-
-def _device_for(request: LaunchRequest) -> list[str]:
-    """Device per replica: "cpu" or "cuda:<indices>". Memory-aware placement comes with the scheduler."""
-    n_gpu, gpu_idx = request.n_gpu, request.gpu_idx
-    wants_cpu = n_gpu in (None, 0, "0") or (isinstance(n_gpu, str) and n_gpu.lower() == "cpu")
-    if wants_cpu and gpu_idx is None:
-        return ["cpu"] * request.replica
-    gpus = [d.index for d in nvml_devices()]
-    if gpu_idx is not None:
-        wanted = [gpu_idx] if isinstance(gpu_idx, int) else list(gpu_idx)
-        missing = [i for i in wanted if i not in gpus]
-        if missing:
-            raise InvalidRequest(f"gpu_idx {missing} not present; this machine has GPUs {gpus or 'none'}")
-        return ["cuda:" + ",".join(map(str, wanted))] * request.replica
-    if isinstance(n_gpu, str) and n_gpu != "auto":
-        if not n_gpu.isdigit():
-            raise InvalidRequest(f"n_gpu must be an integer, 'auto' or null, not {n_gpu!r}")
-        n_gpu = int(n_gpu)
-    if n_gpu == "auto":
-        return (
-            [f"cuda:{gpus[i % len(gpus)]}" for i in range(request.replica)]
-            if gpus
-            else ["cpu"] * request.replica
-        )
-    assert isinstance(n_gpu, int)
-    if n_gpu > len(gpus):
-        raise InvalidRequest(f"n_gpu={n_gpu} but this machine has {len(gpus)} GPU(s)")
-    return ["cuda:" + ",".join(map(str, gpus[:n_gpu]))] * request.replica
 
 
 class ModelService:
     def __init__(self, catalog: Catalog, settings: ServerSettings) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.policy = Policy(settings.placement, settings.headroom)  # type: ignore[arg-type]
         self._models: dict[str, RunningModel] = {}
         self._logs = settings.data_dir / "logs"
         self._logs.mkdir(parents=True, exist_ok=True)
@@ -142,6 +144,8 @@ class ModelService:
         self._run_dir = Path(tempfile.mkdtemp(prefix="shoal-"))
         self._spawned = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._placing = asyncio.Lock()  # one placement decision at a time
+        self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
 
     # ---- queries ---------------------------------------------------------------------------
     def get(self, uid: str) -> RunningModel:
@@ -162,76 +166,349 @@ class ModelService:
             if model.status == "failed":
                 errors = "; ".join(r.last_error or "unknown" for r in model.replicas)
                 raise ModelUnavailable(f"model {uid!r} failed: {errors}", retry_after=30)
+            if model.status == "evicted":
+                raise ModelUnavailable(
+                    f"model {uid!r} was evicted to make room for another model; launch it again "
+                    "(or run the server with --autoload to reload it on demand)",
+                    retry_after=30,
+                )
             raise ModelUnavailable(f"model {uid!r} is loading or restarting; retry shortly", retry_after=2)
         turn = next(model._turn)
         replica = min(ready, key=lambda r: (r.in_flight, (r.index - turn) % len(model.replicas)))
         replica.in_flight += 1
-        model.last_used = time.monotonic()
+        replica.last_used = time.monotonic()
         return replica
 
     @staticmethod
     def release(replica: Replica) -> None:
         replica.in_flight -= 1
+        replica.last_used = time.monotonic()
 
     # ---- launch / terminate ----------------------------------------------------------------
-    def _resolve(self, request: LaunchRequest) -> tuple[ModelFamily, ModelSpec, str, Source]:
-        family = self.catalog.get(request.model_name, request.model_type)
+    def _resolve(
+        self,
+        name: str,
+        model_type: str | None,
+        model_format: str | None,
+        quantization: str | None,
+        size: Any,
+        model_engine: str | None,
+        model_path: str | None,
+    ) -> tuple[ModelFamily, ModelSpec, str, Source]:
+        family = self.catalog.get(name, model_type)
         try:
-            spec = family.pick_spec(
-                request.model_format, request.quantization, request.model_size_in_billions
-            )
+            spec = family.pick_spec(model_format, quantization, size)
         except LookupError as exc:
             raise InvalidRequest(str(exc)) from exc
-        engine_name = request.model_engine or DEFAULT_ENGINE_BY_FORMAT.get(spec.model_format)
+        engine_name = model_engine or DEFAULT_ENGINE_BY_FORMAT.get(spec.model_format)
         if engine_name is None:
             raise InvalidRequest(f"no engine serves format {spec.model_format!r}; name one in model_engine")
         engine = registry.canonical(engine_name, spec.model_format)
         registry.check_installed(engine)
         assert spec.source is not None
-        source = Source(path=request.model_path) if request.model_path else spec.source
+        source = Source(path=model_path) if model_path else spec.source
         local_path(source)  # a missing package or path fails here, with the fix, before any spawn
         return family, spec, engine, source
 
+    async def _plan(
+        self,
+        request: LaunchRequest | EstimateRequest,
+        engine: str,
+        family: ModelFamily,
+        spec: ModelSpec,
+        source: Source,
+    ) -> LaunchPlan:
+        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        options = (
+            request.engine_options()
+            if isinstance(request, LaunchRequest)
+            else dict(request.model_extra or {})
+        )
+        return await asyncio.to_thread(
+            plan_launch,
+            request,
+            engine,
+            family,
+            spec,
+            source,
+            snapshot.devices,
+            self.settings.cpu_cores_per_model,
+            options,
+        )
+
     async def launch(self, request: LaunchRequest, wait: bool = True) -> RunningModel:
-        family, spec, engine, source = self._resolve(request)
+        family, spec, engine, source = self._resolve(
+            request.model_name,
+            request.model_type,
+            request.model_format,
+            request.quantization,
+            request.model_size_in_billions,
+            request.model_engine,
+            request.model_path,
+        )
         uid = request.model_uid or family.model_name
         if uid in self._models:
             raise Conflict(f"model uid {uid!r} is already in use; terminate it or pick another model_uid")
-        devices = _device_for(request)
-        model = RunningModel(
-            uid,
+        keep_alive = keep_alive_seconds(request.keep_alive, self.settings.keep_alive)
+        plan = await self._plan(request, engine, family, spec, source)
+        if uid in self._models:  # taken while the estimate was read
+            raise Conflict(f"model uid {uid!r} is already in use; terminate it or pick another model_uid")
+        replicas = [Replica(i) for i in range(request.replica)]
+        model = RunningModel(uid, family, spec, engine, source, request, plan, keep_alive, replicas)
+        self._models[uid] = model
+        if not wait:  # the caller polls GET /v1/models/{uid}; a failure stays visible there
+            self._spawn_task(self._bring_up(model, model.replicas, forget_on_failure=False))
+            return model
+        await self._bring_up(model, model.replicas, forget_on_failure=True)
+        return model
+
+    async def _bring_up(self, model: RunningModel, replicas: list[Replica], forget_on_failure: bool) -> None:
+        """Reserve memory for each replica (evicting or queueing as needed), then start them all."""
+        try:
+            for replica in replicas:
+                replica.state = ReplicaState.STARTING
+                await self._reserve(model, replica)
+        except ShoalError as exc:
+            await self._fail(model, exc.message, forget_on_failure)
+            raise
+        await asyncio.gather(*(self._start(model, r) for r in replicas))
+        failed = [r for r in replicas if r.state is ReplicaState.FAILED]
+        if failed:
+            reason = f"could not launch {model.uid!r}: {failed[0].last_error}"
+            await self._fail(model, reason, forget_on_failure)
+            raise LaunchFailed(reason)
+
+    async def _fail(self, model: RunningModel, reason: str, forget: bool) -> None:
+        await self._stop_model(model)
+        for replica in model.replicas:
+            replica.state, replica.last_error = ReplicaState.FAILED, replica.last_error or reason
+        if forget and self._models.get(model.uid) is model:
+            del self._models[model.uid]
+
+    # ---- memory ------------------------------------------------------------------------------
+    def _holdings(self) -> list[Holding]:
+        holdings = []
+        for model in self._models.values():
+            for replica in model.replicas:
+                r = replica.reservation
+                if r is None or replica.state not in HOLDS_MEMORY:
+                    continue
+                idle_since = (
+                    replica.last_used
+                    if replica.in_flight == 0 and replica.state is ReplicaState.READY
+                    else None
+                )
+                for i, device in enumerate(r.devices):
+                    holdings.append(
+                        Holding(
+                            f"{model.uid}/{replica.index}",
+                            device,
+                            r.reserved,
+                            replica.last_used,
+                            idle_since,
+                            model.keep_alive,
+                            model.request.pinned,
+                            r.cores if i == 0 else (),
+                        )
+                    )
+        return holdings
+
+    def _shoal_use(self, snapshot: Snapshot) -> dict[str, int]:
+        """Per device, what Shoal's own runners are measured to use (so it is not counted as others')."""
+        use: dict[str, int] = {}
+        by_id = {d.id: d for d in snapshot.devices}
+        for model in self._models.values():
+            for replica in model.replicas:
+                pid = replica.runner.pid if replica.runner else None
+                for device_id in replica.reservation.devices if replica.reservation else ():
+                    measured = snapshot.measure(by_id[device_id], pid) if device_id in by_id else None
+                    use[device_id] = use.get(device_id, 0) + (measured or 0)
+        return use
+
+    def _blocked_reasons(self) -> dict[str, str]:
+        reasons = {}
+        for model in self._models.values():
+            for replica in model.replicas:
+                key = f"{model.uid}/{replica.index}"
+                if model.request.pinned:
+                    reasons[key] = "pinned"
+                elif replica.in_flight or replica.state is not ReplicaState.READY:
+                    reasons[key] = "busy" if replica.in_flight else replica.state.value
+                elif model.keep_alive < 0:
+                    reasons[key] = "keep_alive -1"
+                else:
+                    idle = time.monotonic() - replica.last_used
+                    reasons[key] = f"idle {idle:.0f} s of keep_alive {model.keep_alive:.0f} s"
+        return reasons
+
+    async def _decide(self, model: RunningModel, replica: Replica) -> tuple[Decision, Snapshot]:
+        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        states = memory.device_states(snapshot, self._shoal_use(snapshot))
+        others = frozenset(
+            d for r in model.replicas if r is not replica and r.reservation for d in r.reservation.devices
+        )
+        plan = model.plan
+        demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
+        return place(demand, states, self._holdings(), self.policy, time.monotonic()), snapshot
+
+    async def _reserve(self, model: RunningModel, replica: Replica) -> None:
+        deadline = time.monotonic() + model.request.queue_timeout
+        while True:
+            async with self._placing:
+                decision, snapshot = await self._decide(model, replica)
+                if isinstance(decision, Evict):
+                    await self._evict(decision.victims, for_uid=model.uid)
+                    continue
+                if isinstance(decision, Place):
+                    totals = [d.total_bytes for d in snapshot.devices if d.id in decision.devices]
+                    replica.reservation = Reservation(
+                        decision.devices,
+                        model.plan.per_device,
+                        model.plan.breakdown,
+                        decision.cores,
+                        device_total=min(totals, default=0),
+                    )
+                    return
+                assert isinstance(decision, NoFit)
+                if time.monotonic() >= deadline:
+                    message = memory.explain(model.uid, decision, self._holdings(), self._blocked_reasons())
+                    raise InsufficientMemory(message, memory.nofit_details(decision))
+                self._freed.clear()
+            try:  # queued: try again when memory is given back, or at least every second
+                await asyncio.wait_for(self._freed.wait(), timeout=min(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def _evict(self, victims: tuple[str, ...], for_uid: str) -> None:
+        """Stop these replicas and wait until their memory is really back."""
+        stopped = []
+        for key in victims:
+            uid, _, index = key.rpartition("/")
+            model = self._models[uid]
+            replica = model.replicas[int(index)]
+            log.info(
+                "evicting %s (idle %.0f s) to make room for %s",
+                key,
+                time.monotonic() - replica.last_used,
+                for_uid,
+            )
+            replica.state = ReplicaState.EVICTED
+            if replica.runner:
+                stopped.append(replica.runner.pid)
+                await replica.runner.stop()
+            replica.reservation = None
+        await self._memory_back(stopped)
+
+    async def _memory_back(self, pids: list[int | None]) -> None:
+        """After a stop: wait until NVML no longer lists the pids (fake GPUs and the CPU: at once)."""
+        if self.settings.fake_gpus:
+            return
+        deadline = time.monotonic() + MEMORY_BACK_TIMEOUT
+        while time.monotonic() < deadline:
+            usage = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+            if not any(pid in pids for _, pid in usage.gpu_usage):
+                return
+            await asyncio.sleep(0.2)
+        log.warning("GPU memory of pids %s still in use after %.0f s", pids, MEMORY_BACK_TIMEOUT)
+
+    async def estimate(self, request: EstimateRequest) -> dict[str, Any]:
+        """The estimate and where it would go now, without launching anything."""
+        if request.model_name is None:
+            raise InvalidRequest("model_name is required (a catalog name)")
+        family, spec, engine, source = self._resolve(
+            request.model_name,
+            None,
+            request.model_format,
+            request.quantization,
+            request.model_size_in_billions,
+            request.model_engine,
+            None,
+        )
+        plan = await self._plan(request, engine, family, spec, source)
+        probe = RunningModel(
+            "(estimate)",
             family,
             spec,
             engine,
             source,
-            request,
-            [Replica(i, device) for i, device in enumerate(devices)],
+            LaunchRequest(model_name=family.model_name),
+            plan,
+            self.settings.keep_alive,
+            [Replica(0)],
         )
-        self._models[uid] = model
-        starting = asyncio.gather(*(self._start(model, r) for r in model.replicas))
-        if not wait:  # the caller polls GET /v1/models/{uid}; a failure stays visible there
-            self._spawn_task(self._finish_launch(model, starting, forget_on_failure=False))
-            return model
-        await self._finish_launch(model, starting, forget_on_failure=True)
-        return model
+        async with self._placing:
+            decision, _ = await self._decide(probe, probe.replicas[0])
+        where: dict[str, Any]
+        if isinstance(decision, Place):
+            where = {
+                "fits": True,
+                "devices": list(decision.devices),
+                "evict": [],
+                "cores": list(decision.cores),
+            }
+        elif isinstance(decision, Evict):
+            where = {"fits": True, "devices": list(decision.then.devices), "evict": list(decision.victims)}
+        else:
+            where = {
+                "fits": False,
+                "reason": memory.explain(family.model_name, decision, [], self._blocked_reasons()),
+                **memory.nofit_details(decision),
+            }
+        return {
+            "model_name": family.model_name,
+            "model_engine": engine,
+            "device_kind": plan.kind,
+            "n_devices": plan.n_devices,
+            "estimate": plan.breakdown,
+            "placement": where,
+        }
 
-    async def _finish_launch(
-        self, model: RunningModel, starting: asyncio.Future[list[None]], forget_on_failure: bool
-    ) -> None:
-        await starting
-        failed = [r for r in model.replicas if r.state is ReplicaState.FAILED]
-        if failed:
-            reason = failed[0].last_error
-            await self._stop_model(model)
+    async def devices(self) -> list[dict[str, Any]]:
+        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        states = memory.device_states(snapshot, self._shoal_use(snapshot))
+        holdings = self._holdings()
+        per_replica = {}
+        for model in self._models.values():
             for replica in model.replicas:
-                replica.state = ReplicaState.FAILED
-            if forget_on_failure and self._models.get(model.uid) is model:
-                del self._models[model.uid]
-            raise LaunchFailed(f"could not launch {model.uid!r}: {reason}")
+                per_replica[f"{model.uid}/{replica.index}"] = {
+                    "model_uid": model.uid,
+                    "model_type": model.family.model_type,
+                    **replica.describe(),
+                    "breakdown": model.plan.breakdown,
+                }
+        return memory.device_report(states, snapshot, holdings, per_replica, self.policy)
 
+    def _measure(self, snapshot: Snapshot) -> None:
+        by_id = {d.id: d for d in snapshot.devices}
+        for model in self._models.values():
+            for replica in model.replicas:
+                r = replica.reservation
+                if r is None or replica.runner is None or replica.state is not ReplicaState.READY:
+                    continue
+                seen = [snapshot.measure(by_id[d], replica.runner.pid) for d in r.devices if d in by_id]
+                values = [v for v in seen if v is not None]
+                if values:
+                    r.measured = max(r.measured or 0, *values)
+                    if r.over:
+                        log.warning(
+                            "%s/%d uses %d bytes, over its reservation of %d",
+                            model.uid,
+                            replica.index,
+                            r.measured,
+                            r.estimate,
+                        )
+
+    # ---- runners -----------------------------------------------------------------------------
     async def _start(self, model: RunningModel, replica: Replica) -> None:
-        """Spawn one runner and wait until it answers; on failure record why."""
+        """Spawn one runner on its reservation and wait until it answers; on failure record why."""
+        assert replica.reservation is not None
         n = next(self._spawned)
+        reservation, plan = replica.reservation, model.plan
+        real_gpu = plan.kind == "gpu" and not plan.fake
+        options = {k: v for k, v in model.request.engine_options().items() if k != "n_threads"}
+        if real_gpu and model.engine in TORCH_ENGINES and reservation.device_total:
+            # torch enforces the share: an allocation past it raises OutOfMemoryError in this runner only
+            options["memory_fraction"] = min(1.0, reservation.reserved / reservation.device_total)
         config = RunnerConfig(
             model_uid=model.uid,
             replica=replica.index,
@@ -239,15 +516,19 @@ class ModelService:
             model_format=model.spec.model_format,
             source=model.source,
             context_length=model.family.context_length,
-            device="cpu" if replica.device == "cpu" else "cuda",
-            n_threads=model.request.engine_options().get("n_threads"),
-            options={k: v for k, v in model.request.engine_options().items() if k != "n_threads"},
+            device="cuda" if real_gpu else "cpu",
+            n_threads=len(reservation.cores) or model.request.engine_options().get("n_threads"),
+            options=options,
             socket=str(self._run_dir / f"r{n}.sock"),
             status_file=str(self._run_dir / f"r{n}.status"),
         )
         env = dict(model.request.envs or {})
-        env["CUDA_VISIBLE_DEVICES"] = "" if replica.device == "cpu" else replica.device.split(":", 1)[1]
-        runner = RunnerProcess(config, self._logs / f"{model.uid}-{replica.index}.log", env)
+        env["CUDA_VISIBLE_DEVICES"] = (
+            ",".join(d.split(":")[1] for d in reservation.devices) if real_gpu else ""
+        )
+        runner = RunnerProcess(
+            config, self._logs / f"{model.uid}-{replica.index}.log", env, reservation.cores
+        )
         replica.runner = runner
         replica.state = ReplicaState.STARTING if replica.ready_since is None else ReplicaState.RESTARTING
         try:
@@ -257,9 +538,38 @@ class ModelService:
             await runner.stop()
             replica.state, replica.last_error = ReplicaState.FAILED, exc.message
             return
-        if replica.runner is runner and replica.state is not ReplicaState.STOPPING:
+        if replica.runner is runner and replica.state not in (ReplicaState.STOPPING, ReplicaState.EVICTED):
             replica.state, replica.ready_since = ReplicaState.READY, time.monotonic()
-            log.info("model %s replica %d ready (pid %s)", model.uid, replica.index, runner.pid)
+            replica.last_used = time.monotonic()
+            log.info(
+                "model %s replica %d ready on %s (pid %s)",
+                model.uid,
+                replica.index,
+                ",".join(reservation.devices),
+                runner.pid,
+            )
+
+    async def ensure_ready(self, uid: str) -> None:
+        """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name;
+        the request waits meanwhile."""
+        model = self._models.get(uid)
+        if model is None:
+            try:
+                self.catalog.get(uid)
+            except ModelNotFound:
+                return  # the request then answers 404 as usual
+            try:
+                await self.launch(LaunchRequest(model_name=uid))
+            except Conflict:
+                pass  # launched by a concurrent request
+        elif model.status == "evicted":
+            evicted = [r for r in model.replicas if r.state is ReplicaState.EVICTED]
+            await self._bring_up(model, evicted, forget_on_failure=False)
+        deadline = time.monotonic() + self.settings.launch_timeout
+        while (model := self._models.get(uid)) is not None and model.status == "loading":
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
 
     async def terminate(self, uid: str) -> None:
         model = self.get(uid)
@@ -269,9 +579,13 @@ class ModelService:
     async def _stop_model(self, model: RunningModel) -> None:
         for replica in model.replicas:
             replica.state = ReplicaState.STOPPING
+        pids = [r.runner.pid for r in model.replicas if r.runner]
         await asyncio.gather(*(r.runner.stop() for r in model.replicas if r.runner))
         for replica in model.replicas:
-            replica.state = ReplicaState.STOPPED
+            replica.state, replica.reservation = ReplicaState.STOPPED, None
+        if model.plan.kind == "gpu":
+            await self._memory_back(pids)
+        self._freed.set()
 
     # ---- supervision -------------------------------------------------------------------------
     def _spawn_task(self, coro: Any) -> None:
@@ -285,27 +599,22 @@ class ModelService:
             log.warning("background task failed: %s", task.exception())
 
     async def supervise(self) -> None:
-        """Runs for the life of the gateway: notice dead runners and restart them."""
-        while True:
+        """Runs for the life of the gateway: notice dead runners, restart them, sample memory."""
+        for tick in itertools.count():
             for model in list(self._models.values()):
                 for replica in model.replicas:
-                    if (
-                        replica.state is ReplicaState.READY
-                        and replica.runner
-                        and replica.runner.exited() is not None
-                    ):
+                    runner = replica.runner
+                    if replica.state is ReplicaState.READY and runner and runner.exited() is not None:
                         self._on_crash(model, replica)
+            if tick % MEASURE_EVERY == 0 and self._models:
+                self._measure(await asyncio.to_thread(memory.read, self.settings.fake_gpus))
             await asyncio.sleep(SUPERVISOR_TICK)
 
     def notice_unreachable(self, uid: str, replica: Replica) -> None:
         """A request could not reach this replica: if its process is gone, handle it now, not next tick."""
         model = self._models.get(uid)
-        if (
-            model
-            and replica.state is ReplicaState.READY
-            and replica.runner
-            and replica.runner.exited() is not None
-        ):
+        runner = replica.runner
+        if model and replica.state is ReplicaState.READY and runner and runner.exited() is not None:
             self._on_crash(model, replica)
 
     def _on_crash(self, model: RunningModel, replica: Replica) -> None:
@@ -315,9 +624,10 @@ class ModelService:
         replica.crashes = replica.crashes + 1 if lived < FAST_CRASH else 1
         log.warning("model %s replica %d died: %s", model.uid, replica.index, replica.last_error)
         if replica.crashes > self.settings.max_restarts:
-            replica.state = ReplicaState.FAILED
+            replica.state, replica.reservation = ReplicaState.FAILED, None
+            self._freed.set()
             return
-        replica.state = ReplicaState.RESTARTING
+        replica.state = ReplicaState.RESTARTING  # keeps its reservation: it comes back on the same devices
         delay = min(0.5 * 2 ** (replica.crashes - 1), MAX_BACKOFF)
         self._spawn_task(self._restart(model, replica, delay))
 
