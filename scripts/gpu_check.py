@@ -1,0 +1,320 @@
+"""The GPU check: on one NVIDIA GPU, launch in the order that fails in Xinference — a transformers
+LLM, then an embedding model, then a second transformers LLM — all on GPU 0; send each a request;
+print per model its estimate, reservation and NVML-measured use; then show a 507 and an eviction.
+Exits non-zero if a launch fails or a measurement exceeds its reservation.
+
+There is no network on the GPU machine and no model small enough to carry, so the models are built
+here with random weights (a trained-on-the-spot BPE tokenizer, Llama-shaped LLMs, a BERT encoder):
+memory behaviour is what is checked, not the text. Wheels for the packages the machine lacks:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
+      fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection orjson httptools \\
+      typing_extensions annotated-doc      # the versions in .venv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+GiB = 1024**3
+# GPU_CHECK_DRY=1: rehearse the whole flow on a machine without a GPU, on a declared fake 80 GiB GPU.
+DRY_RUN = os.environ.get("GPU_CHECK_DRY") == "1"
+WORDS = (
+    "the a model memory gpu shares placed reserve measure estimate evict idle request answer token cache "
+    "layer head weight batch context user assistant system hello world server shoal fish sea wave"
+).split()
+
+
+def log(message: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Random-weight models saved as a user would have them on disk."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(24)) for i in range(400)]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    paths = {}
+    for name, hidden, layers, inter in (("llm-a", 1024, 16, 2816), ("llm-b", 2048, 16, 5632)):
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+        log(f"built {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, bf16")
+    bert_dir = root / "bert"
+    BertModel(
+        BertConfig(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    encoder = st_models.Transformer(str(bert_dir), max_seq_length=256)
+    st = SentenceTransformer(modules=[encoder, st_models.Pooling(384, "mean"), st_models.Normalize()])
+    paths["emb"] = root / "emb"
+    st.save(str(paths["emb"]))
+    log("built emb: 6-layer BERT, 384 dims, sentence-transformers folder")
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nvml_by_pid() -> dict[int, int]:
+    import pynvml
+
+    if DRY_RUN:
+        return {}
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {p.pid: int(p.usedGpuMemory or 0) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def main() -> int:
+    failures: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    paths = build_models(root / "models")
+    port = free_port()
+    server_log = root / "server.log"
+    fake = ["--fake-gpus", "1x80GiB"] if DRY_RUN else []
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "serve", "--port", str(port), "--data-dir", str(root / "data"), *fake],
+        stdout=open(server_log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    try:
+        for _ in range(300):
+            try:
+                if http.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        gpu = next(d for d in http.get("/v1/cluster/devices").json() if d["id"] == "gpu:0")
+        log(
+            f"gpu:0 {gpu['name']}: {gpu['total_bytes'] / GiB:.2f} GiB, used by others "
+            f"{gpu['used_by_others_bytes'] / GiB:.2f} GiB"
+        )
+        for name, kind, fmt in (
+            ("llm-a", "LLM", "pytorch"),
+            ("llm-b", "LLM", "pytorch"),
+            ("emb", "embedding", "sentence_transformers"),
+        ):
+            spec = {
+                "model_name": f"gc-{name}",
+                "context_length": 4096,
+                "model_specs": [{"model_format": fmt, "model_uri": str(paths[name])}],
+            }
+            r = http.post(f"/v1/model_registrations/{kind}", json={"model": spec, "persist": False})
+            assert r.status_code == 200, r.text
+        # The order Xinference refuses: LLM, then embedding, then a second LLM, all on GPU 0.
+        launches = [
+            (
+                "llm-a",
+                {
+                    "model_name": "gc-llm-a",
+                    "model_engine": "transformers",
+                    "context_length": 2048,
+                    "max_batch_size": 4,
+                    "keep_alive": 0,
+                },
+            ),
+            ("emb", {"model_name": "gc-emb", "keep_alive": 0}),
+            (
+                "llm-b",
+                {
+                    "model_name": "gc-llm-b",
+                    "model_engine": "transformers",
+                    "context_length": 2048,
+                    "max_batch_size": 4,
+                },
+            ),
+        ]
+        for uid, body in launches:
+            started = time.monotonic()
+            r = http.post("/v1/models", json={**body, "model_uid": uid, "gpu_idx": [0]})
+            if r.status_code != 200:
+                failures.append(f"launch {uid}: {r.status_code} {r.text}")
+                log(f"LAUNCH FAILED {uid}: {r.status_code} {r.text[:2000]}")
+                continue
+            log(f"launched {uid} on gpu:0 in {time.monotonic() - started:.1f} s")
+        for uid in ("llm-a", "llm-b"):
+            r = http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": uid,
+                    "max_tokens": 16,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": "hello shoal"}],
+                },
+            )
+            ok = r.status_code == 200
+            log(f"chat {uid}: {r.status_code} " + (f"{r.json()['usage']}" if ok else r.text[:500]))
+            if not ok:
+                failures.append(f"chat {uid}: {r.status_code}")
+        r = http.post(
+            "/v1/embeddings", json={"model": "emb", "input": ["memory is shared", "gpu placed"] * 16}
+        )
+        log(
+            f"embeddings emb: {r.status_code} "
+            + (f"{len(r.json()['data'])} vectors" if r.status_code == 200 else r.text[:500])
+        )
+        if r.status_code != 200:
+            failures.append("embeddings emb")
+        time.sleep(3)  # the supervisor samples NVML every 2 s
+        direct = nvml_by_pid()
+        report: list[dict[str, Any]] = []
+        header = ("model", "estimate GiB", "reserved GiB", "measured GiB", "NVML now GiB")
+        print("\n{:8} {:>13} {:>13} {:>13} {:>13}  parts".format(*header))
+        for uid in ("llm-a", "emb", "llm-b"):
+            described = http.get(f"/v1/models/{uid}").json()
+            if "replicas" not in described:
+                continue
+            rep = described["replicas"][0]
+            est = described["estimate"]
+            now = direct.get(rep["pid"], 0)
+            measured = max(rep["measured_bytes"] or 0, now)
+            parts = ", ".join(
+                f"{k} {est[k] / GiB:.2f}" for k in ("weights", "kv_cache", "activations", "cuda_context")
+            )
+            print(
+                f"{uid:8} {rep['estimate_bytes'] / GiB:13.2f} {rep['reserved_bytes'] / GiB:13.2f} "
+                f"{(rep['measured_bytes'] or 0) / GiB:13.2f} {now / GiB:13.2f}  {parts}"
+            )
+            report.append(
+                {
+                    "uid": uid,
+                    "device": rep["device"],
+                    "estimate": rep["estimate_bytes"],
+                    "reserved": rep["reserved_bytes"],
+                    "measured": rep["measured_bytes"],
+                    "nvml_now": now,
+                }
+            )
+            if rep["device"] != "gpu:0":
+                failures.append(f"{uid} on {rep['device']}")
+            if measured > rep["estimate_bytes"]:
+                failures.append(f"{uid} measured {measured} > reservation {rep['estimate_bytes']}")
+        gpu = next(d for d in http.get("/v1/cluster/devices").json() if d["id"] == "gpu:0")
+        log(
+            f"gpu:0 now: reserved {gpu['reserved_bytes'] / GiB:.2f} GiB by {len(gpu['models'])} replicas, "
+            f"free {gpu['free_bytes'] / GiB:.2f} GiB, others {gpu['used_by_others_bytes'] / GiB:.2f} GiB"
+        )
+
+        # Too big for any GPU: a 507 that names the numbers.
+        r = http.post(
+            "/v1/models",
+            json={
+                "model_name": "gc-llm-a",
+                "model_uid": "too-big",
+                "model_engine": "transformers",
+                "gpu_memory": f"{int(gpu['total_bytes'] / GiB) + 8}GiB",
+            },
+        )
+        log(f"too big: {r.status_code} {r.json()['error']['message']}")
+        if r.status_code != 507:
+            failures.append(f"too-big answered {r.status_code}")
+        # Fill the GPU, then launch once more: llm-a and emb (keep_alive 0, idle) are evicted, LRU first.
+        filler = gpu["free_bytes"] - int(0.5 * GiB)
+        r = http.post(
+            "/v1/models",
+            json={
+                "model_name": "gc-llm-b",
+                "model_uid": "filler",
+                "model_engine": "transformers",
+                "gpu_memory": filler,
+                "context_length": 512,
+                "max_batch_size": 1,
+                "pinned": True,
+            },
+        )
+        log(f"filler declaring {filler / GiB:.2f} GiB: {r.status_code}")
+        old_pids = {
+            uid: http.get(f"/v1/models/{uid}").json()["replicas"][0]["pid"] for uid in ("llm-a", "emb")
+        }
+        r = http.post(
+            "/v1/models",
+            json={
+                "model_name": "gc-llm-a",
+                "model_uid": "late",
+                "model_engine": "transformers",
+                "context_length": 512,
+                "max_batch_size": 1,
+            },
+        )
+        statuses = {
+            uid: http.get(f"/v1/models/{uid}").json()["status"] for uid in ("llm-a", "emb", "llm-b", "late")
+        }
+        log(f"late launch: {r.status_code}; statuses now {statuses}")
+        gone = [uid for uid, pid in old_pids.items() if pid not in nvml_by_pid()]
+        log(f"evicted and gone from NVML: {gone}")
+        if r.status_code != 200 or statuses.get("llm-a") != "evicted":
+            failures.append(f"eviction: late={r.status_code} statuses={statuses}")
+        (Path(os.environ.get("OUT", root)) / "gpu-check.json").write_text(
+            json.dumps({"report": report, "failures": failures}, indent=2)
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        tail = server_log.read_text(errors="replace").splitlines()[-25:]
+        print("\n--- server log (tail) ---\n" + "\n".join(tail))
+    print("\nRESULT:", "PASS" if not failures else "FAIL: " + "; ".join(failures))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
