@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(VENV)/bin/shoal serve --host $(HOST) --port $(PORT) $(addprefix --launch ,$(DEMO_MODELS))
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint

@@ -64,7 +64,9 @@ def build_models(root: Path) -> dict[str, Path]:
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     paths = {}
-    for name, hidden, layers, inter in (("llm-a", 1024, 16, 2816), ("llm-b", 2048, 16, 5632)):
+    sizes = (("llm-a", 512, 4, 1408), ("llm-b", 768, 6, 2048)) if DRY_RUN else (
+        ("llm-a", 1024, 16, 2816), ("llm-b", 2048, 16, 5632))  # fmt: skip
+    for name, hidden, layers, inter in sizes:
         config = LlamaConfig(
             hidden_size=hidden,
             intermediate_size=inter,
@@ -129,7 +131,17 @@ def main() -> int:
     server_log = root / "server.log"
     fake = ["--fake-gpus", "1x80GiB"] if DRY_RUN else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "serve", "--port", str(port), "--data-dir", str(root / "data"), *fake],
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(root / "data"),
+            *fake,
+        ],
         stdout=open(server_log, "wb"),
         stderr=subprocess.STDOUT,
     )
@@ -265,7 +277,7 @@ def main() -> int:
         log(f"too big: {r.status_code} {r.json()['error']['message']}")
         if r.status_code != 507:
             failures.append(f"too-big answered {r.status_code}")
-        # Fill the GPU, then launch once more: llm-a and emb (keep_alive 0, idle) are evicted, LRU first.
+        # Fill the GPU, then launch once more: idle replicas past keep_alive 0 go, least recently used first.
         filler = gpu["free_bytes"] - int(0.5 * GiB)
         r = http.post(
             "/v1/models",
@@ -297,8 +309,9 @@ def main() -> int:
             uid: http.get(f"/v1/models/{uid}").json()["status"] for uid in ("llm-a", "emb", "llm-b", "late")
         }
         log(f"late launch: {r.status_code}; statuses now {statuses}")
-        gone = [uid for uid, pid in old_pids.items() if pid not in nvml_by_pid()]
-        log(f"evicted and gone from NVML: {gone}")
+        evicted = [uid for uid in old_pids if statuses.get(uid) == "evicted"]
+        still = nvml_by_pid()
+        log(f"evicted: {evicted}; their pids still in NVML: {[u for u in evicted if old_pids[u] in still]}")
         if r.status_code != 200 or statuses.get("llm-a") != "evicted":
             failures.append(f"eviction: late={r.status_code} statuses={statuses}")
         (Path(os.environ.get("OUT", root)) / "gpu-check.json").write_text(
