@@ -13,6 +13,12 @@ from shoal.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
+class SpeechStream:
+    sample_rate: int
+    chunks: AsyncIterator[bytes]  # int16 little-endian mono PCM
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
     model_uid: str
@@ -52,6 +58,31 @@ class Engine:
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support embeddings")
+
+    async def rerank(self, body: dict[str, Any]) -> dict[str, Any]:
+        """body: query, documents (list[str]), top_n, return_documents. Returns
+        {"results": [{"index", "relevance_score", "document"?}] sorted best first, "usage"?}."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support rerank")
+
+    async def transcribe(self, audio: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """audio: the uploaded file's bytes, any common format. body: task ("transcribe" or
+        "translate"), language, prompt, temperature, timestamp_granularities. Returns the verbose
+        form {"task", "language", "duration", "text", "segments": [...], "words": [...]?}; the runner
+        renders json/text/srt/vtt/verbose_json from it."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support transcription")
+
+    async def speech(self, body: dict[str, Any]) -> SpeechStream:
+        """body: input, voice, speed. Returns the sample rate and an async iterator of int16 mono PCM
+        chunks (bytes), produced as synthesis goes; the runner encodes the response_format."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support speech")
+
+    def voices(self) -> list[dict[str, Any]]:
+        """[{"id", "name", "language"?}] for speech models."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) has no voices")
+
+    async def ocr(self, image: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """image: PNG/JPEG/... bytes. Returns {"text", "lines": [{"text", "score", "box"}]}."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support OCR")
 
     def pop_options(self, *known: str) -> dict[str, Any]:
         """This engine's launch options; any other name is refused so typos do not pass silently."""
