@@ -8,10 +8,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from shoal.catalog.specs import DEFAULT_ENGINE_BY_FORMAT, MODEL_TYPES, ModelFamily, ModelSpec, Source
+from shoal.catalog.specs import MODEL_TYPES, ModelFamily, ModelSpec, Source, default_engine
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound
 
-__all__ = ["Catalog", "DEFAULT_ENGINE_BY_FORMAT", "ModelFamily", "ModelSpec", "Source"]
+__all__ = ["Catalog", "ModelFamily", "ModelSpec", "Source", "default_engine"]
 
 
 def _builtin_families() -> dict[str, ModelFamily]:

@@ -233,7 +233,8 @@ def _weight_files(folder: Path) -> list[Path]:
             and not _SKIP_NAMES.match(p.name)
         )
 
-    return found(".safetensors") or found(".bin", ".pt", ".pth")
+    # ONNX Runtime models (Piper voices, RapidOCR) are loaded from their .onnx files.
+    return found(".safetensors") or found(".bin", ".pt", ".pth") or found(".onnx")
 
 
 def _safetensors_tensors(files: list[Path]) -> list[tuple[str, int, int]]:
@@ -378,6 +379,19 @@ def _folder_weights(
     return weights, target or stored, shape
 
 
+NO_KV_CACHE = frozenset(
+    {
+        "sentence_transformers",
+        "cross_encoder",
+        "embedding_rerank",
+        "faster_whisper",
+        "piper",
+        "hibari",
+        "rapidocr",
+    }
+)
+
+
 def estimate(
     *,
     model_format: str,
@@ -397,7 +411,7 @@ def estimate(
     """
     notes: list[str] = []
     quant = (quantization or "none").strip()
-    embedding = engine == "sentence_transformers"
+    embedding = engine in NO_KV_CACHE  # encoders and audio/OCR models keep no cache between requests
     if engine == "transformers" and dtype is None:
         dtype = "bfloat16" if on_gpu else "float32"  # what Shoal's transformers engine loads by default
     shape: ModelShape | None = None

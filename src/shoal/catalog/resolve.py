@@ -4,7 +4,9 @@ only the runner does."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 from shoal.catalog.specs import Source
@@ -20,6 +22,9 @@ def local_path(source: Source) -> Path | None:
         return path
     if source.python_package:
         spec = importlib.util.find_spec(source.python_package)
+        if source.assemble and spec is not None:  # joined once by the runner, then kept here
+            target = assembled_path(source)
+            return target if target.exists() else None
         if spec is None or not spec.submodule_search_locations:
             hint = f" (install it: {source.pip})" if source.pip else ""
             raise InvalidRequest(
@@ -35,11 +40,23 @@ def local_path(source: Source) -> Path | None:
     return None
 
 
+def assembled_path(source: Source) -> Path:
+    assert source.python_package and source.pattern
+    return Path(sys.prefix) / "share" / "shoal-models" / source.python_package / source.pattern
+
+
 def materialize(source: Source) -> Path:
-    """Local path of the weights, downloading from Hugging Face when needed (runner side only)."""
+    """Local path of the weights, downloading from Hugging Face or assembling split packages when
+    needed (runner side only: it imports the model package)."""
     path = local_path(source)
     if path is not None:
         return path
+    if source.python_package and source.assemble:
+        target = assembled_path(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        module = importlib.import_module(source.python_package)
+        getattr(module, source.assemble)(output_path=target)
+        return target
     from huggingface_hub import hf_hub_download, snapshot_download  # runner-only import
 
     assert source.hf_repo

@@ -9,15 +9,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ModelType = Literal["LLM", "embedding"]
-MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding")
+ModelType = Literal["LLM", "embedding", "rerank", "audio", "image"]
+MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding", "rerank", "audio", "image")
+DEFAULT_ABILITIES = {"LLM": ["chat", "generate"], "embedding": ["embed"], "rerank": ["rerank"]}
 
-# Which engine serves a format when the launch names none.
-DEFAULT_ENGINE_BY_FORMAT = {
-    "ggufv2": "llama.cpp",
-    "gguf": "llama.cpp",
-    "sentence_transformers": "sentence_transformers",
+# Which engine serves a (model type, format) when the launch names none; then by format alone.
+DEFAULT_ENGINE_BY_TYPE_FORMAT = {
+    ("rerank", "sentence_transformers"): "embedding_rerank",
+    ("rerank", "cross_encoder"): "cross_encoder",
+    ("rerank", "ggufv2"): "llm_rerank",
 }
+DEFAULT_ENGINE_BY_FORMAT = {
+    "ggufv2": "llama.cpp", "gguf": "llama.cpp", "sentence_transformers": "sentence_transformers",
+    "pytorch": "transformers", "safetensors": "transformers", "ctranslate2": "faster_whisper",
+    "piper": "piper", "hibari": "hibari", "rapidocr": "rapidocr", "cross_encoder": "cross_encoder",
+}  # fmt: skip
+
+
+def default_engine(model_type: str, model_format: str) -> str | None:
+    by_type = DEFAULT_ENGINE_BY_TYPE_FORMAT.get((model_type, model_format))
+    return by_type or DEFAULT_ENGINE_BY_FORMAT.get(model_format)
 
 
 class Source(BaseModel):
@@ -28,6 +39,9 @@ class Source(BaseModel):
     python_package: str | None = Field(None, description="installed package that carries the weights")
     pattern: str | None = Field(None, description="glob inside the package folder (file or folder)")
     pip: str | None = Field(None, description="how to install the package, shown when it is missing")
+    assemble: str | None = Field(
+        None, description="function in the package that writes the weights to a given path (split packages)"
+    )
     path: str | None = Field(None, description="local file (GGUF) or folder")
     hf_repo: str | None = None
     hf_file: str | None = None
@@ -73,7 +87,11 @@ class ModelFamily(BaseModel):
     @model_validator(mode="after")
     def _default_abilities(self) -> ModelFamily:
         if not self.model_ability:
-            self.model_ability = ["chat", "generate"] if self.model_type == "LLM" else ["embed"]
+            if self.model_type not in DEFAULT_ABILITIES:
+                raise ValueError(
+                    f"{self.model_type} models need model_ability (e.g. audio2text, text2audio, ocr)"
+                )
+            self.model_ability = list(DEFAULT_ABILITIES[self.model_type])
         return self
 
     def pick_spec(

@@ -80,6 +80,10 @@ class Engine:
         """[{"id", "name", "language"?}] for speech models."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) has no voices")
 
+    def metrics(self) -> dict[str, float]:
+        """The engine's own counters (e.g. llama.cpp's tokens predicted), for diagnostics and tests."""
+        return {}
+
     async def ocr(self, image: bytes, body: dict[str, Any]) -> dict[str, Any]:
         """image: PNG/JPEG/... bytes. Returns {"text", "lines": [{"text", "score", "box"}]}."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support OCR")

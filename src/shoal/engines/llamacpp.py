@@ -115,6 +115,15 @@ class LlamaCppEngine(Engine):
         finally:
             cancelled.set()
 
+    def metrics(self) -> dict[str, float]:
+        """llama.cpp's Prometheus counters (tokens predicted, decode calls...), as numbers."""
+        values: dict[str, float] = {}
+        for line in self._server.handle_metrics().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name.removeprefix("llamacpp:")] = float(value)
+        return values
+
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._call(self._server.handle_chat_completions, body)
 

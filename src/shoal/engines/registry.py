@@ -11,12 +11,26 @@ ENGINES: dict[str, str] = {
     "llama.cpp": "shoal.engines.llamacpp:LlamaCppEngine",
     "sentence_transformers": "shoal.engines.sentence_transformers:SentenceTransformersEngine",
     "transformers": "shoal.engines.transformers:TransformersEngine",
+    "cross_encoder": "shoal.engines.cross_encoder:CrossEncoderEngine",
+    "embedding_rerank": "shoal.engines.embedding_rerank:EmbeddingRerankEngine",
+    "llm_rerank": "shoal.engines.llm_rerank:LlmRerankEngine",
+    "faster_whisper": "shoal.engines.faster_whisper:FasterWhisperEngine",
+    "piper": "shoal.engines.piper:PiperEngine",
+    "hibari": "shoal.engines.hibari:HibariEngine",
+    "rapidocr": "shoal.engines.rapidocr:RapidOcrEngine",
 }
 # The Python package each engine needs, and the extra that installs it.
 REQUIRES: dict[str, tuple[str, str]] = {
     "llama.cpp": ("xllamacpp", "llamacpp"),
     "sentence_transformers": ("sentence_transformers", "embeddings"),
     "transformers": ("transformers", "embeddings"),
+    "cross_encoder": ("sentence_transformers", "embeddings"),
+    "embedding_rerank": ("sentence_transformers", "embeddings"),
+    "llm_rerank": ("xllamacpp", "llamacpp"),
+    "faster_whisper": ("faster_whisper", "audio"),
+    "piper": ("piper", "audio"),
+    "hibari": ("hibari", "audio"),
+    "rapidocr": ("rapidocr_onnxruntime", "ocr"),
 }
 ALIASES: dict[str, str] = {
     "llama.cpp": "llama.cpp",
@@ -28,12 +42,29 @@ ALIASES: dict[str, str] = {
     "transformers": "transformers",  # looked up lower-cased, so "Transformers" too
     "pytorch": "transformers",
     "hf": "transformers",
+    "cross_encoder": "cross_encoder",
+    "crossencoder": "cross_encoder",
+    "embedding_rerank": "embedding_rerank",
+    "llm_rerank": "llm_rerank",
+    "faster_whisper": "faster_whisper",
+    "faster-whisper": "faster_whisper",
+    "whisper": "faster_whisper",
+    "piper": "piper",
+    "hibari": "hibari",
+    "rapidocr": "rapidocr",
 }
 # Which engines can serve which model format.
 FORMATS: dict[str, tuple[str, ...]] = {
     "llama.cpp": ("ggufv2", "gguf"),
     "sentence_transformers": ("sentence_transformers", "pytorch"),
     "transformers": ("pytorch", "safetensors"),
+    "cross_encoder": ("cross_encoder", "pytorch", "sentence_transformers"),
+    "embedding_rerank": ("sentence_transformers", "pytorch"),
+    "llm_rerank": ("ggufv2", "gguf"),
+    "faster_whisper": ("ctranslate2",),
+    "piper": ("piper",),
+    "hibari": ("hibari",),
+    "rapidocr": ("rapidocr",),
 }
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from shoal import __version__
 from shoal.catalog import Catalog
 from shoal.errors import ShoalError
-from shoal.gateway import errors, routes_admin, routes_openai
+from shoal.gateway import errors, routes_admin, routes_media, routes_openai
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
 from shoal.settings import ServerSettings
@@ -83,4 +83,5 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     errors.install(app)
     app.include_router(routes_admin.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_media.router)
     return app

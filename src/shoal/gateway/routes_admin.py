@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from shoal.protocol.admin import EstimateRequest, LaunchRequest, RegisterRequest
 from shoal.services.models import ModelService
+from shoal.services.proxy import forward
 
 router = APIRouter(tags=["admin"])
 
@@ -34,6 +36,15 @@ async def launch_model(
 @router.get("/v1/models/{model_uid}")
 async def describe_model(request: Request, model_uid: str) -> dict[str, Any]:
     return _service(request).get(model_uid).describe()
+
+
+@router.get("/v1/models/{model_uid}/engine_metrics")
+async def engine_metrics(request: Request, model_uid: str) -> Response:
+    """The engine's own counters from one ready replica (llama.cpp: tokens predicted, decode calls...)."""
+    service = _service(request)
+    timeout = request.app.state.settings.request_timeout
+    result = await forward(service, model_uid, "/metrics", b"", False, timeout, method="GET")
+    return Response(result.body, status_code=result.status, media_type=result.media_type)
 
 
 @router.delete("/v1/models/{model_uid}")

@@ -15,9 +15,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal.errors import InvalidRequest
-from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shoal.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    SpeechRequest,
+)
 from shoal.services.models import ModelService
-from shoal.services.proxy import forward
+from shoal.services.proxy import Forwarded, forward
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -38,10 +44,8 @@ async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
-async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
-    body, raw = await _parse(request, model)
-    uid: str = body.model  # type: ignore[attr-defined]
-    stream: bool = getattr(body, "stream", False)
+async def check_model(request: Request, uid: str, ability: str) -> ModelService:
+    """The model exists (loading it first under --autoload) and can do this."""
     service: ModelService = request.app.state.models
     if service.settings.autoload:
         await service.ensure_ready(uid)
@@ -51,16 +55,27 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
             f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
             f"it can do: {', '.join(running.family.model_ability)}"
         )
-    result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
+    return service
+
+
+def render(result: Forwarded) -> Response:
     headers = {"x-shoal-replica": str(result.replica)}  # which replica answered, for debugging and tests
     if result.stream is not None:
         return StreamingResponse(
             result.stream,
-            media_type="text/event-stream",
+            media_type=result.media_type,
             headers={**STREAM_HEADERS, **headers},
             background=BackgroundTask(result.close) if result.close else None,
         )
-    return Response(result.body, status_code=result.status, media_type="application/json", headers=headers)
+    return Response(result.body, status_code=result.status, media_type=result.media_type, headers=headers)
+
+
+async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
+    body, raw = await _parse(request, model)
+    uid: str = body.model  # type: ignore[attr-defined]
+    service = await check_model(request, uid, ability)
+    stream: bool = getattr(body, "stream", False)
+    return render(await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout))
 
 
 @router.get("/models")
@@ -87,3 +102,14 @@ async def completions(request: Request) -> Response:
 @router.post("/embeddings", openapi_extra=body_schema(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
     return await _run(request, EmbeddingRequest, "embed", "/v1/embeddings")
+
+
+@router.post("/rerank", openapi_extra=body_schema(RerankRequest))
+async def rerank(request: Request) -> Response:
+    return await _run(request, RerankRequest, "rerank", "/v1/rerank")
+
+
+@router.post("/audio/speech", openapi_extra=body_schema(SpeechRequest))
+async def speech(request: Request) -> Response:
+    """Audio in the response_format; with `stream`, sent as it is synthesised."""
+    return await _run(request, SpeechRequest, "text2audio", "/v1/audio/speech")

@@ -76,4 +76,46 @@ class EmbeddingRequest(BaseModel):
         return value
 
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+class RerankRequest(BaseModel):
+    """POST /v1/rerank (Xinference, Jina and Cohere shape). xinference-client also sends
+    max_chunks_per_doc, return_len and a `kwargs` string; they are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(min_length=1, max_length=1000)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool | None = None
+
+
+class SpeechRequest(BaseModel):
+    """POST /v1/audio/speech."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | None = None
+    response_format: Literal["wav", "mp3", "flac", "opus", "pcm", "aac"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream: bool = False
+
+
+TranscriptionFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+
+
+class TranscriptionParams(BaseModel):
+    """The form fields of POST /v1/audio/transcriptions and /v1/audio/translations (besides `file`)."""
+
+    model: str = Field(min_length=1)
+    language: str | None = Field(None, max_length=16)
+    prompt: str | None = Field(None, max_length=4096)
+    response_format: TranscriptionFormat = "json"
+    temperature: float = Field(0.0, ge=0, le=1)
+    timestamp_granularities: list[Literal["word", "segment"]] = ["segment"]
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest, SpeechRequest,
+)  # fmt: skip

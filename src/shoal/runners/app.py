@@ -4,7 +4,7 @@ engine supports. Bodies arrive validated by the gateway; answers are OpenAI-shap
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -43,32 +43,101 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any] | No
     yield b"data: [DONE]\n\n"
 
 
+def _guarded(handler: Callable[[Engine, Request], Awaitable[Response]], engine: Engine) -> Any:
+    """Every engine failure becomes an OpenAI-shaped error: its own status for ShoalErrors, 500 for bugs."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(engine, request)
+        except ShoalError as exc:
+            return _error(exc.status, exc.message, exc.type, exc.code)
+        except Exception as exc:  # an engine bug: still answer in the OpenAI shape
+            return _error(500, f"{engine.name} failed: {type(exc).__name__}: {exc}", "server_error", None)
+
+    return endpoint
+
+
+def _openai(call_name: str, stream_name: str | None) -> Callable[[Engine, Request], Awaitable[Response]]:
+    async def handler(engine: Engine, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        if body.get("stream") and stream_name is not None:
+            chunks = getattr(engine, stream_name)(body)
+            # Pull the first chunk before answering, so an error still gets a real status.
+            first = await anext(chunks, None)
+            return StreamingResponse(_sse(chunks, first), media_type="text/event-stream")
+        return _json(await getattr(engine, call_name)(body))
+
+    return handler
+
+
+def _params(request: Request) -> dict[str, Any]:
+    """Binary uploads (audio, images) come as the raw body; their fields in a JSON header."""
+    raw = request.headers.get("x-shoal-params", "{}")
+    params = orjson.loads(raw)
+    return params if isinstance(params, dict) else {}
+
+
+async def _transcribe(engine: Engine, request: Request) -> Response:
+    from shoal.runners.transcripts import render
+
+    params = _params(request)
+    result = await engine.transcribe(await request.body(), params)
+    content, media_type = render(result, params.get("response_format", "json"))
+    return Response(content, media_type=media_type)
+
+
+async def _speech(engine: Engine, request: Request) -> Response:
+    from shoal.engines.audio_encode import MEDIA_TYPES, AudioEncoder, encode_whole
+
+    body = orjson.loads(await request.body())
+    fmt = body.get("response_format", "mp3")
+    speech = await engine.speech(body)
+    if body.get("stream"):
+        encoder = AudioEncoder(fmt, speech.sample_rate)
+
+        async def audio() -> AsyncIterator[bytes]:
+            try:
+                async for pcm in speech.chunks:
+                    if data := encoder.feed(pcm):
+                        yield data
+                yield encoder.finish()
+            finally:
+                await speech.chunks.aclose()  # type: ignore[attr-defined]  # the client left: stop synthesis
+
+        return StreamingResponse(audio(), media_type=MEDIA_TYPES[fmt])
+    pcm = b"".join([chunk async for chunk in speech.chunks])
+    return Response(encode_whole(fmt, speech.sample_rate, pcm), media_type=MEDIA_TYPES[fmt])
+
+
+async def _voices(engine: Engine, _: Request) -> Response:
+    return _json({"voices": engine.voices()})
+
+
+async def _ocr(engine: Engine, request: Request) -> Response:
+    return _json(await engine.ocr(await request.body(), _params(request)))
+
+
+async def _metrics(engine: Engine, _: Request) -> Response:
+    return _json(engine.metrics())
+
+
 def build_runner_app(engine: Engine) -> Starlette:
     async def health(_: Request) -> Response:
         return _json({"status": "ready", "pid": os.getpid(), "engine": engine.name})
 
-    def route(call: Any, stream_call: Any) -> Any:
-        async def endpoint(request: Request) -> Response:
-            body = orjson.loads(await request.body())
-            try:
-                if body.get("stream") and stream_call is not None:
-                    chunks = stream_call(body)
-                    # Pull the first chunk before answering, so an error still gets a real status.
-                    first = await anext(chunks, None)
-                    return StreamingResponse(_sse(chunks, first), media_type="text/event-stream")
-                return _json(await call(body))
-            except ShoalError as exc:
-                return _error(exc.status, exc.message, exc.type, exc.code)
-            except Exception as exc:  # an engine bug: still answer in the OpenAI shape
-                return _error(500, f"{engine.name} failed: {type(exc).__name__}: {exc}", "server_error", None)
-
-        return endpoint
-
+    post = ["POST"]
     return Starlette(
         routes=[
             Route("/health", health),
-            Route("/v1/chat/completions", route(engine.chat, engine.chat_stream), methods=["POST"]),
-            Route("/v1/completions", route(engine.complete, engine.complete_stream), methods=["POST"]),
-            Route("/v1/embeddings", route(engine.embed, None), methods=["POST"]),
+            Route("/metrics", _guarded(_metrics, engine)),
+            Route("/v1/chat/completions", _guarded(_openai("chat", "chat_stream"), engine), methods=post),
+            Route("/v1/completions", _guarded(_openai("complete", "complete_stream"), engine), methods=post),
+            Route("/v1/embeddings", _guarded(_openai("embed", None), engine), methods=post),
+            Route("/v1/rerank", _guarded(_openai("rerank", None), engine), methods=post),
+            Route("/v1/audio/transcriptions", _guarded(_transcribe, engine), methods=post),
+            Route("/v1/audio/translations", _guarded(_transcribe, engine), methods=post),
+            Route("/v1/audio/speech", _guarded(_speech, engine), methods=post),
+            Route("/v1/audio/voices", _guarded(_voices, engine)),
+            Route("/v1/images/ocr", _guarded(_ocr, engine), methods=post),
         ]
     )

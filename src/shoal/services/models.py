@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.catalog import DEFAULT_ENGINE_BY_FORMAT, Catalog, ModelFamily, ModelSpec, Source
+from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
 from shoal.engines import registry
 from shoal.errors import (
@@ -200,7 +200,7 @@ class ModelService:
             spec = family.pick_spec(model_format, quantization, size)
         except LookupError as exc:
             raise InvalidRequest(str(exc)) from exc
-        engine_name = model_engine or DEFAULT_ENGINE_BY_FORMAT.get(spec.model_format)
+        engine_name = model_engine or default_engine(family.model_type, spec.model_format)
         if engine_name is None:
             raise InvalidRequest(f"no engine serves format {spec.model_format!r}; name one in model_engine")
         engine = registry.canonical(engine_name, spec.model_format)

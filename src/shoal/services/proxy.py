@@ -20,6 +20,7 @@ from shoal.services.models import ModelService
 class Forwarded:
     status: int
     replica: int
+    media_type: str = "application/json"
     body: bytes | None = None  # a whole JSON answer
     stream: AsyncIterator[bytes] | None = None  # SSE bytes, chunk by chunk
     close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
@@ -32,15 +33,25 @@ def _runner_gone(uid: str, exc: BaseException) -> ModelUnavailable:
 
 
 async def forward(
-    service: ModelService, uid: str, path: str, body: bytes, stream: bool, timeout: float
+    service: ModelService,
+    uid: str,
+    path: str,
+    body: bytes,
+    stream: bool,
+    timeout: float,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
 ) -> Forwarded:
+    """Send `body` to a ready replica of `uid`. JSON by default; binary uploads pass their own
+    content type and their fields as a JSON `x-shoal-params` header."""
     replica = service.checkout(uid)
     assert replica.runner is not None
     try:
-        response = await replica.runner.session.post(
+        response = await replica.runner.session.request(
+            method,
             path,
             data=body,
-            headers={"content-type": "application/json"},
+            headers=headers or {"content-type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5),
         )
     except TimeoutError as exc:
@@ -58,7 +69,7 @@ async def forward(
         finally:
             response.release()
             service.release(replica)
-        return Forwarded(response.status, replica.index, body=content)
+        return Forwarded(response.status, replica.index, response.content_type, body=content)
 
     closed = False
 
@@ -80,4 +91,4 @@ async def forward(
         finally:
             await close()
 
-    return Forwarded(200, replica.index, stream=chunks(), close=close)
+    return Forwarded(200, replica.index, response.content_type, stream=chunks(), close=close)
