@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.shoal-installed
 HOST   ?= 127.0.0.1
 PORT   ?= 9997
-DEMO_MODELS := smollm2-135m-instruct all-MiniLM-L6-v2
+DEMO_MODELS := smollm2-135m-instruct all-MiniLM-L6-v2 minilm-rerank whisper-tiny.en piper-en-us-joe rapidocr
 
 .PHONY: serve test lint setup clean bench
 

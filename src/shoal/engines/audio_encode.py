@@ -96,7 +96,7 @@ class AudioEncoder:
     def __init__(
         self, format: str, sample_rate: int, rate: int | None = None, *, _whole: bool = False
     ) -> None:
-        """_whole (encode_whole's, PyAV formats only): write into a seekable buffer, return it all at finish."""
+        """_whole (encode_whole's, PyAV formats): write to a seekable buffer, return it all at finish."""
         if format not in MEDIA_TYPES:
             raise InvalidRequest(f"unknown response_format {format!r}; supported: {', '.join(FORMATS)}")
         if sample_rate <= 0 or (rate is not None and rate <= 0):

@@ -30,7 +30,7 @@ class HibariEngine(Engine):
 
         opts = self.pop_options("voice", "seed")
         files = self._voice_files(Path(self.config.model_path), VOICES, opts.get("voice"))
-        threads = self.config.n_threads or 1  # hibari's own default: the model runs ~100x realtime on one core
+        threads = self.config.n_threads or 1  # hibari's default: ~100x realtime on one core
         g2ps: dict[bool, Any] = {}
         self._tts: dict[str, Any] = {}
         self._voices: list[dict[str, Any]] = []
@@ -89,7 +89,9 @@ class HibariEngine(Engine):
         so = onnxruntime.SessionOptions()
         so.intra_op_num_threads = so.inter_op_num_threads = threads
         so.log_severity_level = 3
-        return onnxruntime.InferenceSession(path, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(
+            path, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
 
     def close(self) -> None:
         self._tts.clear()

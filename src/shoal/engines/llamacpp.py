@@ -64,6 +64,7 @@ class LlamaCppEngine(Engine):
         # anything but this process out of it (Shoal serves the runner on its own socket).
         params.api_keys = [secrets.token_hex(16)]
         params.verbosity = 0
+        params.endpoint_metrics = True  # llama.cpp's counters, served by metrics()
         try:
             self._server = xl.Server(params)
         except RuntimeError as exc:

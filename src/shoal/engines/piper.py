@@ -71,15 +71,20 @@ class StreamStats:
             self.active_streams += streams
 
 
-async def stream_from_thread(produce: Callable[[], Iterator[bytes]], stats: StreamStats) -> AsyncIterator[bytes]:
+async def stream_from_thread(
+    produce: Callable[[], Iterator[bytes]], stats: StreamStats, read_ahead: int = 2
+) -> AsyncIterator[bytes]:
     """Run the blocking iterator produce() in a worker thread, yielding each chunk as soon as it exists.
 
     The thread starts at the first iteration; each next() on produce()'s iterator is one sentence.
-    When this generator is closed or cancelled, the thread stops before the next sentence (the one in
-    progress finishes: onnxruntime cannot be interrupted) and is not waited for."""
+    The worker runs at most read_ahead chunks ahead of the consumer (a slow client holds back
+    synthesis instead of piling up audio). When this generator is closed or cancelled, the thread
+    stops before the next sentence (the one in progress finishes: onnxruntime cannot be interrupted)
+    and is not waited for: after the consumer took n chunks, at most n + read_ahead were made."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | _End | _Failed] = asyncio.Queue()
     stop = threading.Event()
+    permits = threading.Semaphore(read_ahead)  # one per chunk made and not yet taken by the consumer
 
     def put(item: bytes | _End | _Failed) -> None:
         try:
@@ -91,19 +96,24 @@ async def stream_from_thread(produce: Callable[[], Iterator[bytes]], stats: Stre
         try:
             chunks = produce()
             try:
-                while not stop.is_set():
+                while True:
+                    permits.acquire()
+                    if stop.is_set():
+                        break
                     try:
                         chunk = next(chunks)
                     except StopIteration:
                         break
                     stats.add(sentences=1)
-                    if chunk and not stop.is_set():
+                    if not chunk:
+                        permits.release()  # nothing for the consumer to take
+                    elif not stop.is_set():
                         put(chunk)
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        except BaseException as exc:  # handed to the consumer, which re-raises it
             put(_Failed(exc))
         finally:
             stats.add(streams=-1)
@@ -123,9 +133,11 @@ async def stream_from_thread(produce: Callable[[], Iterator[bytes]], stats: Stre
                 return
             if isinstance(item, _Failed):
                 raise item.exc
+            permits.release()
             yield item
     finally:
         stop.set()
+        permits.release()  # wakes a worker waiting for a permit, to see stop and end
 
 
 def float_to_pcm16(audio: Any) -> bytes:
@@ -177,14 +189,20 @@ class PiperEngine(Engine):
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                 raise RuntimeError(
                     "device cuda needs onnxruntime with the CUDA execution provider (pip install "
-                    "onnxruntime-gpu); this onnxruntime has: " + ", ".join(onnxruntime.get_available_providers())
+                    "onnxruntime-gpu); this onnxruntime has: "
+                    + ", ".join(onnxruntime.get_available_providers())
                 )
             # as PiperVoice.load(use_cuda=True) does
-            providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+            providers = [
+                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+                "CPUExecutionProvider",
+            ]
         # PiperVoice.load builds its session with default options; built here to honour n_threads
         self._voice = PiperVoice(
             config=PiperConfig.from_dict(raw),
-            session=onnxruntime.InferenceSession(str(model), sess_options=session_options, providers=providers),
+            session=onnxruntime.InferenceSession(
+                str(model), sess_options=session_options, providers=providers
+            ),
         )
         self.sample_rate = int(self._voice.config.sample_rate)
         self._synthesis_options = opts

@@ -21,10 +21,11 @@ from shoal.errors import InvalidRequest
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_SIDE = 2000  # RapidOCR's max_side_len: longer images are scaled down to it
-# Longest side over shortest side past which the image is padded: RapidOCR letterboxes wide images
-# to 4:1 itself but not tall ones, and its detector scales the short side up to 736 pixels, so a
-# 40x4000 strip would become a 736x73600 tensor (and 1x5000 fails its resize outright).
-MAX_ASPECT = 4
+# Longest side over shortest side past which the image is padded. RapidOCR's detector scales the
+# short side up to 736 pixels, so a 40x4000 strip would become a 736x73600 tensor, and a 1x5000 one
+# fails its resize outright; up to 10:1 the detector's input stays under 736x7360. Padding costs
+# accuracy (less upscaling of small text), so it is kept to the extreme shapes.
+MAX_ASPECT = 10
 # RapidOCR's own defaults (its config.yaml), restated because its __call__ resets whichever of them
 # a call does not pass.
 DEFAULT_TEXT_SCORE = 0.5
@@ -57,6 +58,27 @@ def _unit_interval(name: str, value: Any) -> float:
     return number
 
 
+def settings(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The recognition settings (launch options, or a request's kwargs over the launch's), checked;
+    other names in values are ignored."""
+    out = dict(defaults)
+    for name in ("text_score", "box_thresh"):
+        if values.get(name) is not None:
+            out[name] = _unit_interval(name, values[name])
+    if values.get("unclip_ratio") is not None:
+        try:
+            out["unclip_ratio"] = float(values["unclip_ratio"])
+        except (TypeError, ValueError):
+            raise InvalidRequest("unclip_ratio must be a number") from None
+        if not 0.5 <= out["unclip_ratio"] <= 5.0:
+            raise InvalidRequest("unclip_ratio must be between 0.5 and 5")
+    if values.get("use_cls") is not None:
+        if not isinstance(values["use_cls"], bool):
+            raise InvalidRequest("use_cls must be true or false")
+        out["use_cls"] = values["use_cls"]
+    return out
+
+
 def decode_image(data: bytes, max_pixels: int) -> Any:
     """The image as a BGR uint8 array (what RapidOCR takes), transparency flattened onto white.
     Raises InvalidRequest for anything else: not an image, truncated, empty, or too large."""
@@ -76,7 +98,10 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
                     f"the limit is {max_pixels / 1e6:g}"
                 )
             img.load()
-            frame = ImageOps.exif_transpose(img) or img
+            try:
+                frame = ImageOps.exif_transpose(img) or img  # phone photos: upright as shown
+            except Exception:  # a broken EXIF block is no reason to refuse the pixels
+                frame = img
             if frame.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 # 16-bit or float greyscale: stretch to 8 bits rather than clip at 255
                 values = np.asarray(frame, dtype=np.float32)
@@ -132,10 +157,16 @@ class RapidOcrEngine(Engine):
         opts = self.pop_options(
             "text_score", "box_thresh", "unclip_ratio", "use_cls", "max_pixels", "max_side_len"
         )
-        self._text_score = _unit_interval("text_score", opts.get("text_score", DEFAULT_TEXT_SCORE))
-        self._box_thresh = _unit_interval("box_thresh", opts.get("box_thresh", DEFAULT_BOX_THRESH))
-        self._unclip_ratio = float(opts.get("unclip_ratio", DEFAULT_UNCLIP_RATIO))
-        self._use_cls = bool(opts.get("use_cls", True))
+        defaults = {
+            "text_score": DEFAULT_TEXT_SCORE,
+            "box_thresh": DEFAULT_BOX_THRESH,
+            "unclip_ratio": DEFAULT_UNCLIP_RATIO,
+            "use_cls": True,
+        }
+        try:
+            self._settings = settings(opts, defaults)
+        except InvalidRequest as exc:
+            raise ValueError(f"bad option for engine {self.name}: {exc.message}") from None
         self._max_pixels = int(opts.get("max_pixels", DEFAULT_MAX_PIXELS))
         self._max_side = int(opts.get("max_side_len", DEFAULT_MAX_SIDE))
         if self._max_pixels < 1 or self._max_side < 32:
@@ -150,7 +181,7 @@ class RapidOcrEngine(Engine):
             "det_use_cuda": use_cuda,
             "cls_use_cuda": use_cuda,
             "rec_use_cuda": use_cuda,
-            "text_score": self._text_score,
+            "text_score": self._settings["text_score"],
             "max_side_len": self._max_side,
         }
         if self.config.n_threads:
@@ -163,17 +194,13 @@ class RapidOcrEngine(Engine):
     def close(self) -> None:
         del self._ocr
 
-    def _run(self, image: Any, text_score: float) -> list[dict[str, Any]]:
-        height, width = image.shape[:2]
+    def _run(self, image: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+        height, width = float(image.shape[0]), float(image.shape[1])
         image, scale = fit_image(image, self._max_side)
         with self._lock:
-            result, _elapsed = self._ocr(
-                image,
-                use_cls=self._use_cls,
-                text_score=text_score,
-                box_thresh=self._box_thresh,
-                unclip_ratio=self._unclip_ratio,
-            )
+            # all of text_score, box_thresh and unclip_ratio every time: RapidOCR resets the ones
+            # a call leaves out to its defaults
+            result, _elapsed = self._ocr(image, **params)
         lines: list[dict[str, Any]] = []
         for box, text, score in result or []:
             text = str(text).strip()
@@ -192,9 +219,9 @@ class RapidOcrEngine(Engine):
         return lines
 
     async def ocr(self, image: bytes, body: dict[str, Any]) -> dict[str, Any]:
-        text_score = self._text_score
-        if body.get("text_score") is not None:
-            text_score = _unit_interval("text_score", body["text_score"])
+        """body: the request's kwargs; text_score, box_thresh, unclip_ratio and use_cls override the
+        launch's settings for this image, other names are ignored."""
+        params = settings(body, self._settings)
         array = await asyncio.to_thread(decode_image, image, self._max_pixels)
-        lines = await asyncio.to_thread(self._run, array, text_score)
+        lines = await asyncio.to_thread(self._run, array, params)
         return {"text": "\n".join(line["text"] for line in lines), "lines": lines}

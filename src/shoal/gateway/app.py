@@ -21,6 +21,20 @@ from shoal.settings import ServerSettings
 log = logging.getLogger("shoal.gateway")
 
 
+EXAMPLES = {  # one curl line per ability, shown for the models launched at start
+    "chat": "curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+    '-d \'{{"model": "{uid}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
+    "embed": "curl {url}/v1/embeddings -H 'Content-Type: application/json' "
+    '-d \'{{"model": "{uid}", "input": "Hello!"}}\'',
+    "rerank": 'curl {url}/v1/rerank -H \'Content-Type: application/json\' -d \'{{"model": "{uid}", '
+    '"query": "capital of France", "documents": ["Paris is in France.", "Bananas are yellow."]}}\'',
+    "text2audio": "curl {url}/v1/audio/speech -H 'Content-Type: application/json' "
+    '-d \'{{"model": "{uid}", "input": "Hello from Shoal.", "response_format": "wav"}}\' -o hello.wav',
+    "audio2text": "curl {url}/v1/audio/transcriptions -F model={uid} -F file=@hello.wav",
+    "ocr": "curl {url}/v1/images/ocr -F model={uid} -F image=@picture.png",
+}
+
+
 async def _launch_at_start(service: ModelService, names: Sequence[str], base_url: str) -> None:
     for name in names:
         try:
@@ -29,14 +43,14 @@ async def _launch_at_start(service: ModelService, names: Sequence[str], base_url
         except ShoalError as exc:
             log.error("could not launch %s: %s", name, exc.message)
     if names:
+        lines = []
+        for model in service.running():
+            ability = next((a for a in EXAMPLES if a in model.family.model_ability), None)
+            if ability:
+                lines.append("  " + EXAMPLES[ability].format(url=base_url, uid=model.uid))
+        running = ", ".join(m.uid for m in service.running())
         print(
-            f"\nShoal is serving on {base_url} with: {', '.join(m.uid for m in service.running())}\nTry:\n"
-            f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f'-d \'{{"model": "smollm2-135m-instruct", "messages": '
-            f'[{{"role": "user", "content": "Hello!"}}]}}\'\n'
-            f"  curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
-            f'-d \'{{"model": "all-MiniLM-L6-v2", "input": "Hello!"}}\'\n',
-            flush=True,
+            f"\nShoal is serving on {base_url} with: {running}\nTry:\n" + "\n".join(lines) + "\n", flush=True
         )
 
 
