@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from shoal.catalog import Catalog, ModelFamily
+from shoal.state import StateStore
 from shoal.catalog.resolve import local_path
 from shoal.engines.base import EngineConfig
 from shoal.engines.llamacpp import LlamaCppEngine
@@ -461,7 +462,7 @@ async def child_phase(args: argparse.Namespace) -> Any:
     """One in-process measurement, run inside the child process started by in_child()."""
     n_threads = args.threads
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        catalog = Catalog(Path(tmp))
+        catalog = Catalog(StateStore(Path(tmp) / "state.db"))
         if args.phase == "embed":
             config = engine_config(catalog.get(EMBED_MODEL), n_threads)
             return await inprocess_embeddings(config, args.repeats * 10, args.repeats * 2)

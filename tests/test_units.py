@@ -17,10 +17,11 @@ from shoal.engines import registry
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound
 from shoal.protocol.admin import LaunchRequest
 from shoal.protocol.openai import ChatCompletionRequest, EmbeddingRequest
+from shoal.state import StateStore
 
 
 def test_builtin_catalog_has_the_demo_models(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path)
+    catalog = Catalog(StateStore(tmp_path / "state.db"))
     chat = catalog.get("smollm2-135m-instruct")
     assert chat.model_type == "LLM" and "chat" in chat.model_ability
     assert chat.model_specs[0].model_format == "ggufv2" and chat.model_specs[0].quantization == "Q4_1"
@@ -31,7 +32,7 @@ def test_builtin_catalog_has_the_demo_models(tmp_path: Path) -> None:
 
 
 def test_demo_weights_resolve_offline_without_import(tmp_path: Path) -> None:
-    catalog = Catalog(tmp_path)
+    catalog = Catalog(StateStore(tmp_path / "state.db"))
     gguf = local_path(catalog.get("smollm2-135m-instruct").model_specs[0].source)  # type: ignore[arg-type]
     assert gguf is not None and gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
     folder = local_path(catalog.get("all-MiniLM-L6-v2").model_specs[0].source)  # type: ignore[arg-type]
@@ -53,10 +54,10 @@ def test_hub_sources_need_a_download() -> None:
 def test_registration_persists_and_reloads(tmp_path: Path) -> None:
     weights = tmp_path / "w.gguf"
     weights.write_bytes(b"GGUF")
-    catalog = Catalog(tmp_path / "reg")
+    catalog = Catalog(StateStore(tmp_path / "state.db"))
     raw = {"model_name": "mine", "model_specs": [{"model_format": "ggufv2", "model_uri": str(weights)}]}
     catalog.register("LLM", json.dumps(raw))
-    again = Catalog(tmp_path / "reg").get("mine")
+    again = Catalog(StateStore(tmp_path / "state.db")).get("mine")
     assert again.model_specs[0].source is not None and again.model_specs[0].source.path == str(weights)
     assert again.model_ability == ["chat", "generate"]
     with pytest.raises(Conflict):
@@ -65,11 +66,11 @@ def test_registration_persists_and_reloads(tmp_path: Path) -> None:
         catalog.register("LLM", {**raw, "model_name": "../escape"})
     catalog.unregister("mine")
     with pytest.raises(ModelNotFound):
-        Catalog(tmp_path / "reg").get("mine")
+        Catalog(StateStore(tmp_path / "state.db")).get("mine")
 
 
 def test_pick_spec_explains_what_exists(tmp_path: Path) -> None:
-    family = Catalog(tmp_path).get("qwen2.5-instruct")
+    family = Catalog(StateStore(tmp_path / "state.db")).get("qwen2.5-instruct")
     assert family.pick_spec(None, None, 1.5).model_size_in_billions == 1.5
     with pytest.raises(LookupError, match="Q4_K_M"):
         family.pick_spec(None, "Q8_0", None)

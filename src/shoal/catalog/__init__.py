@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from shoal.catalog.specs import MODEL_TYPES, ModelFamily, ModelSpec, Source, default_engine
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound
+from shoal.state import StateStore
 
 __all__ = ["Catalog", "ModelFamily", "ModelSpec", "Source", "default_engine"]
 
@@ -24,15 +25,14 @@ def _builtin_families() -> dict[str, ModelFamily]:
 
 
 class Catalog:
-    """Looks up families by name; user registrations persist as one JSON file each."""
+    """Looks up families by name; user registrations persist in the state store (SQLite)."""
 
-    def __init__(self, registrations_dir: Path) -> None:
-        self._dir = registrations_dir
-        self._dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
         self._builtin = _builtin_families()
         self._user: dict[str, ModelFamily] = {}
-        for path in sorted(self._dir.glob("*.json")):
-            family = ModelFamily.model_validate_json(path.read_text())
+        for _, body in store.registrations():
+            family = ModelFamily.model_validate_json(body)
             self._user[family.model_name] = family
 
     def get(self, name: str, model_type: str | None = None) -> ModelFamily:
@@ -63,7 +63,7 @@ class Catalog:
                 raise InvalidRequest(f"model path {spec.source.path} does not exist")
         self._user[family.model_name] = family
         if persist:
-            (self._dir / f"{family.model_name}.json").write_text(family.model_dump_json(indent=2))
+            self._store.save_registration(family.model_name, family.model_type, family.model_dump_json())
         return family
 
     def unregister(self, name: str) -> None:
@@ -71,4 +71,4 @@ class Catalog:
             raise InvalidRequest(f"{name!r} is built in and cannot be unregistered")
         if self._user.pop(name, None) is None:
             raise ModelNotFound(f"no registered model named {name!r}")
-        (self._dir / f"{name}.json").unlink(missing_ok=True)
+        self._store.delete_registration(name)

@@ -88,6 +88,11 @@ class Engine:
         """image: PNG/JPEG/... bytes. Returns {"text", "lines": [{"text", "score", "box"}]}."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support OCR")
 
+    async def generate_images(self, body: dict[str, Any]) -> dict[str, Any]:
+        """body: prompt, n, size ("WxH"), response_format, seed, num_inference_steps, guidance_scale,
+        negative_prompt. Returns OpenAI's {"created", "data": [{"b64_json"}]} (PNG images)."""
+        raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not generate images")
+
     def pop_options(self, *known: str) -> dict[str, Any]:
         """This engine's launch options; any other name is refused so typos do not pass silently."""
         unknown = sorted(set(self.config.options) - set(known))

@@ -17,6 +17,7 @@ from shoal.gateway import errors, routes_admin, routes_media, routes_openai
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
 from shoal.settings import ServerSettings
+from shoal.state import StateStore
 
 log = logging.getLogger("shoal.gateway")
 
@@ -36,7 +37,10 @@ EXAMPLES = {  # one curl line per ability, shown for the models launched at star
 
 
 async def _launch_at_start(service: ModelService, names: Sequence[str], base_url: str) -> None:
+    await service.restore()  # the models that were running before a restart come back first
     for name in names:
+        if name in {m.uid for m in service.running()}:
+            continue
         try:
             model = await service.launch(LaunchRequest(model_name=name))
             log.info("launched %s", model.uid)
@@ -78,7 +82,8 @@ def _document_raw_bodies(app: FastAPI) -> None:
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = ModelService(Catalog(settings.data_dir / "registrations"), settings)
+        store = StateStore(settings.data_dir / "shoal.db")
+        service = ModelService(Catalog(store), settings, store)
         app.state.models = service
         supervisor = asyncio.create_task(service.supervise())
         starter = asyncio.create_task(

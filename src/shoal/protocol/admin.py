@@ -16,7 +16,6 @@ XINFERENCE_IGNORED = (
     "enable_virtual_env",
     "virtual_env_packages",
     "virtual_env_find_links",
-    "request_limits",
 )
 
 
@@ -45,6 +44,12 @@ class LaunchRequest(BaseModel):
         None, description="idle time before it may be evicted: 300, 5m, 1h; -1 never"
     )
     pinned: bool = Field(False, description="never evicted")
+    request_limits: int | None = Field(
+        None, ge=1, le=100_000, description="requests served at once (Xinference)"
+    )
+    max_queue: int = Field(
+        64, ge=0, le=100_000, description="requests waiting beyond request_limits; then 503"
+    )
     queue_timeout: float = Field(
         0, ge=0, le=3600, description="seconds to wait for memory when it does not fit now"
     )

@@ -139,5 +139,6 @@ def build_runner_app(engine: Engine) -> Starlette:
             Route("/v1/audio/speech", _guarded(_speech, engine), methods=post),
             Route("/v1/audio/voices", _guarded(_voices, engine)),
             Route("/v1/images/ocr", _guarded(_ocr, engine), methods=post),
+            Route("/v1/images/generations", _guarded(_openai("generate_images", None), engine), methods=post),
         ]
     )

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from shoal.services import memory
 from shoal.services.memory import Reservation, Snapshot
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.settings import ServerSettings
+from shoal.state import StateStore
 
 log = logging.getLogger("shoal.models")
 
@@ -94,7 +95,14 @@ class RunningModel:
     keep_alive: float
     replicas: list[Replica]
     created: int = field(default_factory=lambda: int(time.time()))
+    preferred: list[list[str]] = field(default_factory=list)  # per replica: where it ran before a restart
+    waiting: int = 0  # requests queued for a free slot under request_limits
+    _limiter: asyncio.Semaphore | None = None
     _turn: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        if self.request.request_limits:
+            self._limiter = asyncio.Semaphore(self.request.request_limits)
 
     @property
     def status(self) -> str:
@@ -133,8 +141,9 @@ class RunningModel:
 
 
 class ModelService:
-    def __init__(self, catalog: Catalog, settings: ServerSettings) -> None:
+    def __init__(self, catalog: Catalog, settings: ServerSettings, store: StateStore) -> None:
         self.catalog = catalog
+        self.store = store
         self.settings = settings
         self.policy = Policy(settings.placement, settings.headroom)  # type: ignore[arg-type]
         self._models: dict[str, RunningModel] = {}
@@ -157,10 +166,48 @@ class ModelService:
     def running(self) -> list[RunningModel]:
         return list(self._models.values())
 
-    def checkout(self, uid: str) -> Replica:
-        """A ready replica for one request: the least busy, round-robin among equals.
+    async def checkout(self, uid: str) -> Replica:
+        """A ready replica for one request: the least busy, round-robin among equals. Under the
+        model's request_limits, waits for a slot in a queue of at most max_queue; past it, 503.
         Every checkout is paired with release() when the request ends."""
         model = self.get(uid)
+        self._ready_replicas(model)  # fail fast, before queueing, when none is ready
+        if model._limiter is not None:
+            if model._limiter.locked() and model.waiting >= model.request.max_queue:
+                raise ModelUnavailable(
+                    f"model {uid!r} is at its limit of {model.request.request_limits} requests at once "
+                    f"with {model.waiting} queued (max_queue {model.request.max_queue}); retry shortly",
+                    retry_after=1,
+                )
+            model.waiting += 1
+            try:
+                await model._limiter.acquire()
+            finally:
+                model.waiting -= 1
+        try:
+            ready = self._ready_replicas(model)
+        except ModelUnavailable:
+            if model._limiter is not None:
+                model._limiter.release()
+            raise
+        turn = next(model._turn)
+        replica = min(ready, key=lambda r: (r.in_flight, (r.index - turn) % len(model.replicas)))
+        replica.in_flight += 1
+        replica.last_used = time.monotonic()
+        return replica
+
+    def release(self, uid: str, replica: Replica) -> None:
+        replica.in_flight -= 1
+        replica.last_used = time.monotonic()
+        model = self._models.get(uid)
+        if model is not None and model._limiter is not None:
+            model._limiter.release()
+
+    def queue_depth(self) -> dict[str, int]:
+        return {uid: m.waiting for uid, m in self._models.items()}
+
+    def _ready_replicas(self, model: RunningModel) -> list[Replica]:
+        uid = model.uid
         ready = [r for r in model.replicas if r.state is ReplicaState.READY]
         if not ready:
             if model.status == "failed":
@@ -173,16 +220,7 @@ class ModelService:
                     retry_after=30,
                 )
             raise ModelUnavailable(f"model {uid!r} is loading or restarting; retry shortly", retry_after=2)
-        turn = next(model._turn)
-        replica = min(ready, key=lambda r: (r.in_flight, (r.index - turn) % len(model.replicas)))
-        replica.in_flight += 1
-        replica.last_used = time.monotonic()
-        return replica
-
-    @staticmethod
-    def release(replica: Replica) -> None:
-        replica.in_flight -= 1
-        replica.last_used = time.monotonic()
+        return ready
 
     # ---- launch / terminate ----------------------------------------------------------------
     def _resolve(
@@ -236,7 +274,9 @@ class ModelService:
             options,
         )
 
-    async def launch(self, request: LaunchRequest, wait: bool = True) -> RunningModel:
+    async def launch(
+        self, request: LaunchRequest, wait: bool = True, preferred: list[list[str]] | None = None
+    ) -> RunningModel:
         family, spec, engine, source = self._resolve(
             request.model_name,
             request.model_type,
@@ -254,13 +294,29 @@ class ModelService:
         if uid in self._models:  # taken while the estimate was read
             raise Conflict(f"model uid {uid!r} is already in use; terminate it or pick another model_uid")
         replicas = [Replica(i) for i in range(request.replica)]
-        model = RunningModel(uid, family, spec, engine, source, request, plan, keep_alive, replicas)
+        model = RunningModel(uid, family, spec, engine, source, request, plan, keep_alive, replicas,
+                             preferred=preferred or [])  # fmt: skip
         self._models[uid] = model
+        # Desired state first: a server that restarts mid-launch brings the model back.
+        self.store.save_model(uid, request.model_dump(mode="json", exclude_none=True) | {"model_uid": uid})
         if not wait:  # the caller polls GET /v1/models/{uid}; a failure stays visible there
             self._spawn_task(self._bring_up(model, model.replicas, forget_on_failure=False))
             return model
         await self._bring_up(model, model.replicas, forget_on_failure=True)
         return model
+
+    async def restore(self) -> None:
+        """After a restart: launch every model of the desired state again, same uid and settings,
+        on the devices it had where it still fits."""
+        for saved in self.store.models():
+            if saved.uid in self._models:
+                continue
+            try:
+                request = LaunchRequest.model_validate(saved.request)
+                await self.launch(request, preferred=saved.devices)
+                log.info("restored %s", saved.uid)
+            except ShoalError as exc:
+                log.error("could not restore %s: %s", saved.uid, exc.message)
 
     async def _bring_up(self, model: RunningModel, replicas: list[Replica], forget_on_failure: bool) -> None:
         """Reserve memory for each replica (evicting or queueing as needed), then start them all."""
@@ -284,6 +340,7 @@ class ModelService:
             replica.state, replica.last_error = ReplicaState.FAILED, replica.last_error or reason
         if forget and self._models.get(model.uid) is model:
             del self._models[model.uid]
+            self.store.delete_model(model.uid)
 
     # ---- memory ------------------------------------------------------------------------------
     def _holdings(self) -> list[Holding]:
@@ -349,7 +406,14 @@ class ModelService:
         )
         plan = model.plan
         demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
-        return place(demand, states, self._holdings(), self.policy, time.monotonic()), snapshot
+        holdings, now = self._holdings(), time.monotonic()
+        before = model.preferred[replica.index] if replica.index < len(model.preferred) else []
+        if before and len(before) == plan.n_devices and plan.allowed is None:
+            # Restored after a restart: where it ran before, if it still fits there without evicting.
+            again = place(replace(demand, allowed=tuple(before)), states, holdings, self.policy, now)
+            if isinstance(again, Place):
+                return again, snapshot
+        return place(demand, states, holdings, self.policy, now), snapshot
 
     async def _reserve(self, model: RunningModel, replica: Replica) -> None:
         deadline = time.monotonic() + model.request.queue_timeout
@@ -367,6 +431,10 @@ class ModelService:
                         model.plan.breakdown,
                         decision.cores,
                         device_total=min(totals, default=0),
+                    )
+                    self.store.save_devices(
+                        model.uid,
+                        [list(r.reservation.devices) if r.reservation else [] for r in model.replicas],
                     )
                     return
                 assert isinstance(decision, NoFit)
@@ -574,6 +642,7 @@ class ModelService:
     async def terminate(self, uid: str) -> None:
         model = self.get(uid)
         del self._models[uid]
+        self.store.delete_model(uid)
         await self._stop_model(model)
 
     async def _stop_model(self, model: RunningModel) -> None:

@@ -44,7 +44,7 @@ async def forward(
 ) -> Forwarded:
     """Send `body` to a ready replica of `uid`. JSON by default; binary uploads pass their own
     content type and their fields as a JSON `x-shoal-params` header."""
-    replica = service.checkout(uid)
+    replica = await service.checkout(uid)
     assert replica.runner is not None
     try:
         response = await replica.runner.session.request(
@@ -55,10 +55,10 @@ async def forward(
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5),
         )
     except TimeoutError as exc:
-        service.release(replica)
+        service.release(uid, replica)
         raise RequestTimeout(f"model {uid!r} did not answer within {timeout:.0f} s") from exc
     except aiohttp.ClientError as exc:
-        service.release(replica)
+        service.release(uid, replica)
         service.notice_unreachable(uid, replica)
         raise _runner_gone(uid, exc) from exc
     if not stream or response.status != 200:
@@ -68,7 +68,7 @@ async def forward(
             raise _runner_gone(uid, exc) from exc
         finally:
             response.release()
-            service.release(replica)
+            service.release(uid, replica)
         return Forwarded(response.status, replica.index, response.content_type, body=content)
 
     closed = False
@@ -78,7 +78,7 @@ async def forward(
         if not closed:
             closed = True
             response.close()  # drops the connection: the runner sees the client go and stops generating
-            service.release(replica)
+            service.release(uid, replica)
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
