@@ -55,6 +55,8 @@ def serve(
         float, typer.Option(envvar=settings.HEADROOM.env, help=settings.HEADROOM.help)
     ] = float(settings.HEADROOM.default),
     autoload: Annotated[bool, typer.Option(help=settings.AUTOLOAD.help)] = False,
+    api_key: Annotated[str, typer.Option(envvar=settings.API_KEY.env, help=settings.API_KEY.help)] = "",
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback host without any API key")] = False,
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -68,6 +70,15 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     if placement not in ("binpack", "spread"):
         raise typer.BadParameter("placement must be binpack or spread")
+    from shoal.state import StateStore
+
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if not loopback and not api_key and not StateStore(data_dir / "shoal.db").keys() and not insecure:
+        console.print(
+            f"[red]refusing to listen on {host} without auth[/red]: pass --api-key (or create keys "
+            "with `shoal keys create`), or --insecure to serve without one"
+        )
+        raise typer.Exit(2)
     server_settings = ServerSettings(
         host=host,
         port=port,
@@ -76,6 +87,7 @@ def serve(
         placement=placement,
         headroom=headroom,
         autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
+        api_key=api_key or None,
     )
     uvicorn.run(
         build_app(server_settings, launch or []),
@@ -346,6 +358,53 @@ def chat(
                 raise _fail(exc) from exc
             console.print()
             messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+keys_app = typer.Typer(help="API keys, kept hashed in the server's data dir (SQLite).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+DataDir = Annotated[Path, typer.Option(envvar=settings.DATA_DIR.env, help=settings.DATA_DIR.help)]
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[
+        str, typer.Option(help="inference (/v1 inference routes) or admin (also launch, stop, register)")
+    ],
+    name: Annotated[str | None, typer.Option(help="a label for the key")] = None,
+    data_dir: DataDir = Path(settings.DATA_DIR.default),
+) -> None:
+    """Create a key; its secret is printed once, only its hash is stored. Auth turns on with the first key."""
+    from shoal.state import StateStore
+
+    try:
+        key, secret = StateStore(data_dir / "shoal.db").create_key(scope, name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(f"key {key.id} ({key.scope}): [bold]{secret}[/bold]")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = Path(settings.DATA_DIR.default)) -> None:
+    """List keys (ids and scopes; secrets are not kept)."""
+    from shoal.state import StateStore
+
+    table = Table("ID", "SCOPE", "NAME", "CREATED")
+    for key in StateStore(data_dir / "shoal.db").keys():
+        table.add_row(key.id, key.scope, key.name or "", time.strftime("%F %T", time.localtime(key.created)))
+    console.print(table)
+
+
+@keys_app.command("delete")
+def keys_delete(
+    key_id: Annotated[str, typer.Argument(help="key id")], data_dir: DataDir = Path(settings.DATA_DIR.default)
+) -> None:
+    """Revoke a key."""
+    from shoal.state import StateStore
+
+    if not StateStore(data_dir / "shoal.db").delete_key(key_id):
+        console.print(f"[red]no key {key_id}[/red]")
+        raise typer.Exit(1)
+    console.print(f"deleted {key_id}")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,13 @@ class ModelHandle:
 
 
 class Client:
-    def __init__(self, endpoint: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self, endpoint: str | None = None, timeout: float = 600.0, api_key: str | None = None
+    ) -> None:
         self.endpoint = (endpoint or settings.ENDPOINT.get()).rstrip("/")
-        self.http = httpx.Client(base_url=self.endpoint, timeout=timeout)
+        key = api_key or settings.API_KEY.get()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.units import parse_size
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -38,10 +40,12 @@ PLACEMENT = Setting("SHOAL_PLACEMENT", "binpack", "binpack (fill a device first)
 KEEP_ALIVE = Setting("SHOAL_KEEP_ALIVE", "300", "default seconds a model stays idle before it may be evicted")
 CPU_CORES_PER_MODEL = Setting("SHOAL_CPU_CORES_PER_MODEL", "", "cores a CPU runner gets (default: half)")
 AUTOLOAD = Setting("SHOAL_AUTOLOAD", "0", "1: a request for a catalog model that is not running loads it")
+API_KEY = Setting("SHOAL_API_KEY", "", "admin API key the server accepts; the CLI and client send it")
+MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
-    FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD,
+    FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
 )  # fmt: skip
 
 
@@ -63,3 +67,6 @@ class ServerSettings:
         default_factory=lambda: int(CPU_CORES_PER_MODEL.get() or max(1, (os.cpu_count() or 1) // 2))
     )
     autoload: bool = field(default_factory=lambda: AUTOLOAD.get().lower() in ("1", "true", "yes"))
+    api_key: str | None = field(default_factory=lambda: API_KEY.get() or None)
+    max_body: int = field(default_factory=lambda: parse_size(MAX_BODY.get()))
+    grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

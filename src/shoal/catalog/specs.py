@@ -23,6 +23,7 @@ DEFAULT_ENGINE_BY_FORMAT = {
     "ggufv2": "llama.cpp", "gguf": "llama.cpp", "sentence_transformers": "sentence_transformers",
     "pytorch": "transformers", "safetensors": "transformers", "ctranslate2": "faster_whisper",
     "piper": "piper", "hibari": "hibari", "rapidocr": "rapidocr", "cross_encoder": "cross_encoder",
+    "diffusers": "diffusers",
 }  # fmt: skip
 
 

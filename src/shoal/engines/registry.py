@@ -18,6 +18,8 @@ ENGINES: dict[str, str] = {
     "piper": "shoal.engines.piper:PiperEngine",
     "hibari": "shoal.engines.hibari:HibariEngine",
     "rapidocr": "shoal.engines.rapidocr:RapidOcrEngine",
+    "diffusers": "shoal.engines.diffusers:DiffusersEngine",
+    "vllm": "shoal.engines.vllm:VllmEngine",
 }
 # The Python package each engine needs, and the extra that installs it.
 REQUIRES: dict[str, tuple[str, str]] = {
@@ -31,6 +33,8 @@ REQUIRES: dict[str, tuple[str, str]] = {
     "piper": ("piper", "audio"),
     "hibari": ("hibari", "audio"),
     "rapidocr": ("rapidocr_onnxruntime", "ocr"),
+    "diffusers": ("diffusers", "image"),
+    "vllm": ("vllm", "vllm"),
 }
 ALIASES: dict[str, str] = {
     "llama.cpp": "llama.cpp",
@@ -52,6 +56,8 @@ ALIASES: dict[str, str] = {
     "piper": "piper",
     "hibari": "hibari",
     "rapidocr": "rapidocr",
+    "diffusers": "diffusers",
+    "vllm": "vllm",
 }
 # Which engines can serve which model format.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -65,6 +71,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "piper": ("piper",),
     "hibari": ("hibari",),
     "rapidocr": ("rapidocr",),
+    "diffusers": ("diffusers",),
+    "vllm": ("pytorch", "safetensors", "gptq", "awq", "fp8"),
 }
 
 

@@ -14,6 +14,7 @@ from shoal import __version__
 from shoal.catalog import Catalog
 from shoal.errors import ShoalError
 from shoal.gateway import errors, routes_admin, routes_media, routes_openai
+from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, RequestLog
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
 from shoal.settings import ServerSettings
@@ -37,7 +38,6 @@ EXAMPLES = {  # one curl line per ability, shown for the models launched at star
 
 
 async def _launch_at_start(service: ModelService, names: Sequence[str], base_url: str) -> None:
-    await service.restore()  # the models that were running before a restart come back first
     for name in names:
         if name in {m.uid for m in service.running()}:
             continue
@@ -80,11 +80,15 @@ def _document_raw_bodies(app: FastAPI) -> None:
 
 
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
+    store = StateStore(settings.data_dir / "shoal.db")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = StateStore(settings.data_dir / "shoal.db")
         service = ModelService(Catalog(store), settings, store)
         app.state.models = service
+        # The models that were running before a restart are registered before the first request
+        # (status "loading", so /ready waits) and load in the background.
+        await service.restore()
         supervisor = asyncio.create_task(service.supervise())
         starter = asyncio.create_task(
             _launch_at_start(service, launch, f"http://{settings.host}:{settings.port}")
@@ -99,8 +103,13 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     app = FastAPI(title="Shoal", version=__version__, lifespan=lifespan)
     _document_raw_bodies(app)
     app.state.settings = settings
+    app.state.store = store
     errors.install(app)
     app.include_router(routes_admin.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_media.router)
+    # Outermost first: every answer gets a request id and a log line, then size and key checks.
+    app.add_middleware(ApiKeyAuth, store=store, admin_key=settings.api_key)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body)
+    app.add_middleware(RequestLog)
     return app

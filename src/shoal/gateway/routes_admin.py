@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from shoal.gateway import observability
 from shoal.protocol.admin import EstimateRequest, LaunchRequest, RegisterRequest
 from shoal.services.models import ModelService
 from shoal.services.proxy import forward
@@ -95,6 +99,29 @@ async def estimate(request: Request, body: EstimateRequest) -> dict[str, Any]:
 
 
 @router.get("/v1/cluster/auth")
-async def cluster_auth() -> dict[str, bool]:
-    """xinference-client asks whether the server wants a token; auth arrives with API keys."""
-    return {"auth": False}
+async def cluster_auth(request: Request) -> dict[str, bool]:
+    """xinference-client asks whether the server wants a key (then it sends its api_key)."""
+    return {"auth": bool(request.app.state.settings.api_key or request.app.state.store.keys())}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """200 once every desired model is ready; 503 with the ones that are not."""
+    service = _service(request)
+    waiting = {m.uid: m.status for m in service.running() if m.status != "ready"}
+    if waiting:
+        body = {"status": "not ready", "models": waiting}
+        return Response(
+            json.dumps(body), status_code=503, media_type="application/json", headers={"Retry-After": "2"}
+        )
+    return Response(
+        json.dumps({"status": "ready", "models": len(service.running())}), media_type="application/json"
+    )
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text: requests, errors, latency, tokens, time to first token, queues, memory, events."""
+    return Response(
+        await asyncio.to_thread(observability.scrape, _service(request)), media_type=CONTENT_TYPE_LATEST
+    )

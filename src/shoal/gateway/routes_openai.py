@@ -6,19 +6,24 @@ FastAPI body injection) and forwarded as they came; the OpenAPI schema still doc
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
+from shoal import metrics
 from shoal.errors import InvalidRequest
 from shoal.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ImageRequest,
     RerankRequest,
     SpeechRequest,
 )
@@ -47,6 +52,7 @@ async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
 async def check_model(request: Request, uid: str, ability: str) -> ModelService:
     """The model exists (loading it first under --autoload) and can do this."""
     service: ModelService = request.app.state.models
+    request.state.model = uid  # the metrics' and access log's model label
     if service.settings.autoload:
         await service.ensure_ready(uid)
     running = service.get(uid)
@@ -75,7 +81,34 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
     uid: str = body.model  # type: ignore[attr-defined]
     service = await check_model(request, uid, ability)
     stream: bool = getattr(body, "stream", False)
-    return render(await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout))
+    result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
+    if ability in ("chat", "generate"):
+        _count_tokens(uid, result)
+    return render(result)
+
+
+def _count_tokens(uid: str, result: Forwarded) -> None:
+    """Tokens generated and time to first token, read from what passes through."""
+    if result.stream is None:
+        if result.status == 200 and result.body:
+            usage = orjson.loads(result.body).get("usage") or {}
+            metrics.TOKENS.labels(uid).inc(usage.get("completion_tokens") or 0)
+        return
+    upstream, start = result.stream, time.perf_counter()
+
+    async def counted() -> AsyncIterator[bytes]:
+        first = True
+        async for chunk in upstream:
+            # llama.cpp and the transformers engine send one token per SSE event with content
+            tokens = chunk.count(b'"content":"') + chunk.count(b'"text":"')
+            if tokens:
+                if first:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(uid).observe(time.perf_counter() - start)
+                    first = False
+                metrics.TOKENS.labels(uid).inc(tokens)
+            yield chunk
+
+    result.stream = counted()
 
 
 @router.get("/models")
@@ -113,3 +146,9 @@ async def rerank(request: Request) -> Response:
 async def speech(request: Request) -> Response:
     """Audio in the response_format; with `stream`, sent as it is synthesised."""
     return await _run(request, SpeechRequest, "text2audio", "/v1/audio/speech")
+
+
+@router.post("/images/generations", openapi_extra=body_schema(ImageRequest))
+async def image_generations(request: Request) -> Response:
+    """Text to image (diffusers); images come back as b64_json PNGs."""
+    return await _run(request, ImageRequest, "text2image", "/v1/images/generations")

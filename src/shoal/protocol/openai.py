@@ -102,6 +102,18 @@ class SpeechRequest(BaseModel):
     stream: bool = False
 
 
+class ImageRequest(BaseModel):
+    """POST /v1/images/generations (the engine checks size, steps and the rest)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = Field(1, ge=1, le=4)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+
+
 TranscriptionFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 
 
@@ -117,5 +129,5 @@ class TranscriptionParams(BaseModel):
 
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
-    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest, SpeechRequest,
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest, SpeechRequest, ImageRequest,
 )  # fmt: skip

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shoal import metrics
 from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
 from shoal.engines import registry
@@ -49,7 +50,16 @@ FAST_CRASH = 60.0  # a replica that dies sooner than this after becoming ready c
 MAX_BACKOFF = 30.0
 MEMORY_BACK_TIMEOUT = 30.0  # seconds to wait for an evicted runner's GPU memory to show as free
 HOLDS_MEMORY = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.RESTARTING, ReplicaState.STOPPING)
-TORCH_ENGINES = ("sentence_transformers", "transformers")
+# Engines that take the reservation as a fraction of the GPU (torch's per-process cap; vLLM's
+# gpu_memory_utilization).
+FRACTION_ENGINES = (
+    "sentence_transformers",
+    "transformers",
+    "cross_encoder",
+    "embedding_rerank",
+    "diffusers",
+    "vllm",
+)
 
 
 @dataclass
@@ -134,6 +144,8 @@ class RunningModel:
             "status": self.status,
             "created": self.created,
             "pinned": self.request.pinned,
+            "request_limits": self.request.request_limits,
+            "waiting": self.waiting,
             "keep_alive": self.keep_alive,
             "estimate": self.plan.breakdown,
             "replicas": [r.describe() for r in self.replicas],
@@ -313,8 +325,9 @@ class ModelService:
                 continue
             try:
                 request = LaunchRequest.model_validate(saved.request)
-                await self.launch(request, preferred=saved.devices)
-                log.info("restored %s", saved.uid)
+                # Registered at once (status loading, so /ready waits), loaded in the background.
+                await self.launch(request, wait=False, preferred=saved.devices)
+                log.info("restoring %s", saved.uid)
             except ShoalError as exc:
                 log.error("could not restore %s: %s", saved.uid, exc.message)
 
@@ -461,6 +474,7 @@ class ModelService:
                 for_uid,
             )
             replica.state = ReplicaState.EVICTED
+            metrics.EVICTIONS.labels(uid).inc()
             if replica.runner:
                 stopped.append(replica.runner.pid)
                 await replica.runner.stop()
@@ -532,7 +546,11 @@ class ModelService:
         }
 
     async def devices(self) -> list[dict[str, Any]]:
-        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        return await asyncio.to_thread(self.devices_now)
+
+    def devices_now(self) -> list[dict[str, Any]]:
+        """Each device with each replica's share (reads NVML: call it off the event loop)."""
+        snapshot = memory.read(self.settings.fake_gpus)
         states = memory.device_states(snapshot, self._shoal_use(snapshot))
         holdings = self._holdings()
         per_replica = {}
@@ -574,7 +592,7 @@ class ModelService:
         reservation, plan = replica.reservation, model.plan
         real_gpu = plan.kind == "gpu" and not plan.fake
         options = {k: v for k, v in model.request.engine_options().items() if k != "n_threads"}
-        if real_gpu and model.engine in TORCH_ENGINES and reservation.device_total:
+        if real_gpu and model.engine in FRACTION_ENGINES and reservation.device_total:
             # torch enforces the share: an allocation past it raises OutOfMemoryError in this runner only
             options["memory_fraction"] = min(1.0, reservation.reserved / reservation.device_total)
         config = RunnerConfig(
@@ -609,6 +627,7 @@ class ModelService:
         if replica.runner is runner and replica.state not in (ReplicaState.STOPPING, ReplicaState.EVICTED):
             replica.state, replica.ready_since = ReplicaState.READY, time.monotonic()
             replica.last_used = time.monotonic()
+            metrics.LAUNCHES.labels(model.uid).inc()
             log.info(
                 "model %s replica %d ready on %s (pid %s)",
                 model.uid,
@@ -689,6 +708,7 @@ class ModelService:
     def _on_crash(self, model: RunningModel, replica: Replica) -> None:
         assert replica.runner is not None
         replica.last_error = replica.runner.failure_reason()
+        metrics.CRASHES.labels(model.uid).inc()
         lived = time.monotonic() - (replica.ready_since or 0)
         replica.crashes = replica.crashes + 1 if lived < FAST_CRASH else 1
         log.warning("model %s replica %d died: %s", model.uid, replica.index, replica.last_error)

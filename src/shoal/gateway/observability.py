@@ -1,0 +1,65 @@
+"""What /metrics adds at scrape time to the counters of shoal.metrics: queue depths, each device's
+memory, and each replica's estimate, reservation and measured use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from shoal.metrics import REGISTRY
+from shoal.services.models import ModelService
+
+
+class ServiceCollector(Collector):
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        queue = GaugeMetricFamily(
+            "shoal_queue_depth", "Requests waiting under request_limits", labels=["model"]
+        )
+        for uid, depth in self.service.queue_depth().items():
+            queue.add_metric([uid], depth)
+        yield queue
+        device = GaugeMetricFamily(
+            "shoal_device_memory_bytes", "Device memory by part", labels=["device", "part"]
+        )
+        replica = GaugeMetricFamily(
+            "shoal_replica_memory_bytes",
+            "Replica memory: estimate, reserved, measured",
+            labels=["model", "replica", "device", "kind"],
+        )
+        over = GaugeMetricFamily(
+            "shoal_replica_over_reservation",
+            "1 when measured use exceeds the reservation",
+            labels=["model", "replica"],
+        )
+        for d in self.service.devices_now():
+            for part in ("total", "used_by_others", "reserved", "headroom", "free"):
+                device.add_metric([d["id"], part], d[f"{part}_bytes"])
+            for m in d["models"]:
+                labels = [m["model_uid"], str(m["index"]), d["id"]]
+                for kind in ("estimate", "reserved", "measured"):
+                    if m.get(f"{kind}_bytes") is not None:
+                        replica.add_metric([*labels, kind], m[f"{kind}_bytes"])
+                over.add_metric([m["model_uid"], str(m["index"])], 1 if m.get("over_reservation") else 0)
+        yield device
+        yield replica
+        yield over
+
+
+_registered: dict[int, ServiceCollector] = {}
+
+
+def scrape(service: ModelService) -> bytes:
+    if id(service) not in _registered:  # one collector per service (tests build several apps)
+        for old in _registered.values():
+            REGISTRY.unregister(old)
+        _registered.clear()
+        _registered[id(service)] = ServiceCollector(service)
+        REGISTRY.register(_registered[id(service)])
+    return generate_latest(REGISTRY)

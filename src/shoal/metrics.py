@@ -1,0 +1,39 @@
+"""Prometheus metrics (prometheus-client), defined once. The gateway records requests; the model
+service records launches, evictions and crashes; gauges of queues and memory are read at scrape."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "shoal_requests", "HTTP requests answered", ["route", "model", "status"], registry=REGISTRY
+)
+ERRORS = Counter(
+    "shoal_request_errors",
+    "HTTP requests answered with 4xx/5xx",
+    ["route", "model", "status"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "shoal_request_seconds",
+    "Time to answer (to the last byte)",
+    ["route", "model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "shoal_time_to_first_token_seconds",
+    "Streaming: request start to first token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TOKENS = Counter("shoal_tokens_generated", "Completion tokens generated", ["model"], registry=REGISTRY)
+LAUNCHES = Counter(
+    "shoal_launches", "Replica starts (launch, restore, restart)", ["model"], registry=REGISTRY
+)
+EVICTIONS = Counter("shoal_evictions", "Replicas evicted to make room", ["model"], registry=REGISTRY)
+CRASHES = Counter("shoal_crashes", "Runner processes that died unasked", ["model"], registry=REGISTRY)

