@@ -34,11 +34,11 @@ from typing import Any
 import httpx
 
 from shoal.catalog import Catalog, ModelFamily
-from shoal.state import StateStore
 from shoal.catalog.resolve import local_path
 from shoal.engines.base import EngineConfig
 from shoal.engines.llamacpp import LlamaCppEngine
 from shoal.engines.sentence_transformers import SentenceTransformersEngine
+from shoal.state import StateStore
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 CHAT_MODEL = "smollm2-135m-instruct"

@@ -36,6 +36,17 @@ def assert_openai_error(response, status: int) -> dict:  # type: ignore[no-untyp
         ("/v1/chat/completions", {"model": 42, "messages": MSG}, 400),
         ("/v1/chat/completions", {"model": EMBED_MODEL, "messages": MSG}, 400),
         ("/v1/chat/completions", [1, 2, 3], 400),
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user"}]}, 400),
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": [{}]}]}, 400),
+        (
+            "/v1/chat/completions",
+            {
+                "model": CHAT_MODEL,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            },
+            400,
+        ),
         ("/v1/completions", {"model": CHAT_MODEL, "prompt": ""}, 400),
         ("/v1/completions", {"model": CHAT_MODEL, "prompt": 5}, 400),
         ("/v1/embeddings", {"model": EMBED_MODEL, "input": []}, 400),

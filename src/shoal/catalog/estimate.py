@@ -388,6 +388,7 @@ NO_KV_CACHE = frozenset(
         "piper",
         "hibari",
         "rapidocr",
+        "diffusers",
     }
 )
 

@@ -130,3 +130,15 @@ ESTIMATE_DEFAULTS: dict[str, dict[str, Any]] = {
         "cpu_runtime_bytes": 450 * 1024**2,
     },
 }
+ESTIMATE_DEFAULTS["llm_rerank"] = {**ESTIMATE_DEFAULTS["llama.cpp"], "context": 1024}
+ESTIMATE_DEFAULTS["vllm"] = {
+    **ESTIMATE_DEFAULTS["transformers"],
+    "parallel_option": "max_num_seqs",
+    "cpu_runtime_bytes": 0,
+}
+ESTIMATE_DEFAULTS["diffusers"] = {**ESTIMATE_DEFAULTS["sentence_transformers"], "context": 77}
+for _engine in ("cross_encoder", "embedding_rerank"):
+    ESTIMATE_DEFAULTS[_engine] = ESTIMATE_DEFAULTS["sentence_transformers"]
+for _engine in ("faster_whisper", "piper", "hibari", "rapidocr"):  # no KV cache; CTranslate2 / ONNX Runtime
+    ESTIMATE_DEFAULTS[_engine] = {**ESTIMATE_DEFAULTS["sentence_transformers"], "context": 448,
+                                  "cpu_runtime_bytes": 200 * 1024**2}  # fmt: skip

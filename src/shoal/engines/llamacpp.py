@@ -88,7 +88,10 @@ class LlamaCppEngine(Engine):
 
     async def _call(self, fn: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, fn, self._check(body))
+        try:
+            result = await loop.run_in_executor(self._pool, fn, self._check(body))
+        except (ValueError, RuntimeError) as exc:  # llama.cpp's own refusal of the request's content
+            raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
         result = _raise_if_error(result)
         result.pop("timings", None)
         result["model"] = self.config.model_uid
@@ -112,7 +115,10 @@ class LlamaCppEngine(Engine):
                 chunk.pop("timings", None)
                 chunk["model"] = self.config.model_uid
                 yield chunk
-            future.result()
+            try:
+                future.result()
+            except (ValueError, RuntimeError) as exc:  # refused before the first chunk: a 400
+                raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
         finally:
             cancelled.set()
 

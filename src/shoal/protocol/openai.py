@@ -3,19 +3,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Role
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        """OpenAI's rule: only an assistant message with tool_calls may leave out its content."""
+        if self.content is None and not (
+            self.role == "assistant" and (self.model_extra or {}).get("tool_calls")
+        ):
+            raise ValueError(f"a {self.role} message needs content")
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type == "text" and part.text is None:
+                    raise ValueError("a text content part needs its text")
+        return self
 
 
 class StreamOptions(BaseModel):

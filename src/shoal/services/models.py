@@ -574,8 +574,9 @@ class ModelService:
                 seen = [snapshot.measure(by_id[d], replica.runner.pid) for d in r.devices if d in by_id]
                 values = [v for v in seen if v is not None]
                 if values:
+                    was_over = r.over
                     r.measured = max(r.measured or 0, *values)
-                    if r.over:
+                    if r.over and not was_over:  # once, when it first goes over; metrics keep the rest
                         log.warning(
                             "%s/%d uses %d bytes, over its reservation of %d",
                             model.uid,
