@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from shoal import __version__
 from shoal.catalog import Catalog
 from shoal.errors import ShoalError
-from shoal.gateway import errors, routes_admin, routes_media, routes_openai
+from shoal.gateway import errors, routes_admin, routes_media, routes_openai, routes_ui
 from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, RequestLog
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
@@ -108,6 +108,7 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_media.router)
+    routes_ui.mount_ui(app)  # the web UI at /ui (static files shipped in the package)
     # Outermost first: every answer gets a request id and a log line, then size and key checks.
     app.add_middleware(ApiKeyAuth, store=store, admin_key=settings.api_key)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)

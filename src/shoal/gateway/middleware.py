@@ -115,8 +115,8 @@ class BodyLimit:
 
 def _needed_scope(method: str, path: str) -> str | None:
     """None: open; "admin": changes what runs or who may call; "inference": everything else."""
-    if path in OPEN_PATHS:
-        return None
+    if path in OPEN_PATHS or path in ("/", "/ui") or path.startswith("/ui/"):
+        return None  # the UI's own files; its API calls carry the key
     if method in ("POST", "DELETE", "PUT") and (
         (path.startswith("/v1/models") and path != "/v1/models/estimate")
         or path.startswith("/v1/model_registrations")

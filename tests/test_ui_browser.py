@@ -1,0 +1,209 @@
+"""The web UI at /ui in a real browser (headless Chromium from Debian, driven by Playwright): launch a
+model from the form after seeing its estimate, see its segment on the fake GPU's bar beside another
+model's, chat with streamed text, stop it and see its segment go; and the API-key prompt when auth
+is on.
+
+Needs `apt-get install -y chromium chromium-driver` and `pip install playwright` (no `playwright
+install`: the Debian Chromium is used). Screenshots go to test-artifacts/; the GPUs page one is
+also copied to docs/ui-gpus.png for the README.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL = (
+    "install it with `apt-get install -y chromium chromium-driver` and `.venv/bin/pip install playwright` "
+    "(`make test` does both); do not run `playwright install`"
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "ui-test-admin-key"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the Python package playwright is missing: {INSTALL}")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: {INSTALL}")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _serve(tmp: Path, *args: str) -> ShoalServer:
+    srv = ShoalServer(tmp / "data", tmp / "server.log", extra_args=["--fake-gpus", "1x24GiB", *args])
+    srv.start()
+    return srv
+
+
+def _open_page(browser: Any, errors: list[str]) -> Any:
+    page = browser.new_page(viewport={"width": 1280, "height": 600})
+    page.set_default_timeout(20_000)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page
+
+
+def _screenshot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_launch_from_the_form_chat_and_stop(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    srv = _serve(tmp_path)
+    errors: list[str] = []
+    page = _open_page(browser, errors)
+    try:
+        page.goto(srv.url + "/")  # redirected to /ui/, the GPUs page
+        assert page.url.endswith("/ui/"), page.url
+        gpu_bar = page.locator('.bar[data-device="gpu:0"]')
+        expect(gpu_bar).to_be_visible()
+        expect(page.locator('.bar[data-device="cpu"]')).to_be_visible()
+        expect(gpu_bar.locator(".seg.model")).to_have_count(0)
+
+        # Models page: pick the model; the estimate and where it would go show before launching.
+        page.click('header nav a[href="#models"]')
+        form = page.locator("#launch-form")
+        form.locator('select[name="model_type"]').select_option("LLM")
+        expect(form.locator(f'select[name="model_name"] option[value="{CHAT_MODEL}"]')).to_have_count(1)
+        form.locator('select[name="model_name"]').select_option(CHAT_MODEL)
+        form.locator('select[name="device"]').select_option("gpu:0")
+        form.locator('input[name="gpu_memory"]').fill("30GiB")
+        estimate = page.locator("#estimate")
+        expect(estimate).to_contain_text("Does not fit now", timeout=30_000)  # 30 GiB > the 24 GiB GPU
+        expect(estimate).to_contain_text("gpu:0")
+        form.locator('input[name="gpu_memory"]').fill("2GiB")
+        form.locator('input[name="keep_alive"]').fill("5m")
+        form.locator('input[name="engine_options"]').fill("n_ctx=1024 n_parallel=1")
+        expect(estimate).to_contain_text("Would go to gpu:0", timeout=30_000)
+        expect(estimate).to_contain_text("2.00 GiB")  # the declared memory, per device
+        expect(estimate).to_contain_text("1024 tokens × 1")  # the KV cache for the engine options given
+        page.click("#launch-button")
+        expect(page.locator("#launch-msg")).to_contain_text(f"{CHAT_MODEL} is ready", timeout=120_000)
+        row = page.locator(f'#models-body tr[data-uid="{CHAT_MODEL}"]')
+        expect(row).to_contain_text("ready")
+        expect(row).to_contain_text("gpu:0")
+        expect(row).to_contain_text("2.00 GiB")
+        expect(row).to_contain_text("5 min")
+        described = srv.http.get(f"/v1/models/{CHAT_MODEL}").json()
+        assert described["replicas"][0]["device"] == "gpu:0"
+        assert described["estimate"]["declared"] == 2 * 1024**3
+        assert described["estimate"]["context_length"] == 1024
+        # A second model, launched through the API, shares the GPU (and the pictures).
+        launched = srv.http.post("/v1/models", json={"model_name": EMBED_MODEL, "keep_alive": "10m"})
+        assert launched.status_code == 200, launched.text
+        expect(page.locator(f'#models-body tr[data-uid="{EMBED_MODEL}"]')).to_contain_text("ready")
+        _screenshot(page, "models.png")
+
+        # GPUs page: the model's segment on gpu:0, about 2/24 of the bar, its breakdown on hover.
+        page.click('header nav a[href="#gpus"]')
+        segment = gpu_bar.locator(f'.seg.model[data-uid="{CHAT_MODEL}"]')
+        expect(segment).to_be_visible()
+        expect(gpu_bar.locator(f'.seg.model[data-uid="{EMBED_MODEL}"]')).to_be_visible()
+        share = segment.evaluate("s => s.getBoundingClientRect().width / s.parentElement.clientWidth")
+        assert abs(share - 2 / 24) < 0.01, share
+        shot = _screenshot(page, "gpus.png")
+        shutil.copyfile(shot, ROOT / "docs" / "ui-gpus.png")
+        segment.hover()
+        tooltip = page.locator("#tooltip")
+        expect(tooltip).to_be_visible()
+        expect(tooltip).to_contain_text("weights")
+        expect(tooltip).to_contain_text("KV cache")
+        expect(tooltip).to_contain_text("(declared)")
+        _screenshot(page, "gpus-hover.png")
+
+        # Playground: the reply appears piece by piece while the stream is open.
+        page.mouse.move(0, 0)
+        page.click('header nav a[href="#playground"]')
+        expect(page.locator(f'#chat-model option[value="{CHAT_MODEL}"]')).to_have_count(1)
+        page.select_option("#chat-model", CHAT_MODEL)
+        page.fill("#chat-max", "48")
+        page.fill("#chat-input", "Write one sentence about the sea.")
+        page.press("#chat-input", "Enter")
+        expect(page.locator(".bubble.user")).to_have_text("Write one sentence about the sea.")
+        page.wait_for_function(
+            "() => { const b = document.querySelector('.bubble.assistant.streaming');"
+            " return b !== null && b.textContent.length > 0; }",
+            timeout=60_000,
+        )
+        expect(page.locator(".bubble.assistant.streaming")).to_have_count(0, timeout=60_000)
+        reply = page.locator(".bubble.assistant").inner_text()
+        assert reply.strip() and "error" not in page.locator(".bubble.assistant").get_attribute("class")
+        stats = page.locator("#chat-stats").inner_text()
+        assert int(stats.split()[0]) > 1, stats  # more than one chunk: streamed
+        _screenshot(page, "playground.png")
+
+        # Stop it from the Models page; its row and its segment go.
+        page.click('header nav a[href="#models"]')
+        page.click(f'button[data-action="stop"][data-uid="{CHAT_MODEL}"]')
+        expect(page.locator("#models-msg")).to_contain_text(f"{CHAT_MODEL} stopped")
+        expect(row).to_have_count(0)
+        page.click('header nav a[href="#gpus"]')
+        expect(gpu_bar).to_be_visible()
+        expect(gpu_bar.locator(f'.seg.model[data-uid="{CHAT_MODEL}"]')).to_have_count(0)
+        expect(gpu_bar.locator(f'.seg.model[data-uid="{EMBED_MODEL}"]')).to_be_visible()
+        assert [m["id"] for m in srv.http.get("/v1/models").json()["data"]] == [EMBED_MODEL]
+        assert not errors, errors
+    finally:
+        page.close()
+        srv.stop()
+
+
+def test_asks_for_the_api_key_once_when_auth_is_on(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    srv = _serve(tmp_path, "--api-key", API_KEY)
+    errors: list[str] = []
+    page = _open_page(browser, errors)
+    try:
+        response = page.goto(srv.url + "/ui/")
+        assert response is not None and response.status == 200, (
+            f"GET /ui/ answered {response and response.status} with auth on: the UI's own files must be "
+            "open paths (gateway/middleware.py), only its API calls need the key"
+        )
+        dialog = page.locator("#key-dialog")
+        expect(dialog).to_be_visible()
+        page.fill("#key-input", "wrong-key")
+        page.click("#key-ok")
+        expect(page.locator("#key-msg")).to_contain_text("refused")  # asked again, saying why
+        page.fill("#key-input", API_KEY)
+        page.click("#key-ok")
+        expect(dialog).to_be_hidden()
+        expect(page.locator('.bar[data-device="gpu:0"]')).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('shoal.apiKey')") == API_KEY
+        page.reload()  # kept for the browser session: no second prompt
+        expect(page.locator('.bar[data-device="gpu:0"]')).to_be_visible()
+        expect(dialog).to_be_hidden()
+        page.click('header nav a[href="#models"]')
+        expect(page.locator('#launch-form select[name="model_name"] option')).not_to_have_count(0)
+        expect(page.locator("#estimate")).to_contain_text("Would go to", timeout=30_000)
+        assert not errors, errors
+    finally:
+        page.close()
+        srv.stop()
