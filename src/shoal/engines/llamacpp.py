@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
+from shoal.engines.base import ESTIMATE_DEFAULTS, Engine, EngineConfig
 from shoal.errors import InvalidRequest, ShoalError
 
 DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
@@ -36,39 +36,42 @@ def _raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
     raise ShoalError(f"llama.cpp: {message}")
 
 
+def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, int]:
+    """llama.cpp's server for `config` with the launch options llama.cpp engines share:
+    (server, slots, context per slot). Also used by the LLM reranker."""
+    import xllamacpp as xl
+
+    n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
+    slot_context = int(opts.get("n_ctx", min(DEFAULT_CONTEXT, config.context_length or DEFAULT_CONTEXT)))
+    params = xl.CommonParams()
+    params.model.path = str(config.model_path)
+    params.n_parallel = n_parallel
+    params.n_ctx = slot_context * n_parallel  # llama.cpp splits n_ctx across the slots
+    params.n_gpu_layers = int(opts.get("n_gpu_layers", -1 if config.device == "cuda" else 0))
+    if "n_batch" in opts:
+        params.n_batch = int(opts["n_batch"])
+    if "chat_template" in opts:
+        params.chat_template = str(opts["chat_template"])
+    if config.n_threads:
+        params.cpuparams.n_threads = config.n_threads
+        params.cpuparams_batch.n_threads = config.n_threads
+    # llama.cpp's embedded HTTP server also listens on a loopback port; a random key keeps
+    # anything but this process out of it (Shoal serves the runner on its own socket).
+    params.api_keys = [secrets.token_hex(16)]
+    params.verbosity = 0
+    params.endpoint_metrics = True  # llama.cpp's counters, served by metrics()
+    try:
+        return xl.Server(params), n_parallel, slot_context
+    except RuntimeError as exc:
+        raise RuntimeError(f"llama.cpp could not load {config.model_path}: {exc}") from exc
+
+
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def load(self) -> None:
-        import xllamacpp as xl
-
-        opts = self.pop_options(
-            "n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "flash_attn", "chat_template"
-        )
-        self.n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
-        model_ctx = self.config.context_length or DEFAULT_CONTEXT
-        self.slot_context = int(opts.get("n_ctx", min(DEFAULT_CONTEXT, model_ctx)))
-        params = xl.CommonParams()
-        params.model.path = str(self.config.model_path)
-        params.n_parallel = self.n_parallel
-        params.n_ctx = self.slot_context * self.n_parallel  # llama.cpp splits n_ctx across the slots
-        params.n_gpu_layers = int(opts.get("n_gpu_layers", -1 if self.config.device == "cuda" else 0))
-        if "n_batch" in opts:
-            params.n_batch = int(opts["n_batch"])
-        if "chat_template" in opts:
-            params.chat_template = str(opts["chat_template"])
-        if self.config.n_threads:
-            params.cpuparams.n_threads = self.config.n_threads
-            params.cpuparams_batch.n_threads = self.config.n_threads
-        # llama.cpp's embedded HTTP server also listens on a loopback port; a random key keeps
-        # anything but this process out of it (Shoal serves the runner on its own socket).
-        params.api_keys = [secrets.token_hex(16)]
-        params.verbosity = 0
-        params.endpoint_metrics = True  # llama.cpp's counters, served by metrics()
-        try:
-            self._server = xl.Server(params)
-        except RuntimeError as exc:
-            raise RuntimeError(f"llama.cpp could not load {self.config.model_path}: {exc}") from exc
+        opts = self.pop_options("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template")
+        self._server, self.n_parallel, self.slot_context = start_server(self.config, opts)
         # One thread per slot plus room for requests waiting on a slot.
         self._pool = ThreadPoolExecutor(max_workers=self.n_parallel * 4, thread_name_prefix="llama")
 

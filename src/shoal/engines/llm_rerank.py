@@ -18,12 +18,12 @@ was not trained for may rank no better than chance (SmolLM2-135M does).
 from __future__ import annotations
 
 import asyncio
-import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
 from shoal.engines.cross_encoder import parse_rerank, rerank_response
+from shoal.engines.llamacpp import start_server
 from shoal.errors import InvalidRequest, ShoalError
 
 DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
@@ -80,36 +80,13 @@ class LlmRerankEngine(Engine):
     name = "llm_rerank"
 
     def load(self) -> None:
-        import xllamacpp as xl
 
         opts = self.pop_options(
             "n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template", "instruction", "system_prompt"
         )
-        self.n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
-        model_ctx = self.config.context_length or DEFAULT_CONTEXT
-        self.slot_context = int(opts.get("n_ctx", min(DEFAULT_CONTEXT, model_ctx)))
         self._instruction = str(opts.get("instruction", DEFAULT_INSTRUCTION))
         self._system_prompt = str(opts.get("system_prompt", SYSTEM_PROMPT))
-        params = xl.CommonParams()
-        params.model.path = str(self.config.model_path)
-        params.n_parallel = self.n_parallel
-        params.n_ctx = self.slot_context * self.n_parallel  # llama.cpp splits n_ctx across the slots
-        params.n_gpu_layers = int(opts.get("n_gpu_layers", -1 if self.config.device == "cuda" else 0))
-        if "n_batch" in opts:
-            params.n_batch = int(opts["n_batch"])
-        if "chat_template" in opts:
-            params.chat_template = str(opts["chat_template"])
-        if self.config.n_threads:
-            params.cpuparams.n_threads = self.config.n_threads
-            params.cpuparams_batch.n_threads = self.config.n_threads
-        # llama.cpp's embedded HTTP server also listens on a loopback port; a random key keeps
-        # anything but this process out of it.
-        params.api_keys = [secrets.token_hex(16)]
-        params.verbosity = 0
-        try:
-            self._server = xl.Server(params)
-        except RuntimeError as exc:
-            raise RuntimeError(f"llama.cpp could not load {self.config.model_path}: {exc}") from exc
+        self._server, self.n_parallel, self.slot_context = start_server(self.config, opts)
         self.yes_ids = self._single_tokens(YES)
         self.no_ids = self._single_tokens(NO)
         if not self.yes_ids or not self.no_ids:
