@@ -54,7 +54,10 @@ async def _launch_at_start(service: ModelService, names: Sequence[str], base_url
                 lines.append("  " + EXAMPLES[ability].format(url=base_url, uid=model.uid))
         running = ", ".join(m.uid for m in service.running())
         print(
-            f"\nShoal is serving on {base_url} with: {running}\nTry:\n" + "\n".join(lines) + "\n", flush=True
+            f"\nShoal is serving on {base_url} with: {running}\nWeb UI: {base_url}/ui/\nTry:\n"
+            + "\n".join(lines)
+            + "\n",
+            flush=True,
         )
 
 
