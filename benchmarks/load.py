@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import importlib
 import importlib.metadata
 import json
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from common import free_port, machine_info  # benchmarks/common.py
 from shoal.catalog import Catalog
 from shoal.catalog.resolve import local_path
 from shoal.state import StateStore
@@ -82,12 +80,6 @@ SENTENCES = [
 
 def log(message: str) -> None:
     print(f"[load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -491,28 +483,6 @@ def xinference_version(venv: Path) -> str | None:
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for package in ("shoal", "httpx", "xllamacpp", "sentence-transformers", "torch"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "versions": versions,
-        "rss_from": "psutil" if _psutil() is not None else "/proc",
-    }
-
-
 async def guarded(name: str, run: Callable[[], Awaitable[Any]]) -> Any:
     """One server's whole run; a failure becomes {"error": ...} in the report instead of a crash."""
     try:
@@ -532,7 +502,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         load["after_xinference"] = list(os.getloadavg())
     return {
         "benchmark": "shoal-load",
-        "machine": {**machine_info(), "loadavg": load},
+        "machine": {
+            **{**machine_info(), "rss_from": "psutil" if _psutil() is not None else "/proc"},
+            "loadavg": load,
+        },
         "config": {
             "clients": args.clients,
             "seconds_per_phase": args.seconds,

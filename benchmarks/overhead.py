@@ -15,13 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from common import free_port, machine_info  # benchmarks/common.py
 from shoal.catalog import Catalog, ModelFamily
 from shoal.catalog.resolve import local_path
 from shoal.engines.base import EngineConfig
@@ -234,12 +231,6 @@ async def inprocess_chat(config: EngineConfig, max_tokens: int, runs: int) -> li
 # ---- phase 2: through Shoal -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def shoal_server(port: int, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A gateway subprocess with no models; its runners die with it (PR_SET_PDEATHSIG)."""
@@ -335,27 +326,6 @@ async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> l
 
 
 # ---- report ---------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for package in ("shoal", "torch", "sentence-transformers", "xllamacpp", "httpx"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "versions": versions,
-    }
 
 
 def embed_comparison(inproc: dict[str, Any], shoal: dict[str, Any]) -> dict[str, Any]:
