@@ -502,10 +502,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         load["after_xinference"] = list(os.getloadavg())
     return {
         "benchmark": "shoal-load",
-        "machine": {
-            **{**machine_info(), "rss_from": "psutil" if _psutil() is not None else "/proc"},
-            "loadavg": load,
-        },
+        "machine": {**machine_info(), "rss_from": "psutil" if _psutil() else "/proc", "loadavg": load},
         "config": {
             "clients": args.clients,
             "seconds_per_phase": args.seconds,
