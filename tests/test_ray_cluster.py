@@ -31,6 +31,11 @@ FAST_HEALTH_CHECK = {
 SMALL = {"n_parallel": 1, "n_ctx": 512, "n_threads": 1}
 
 
+def node_env(tmp: str) -> dict[str, str]:
+    """Each node's own fake GPU; its agent's files under the test's directory."""
+    return {"SHOAL_FAKE_GPUS": "1x24GiB", "TMPDIR": tmp}
+
+
 class RayShoal:
     def __init__(self, cluster: Cluster, server: ShoalServer) -> None:
         self.cluster, self.server = cluster, server
@@ -66,10 +71,10 @@ def ray_shoal() -> Iterator[RayShoal]:
             "num_cpus": 1,
             "include_dashboard": False,
             "_system_config": FAST_HEALTH_CHECK,
-            "env_vars": {"SHOAL_FAKE_GPUS": "1x24GiB"},
+            "env_vars": node_env(tmp),
         },
     )
-    cluster.add_node(num_cpus=1, env_vars={"SHOAL_FAKE_GPUS": "1x24GiB"})
+    cluster.add_node(num_cpus=1, env_vars=node_env(tmp))
     data = Path(tmp) / "shoal"
     data.mkdir()
     server = ShoalServer(data / "data", data / "server.log", ["--ray-address", cluster.address])
@@ -134,6 +139,7 @@ def test_node_loss_replaces_its_models_on_the_head(ray_shoal: RayShoal) -> None:
         time.sleep(0.2)
     else:
         raise AssertionError(f"mover not back on the head: {server.http.get('/v1/models/mover').json()}")
+    assert 503 in statuses  # meanwhile: 503 + Retry-After, never a hang or a 500
     assert ray_shoal.nodes_of("spread") == [ray_shoal.head, ray_shoal.head]
     assert ray_shoal.chat("spread").status_code == 200
     # pinned to the node that left: nowhere else to go, and it says why
@@ -146,7 +152,7 @@ def test_node_loss_replaces_its_models_on_the_head(ray_shoal: RayShoal) -> None:
 
 def test_a_new_node_takes_new_models(ray_shoal: RayShoal) -> None:
     server = ray_shoal.server
-    node = ray_shoal.cluster.add_node(num_cpus=1, env_vars={"SHOAL_FAKE_GPUS": "1x24GiB"})
+    node = ray_shoal.cluster.add_node(num_cpus=1, env_vars=node_env(os.environ["RAY_TMPDIR"]))
     name = f"node-{node.node_id[:8]}"
     deadline = time.monotonic() + 30
     while not any(w["node"] == name and w["alive"] for w in server.http.get("/v1/workers").json()):
