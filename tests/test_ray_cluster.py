@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -108,6 +109,21 @@ def test_replicas_spread_over_nodes_and_answer(ray_shoal: RayShoal) -> None:
         r = ray_shoal.chat("spread")
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_a_killed_runner_on_a_node_restarts_there(ray_shoal: RayShoal) -> None:
+    described = ray_shoal.server.http.get("/v1/models/spread").json()
+    victim = next(r for r in described["replicas"] if r["node"] == ray_shoal.second)
+    os.kill(victim["pid"], signal.SIGKILL)  # every node of this cluster is on this host
+    deadline = time.monotonic() + 30
+    while True:
+        replica = ray_shoal.server.http.get("/v1/models/spread").json()["replicas"][victim["index"]]
+        if replica["state"] == "ready" and replica["pid"] != victim["pid"]:
+            break
+        assert time.monotonic() < deadline, replica
+        time.sleep(0.1)
+    assert replica["node"] == ray_shoal.second and replica["restarts"] == 1
+    assert ray_shoal.chat("spread").status_code == 200
 
 
 def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
