@@ -178,3 +178,13 @@ def test_a_new_node_takes_new_models(ray_shoal: RayShoal) -> None:
     ray_shoal.launch("newcomer", "10GiB")
     assert ray_shoal.nodes_of("newcomer") == [name]
     assert ray_shoal.chat("newcomer").status_code == 200
+
+    # A crash of that node (its raylet SIGKILLed, as when the machine dies) once the head has room.
+    assert server.http.delete("/v1/models/spread").status_code == 200
+    node.kill_raylet()
+    deadline = time.monotonic() + 30
+    while not (
+        ray_shoal.chat("newcomer").status_code == 200 and ray_shoal.nodes_of("newcomer") == [ray_shoal.head]
+    ):
+        assert time.monotonic() < deadline, server.http.get("/v1/models/newcomer").json()
+        time.sleep(0.2)
