@@ -138,6 +138,11 @@ def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
         json={"model_name": CHAT_MODEL, "model_uid": "nowhere", "worker_ip": "10.9.9.9", **SMALL},
     )
     assert r.status_code == 507, r.text
+    # a replica's GPUs are on one node: two GPUs on two nodes are not two GPUs for one replica
+    body = {"model_name": CHAT_MODEL, "model_uid": "split", "n_gpu": 2, "gpu_memory": "1GiB", **SMALL}
+    r = ray_shoal.server.http.post("/v1/models", json=body)
+    assert r.status_code == 507, r.text
+    assert "no single node has 2 devices" in r.text
 
 
 def test_node_loss_replaces_its_models_on_the_head(ray_shoal: RayShoal) -> None:

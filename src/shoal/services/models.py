@@ -493,7 +493,13 @@ class ModelService:
                 return decision
             if isinstance(decision, Evict) and fallback is None:
                 fallback = decision
-        return fallback or place(demand, states, holdings, self.policy, now)
+        if fallback is not None:
+            return fallback
+        anywhere = place(demand, states, holdings, self.policy, now)
+        if isinstance(anywhere, NoFit):
+            return anywhere
+        reason = f"no single node has {demand.n_devices} devices with room"
+        return NoFit(demand.per_device, demand.n_devices, (), reason)
 
     async def _reserve(self, model: RunningModel, replica: Replica) -> None:
         deadline = time.monotonic() + model.request.queue_timeout
