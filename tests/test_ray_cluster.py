@@ -193,3 +193,13 @@ def test_a_new_node_takes_new_models(ray_shoal: RayShoal) -> None:
     ):
         assert time.monotonic() < deadline, server.http.get("/v1/models/newcomer").json()
         time.sleep(0.2)
+
+
+def test_eviction_works_on_a_cluster_node(ray_shoal: RayShoal) -> None:
+    # The head now holds mover (6 GiB) and newcomer (10 GiB) of its 22.8 usable.
+    ray_shoal.launch("idle", "4GiB", keep_alive=0)
+    assert ray_shoal.nodes_of("idle") == [ray_shoal.head]
+    ray_shoal.launch("needs-room", "6GiB")
+    assert ray_shoal.nodes_of("needs-room") == [ray_shoal.head]
+    assert ray_shoal.server.http.get("/v1/models/idle").json()["status"] == "evicted"
+    assert ray_shoal.chat("needs-room").status_code == 200
