@@ -149,3 +149,11 @@ def test_registration_errors(server: ShoalServer) -> None:
     }
     assert server.http.post("/v1/model_registrations/LLM", json={"model": builtin}).status_code == 409
     assert server.http.post("/v1/model_registrations/video", json={"model": builtin}).status_code == 400
+
+
+def test_workers_on_one_machine_is_the_local_node(server: ShoalServer) -> None:
+    [worker] = server.http.get("/v1/workers").json()
+    assert worker["node"] == "local" and worker["alive"]
+    assert "cpu" in worker["devices"]
+    devices = server.http.get("/v1/cluster/devices").json()
+    assert all(d["node"] is None and "/" not in d["id"] for d in devices)

@@ -110,10 +110,11 @@ def test_launch_request_keeps_engine_options_only() -> None:
 
 
 def test_gateway_imports_no_engine() -> None:
+    """Nor Ray, unless --ray-address asks for it."""
     code = (
         "import sys; from shoal.gateway.app import build_app; from shoal.settings import ServerSettings; "
         "import tempfile; build_app(ServerSettings(data_dir=__import__('pathlib').Path(tempfile.mkdtemp())));"
-        "heavy = {'torch', 'xllamacpp', 'sentence_transformers', 'transformers'} & set(sys.modules);"
+        "heavy = {'torch', 'xllamacpp', 'sentence_transformers', 'transformers', 'ray'} & set(sys.modules);"
         "print(sorted(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

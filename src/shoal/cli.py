@@ -57,6 +57,9 @@ def serve(
     autoload: Annotated[bool, typer.Option(help=settings.AUTOLOAD.help)] = False,
     api_key: Annotated[str, typer.Option(envvar=settings.API_KEY.env, help=settings.API_KEY.help)] = "",
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback host without any API key")] = False,
+    ray_address: Annotated[
+        str, typer.Option(envvar=settings.RAY_ADDRESS.env, help=settings.RAY_ADDRESS.help)
+    ] = "",
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -88,6 +91,7 @@ def serve(
         headroom=headroom,
         autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
         api_key=api_key or None,
+        ray_address=ray_address or None,
     )
     uvicorn.run(
         build_app(server_settings, launch or []),

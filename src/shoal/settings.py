@@ -41,11 +41,15 @@ KEEP_ALIVE = Setting("SHOAL_KEEP_ALIVE", "300", "default seconds a model stays i
 CPU_CORES_PER_MODEL = Setting("SHOAL_CPU_CORES_PER_MODEL", "", "cores a CPU runner gets (default: half)")
 AUTOLOAD = Setting("SHOAL_AUTOLOAD", "0", "1: a request for a catalog model that is not running loads it")
 API_KEY = Setting("SHOAL_API_KEY", "", "admin API key the server accepts; the CLI and client send it")
+RAY_ADDRESS = Setting(
+    "SHOAL_RAY_ADDRESS", "", "join this Ray cluster (an address, or auto) and place models on all its nodes"
+)
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
+    RAY_ADDRESS,
 )  # fmt: skip
 
 
@@ -69,4 +73,5 @@ class ServerSettings:
     autoload: bool = field(default_factory=lambda: AUTOLOAD.get().lower() in ("1", "true", "yes"))
     api_key: str | None = field(default_factory=lambda: API_KEY.get() or None)
     max_body: int = field(default_factory=lambda: parse_size(MAX_BODY.get()))
+    ray_address: str | None = field(default_factory=lambda: RAY_ADDRESS.get() or None)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

@@ -89,6 +89,7 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = ModelService(Catalog(store), settings, store)
         app.state.models = service
+        await service.start()  # Ray mode: join the cluster, start the node agents
         # The models that were running before a restart are registered before the first request
         # (status "loading", so /ready waits) and load in the background.
         await service.restore()

@@ -92,6 +92,12 @@ async def devices(request: Request) -> list[dict[str, Any]]:
     return await _service(request).devices()
 
 
+@router.get("/v1/workers")
+async def workers(request: Request) -> list[dict[str, Any]]:
+    """The nodes models run on: one ("local") on a single machine, every Ray node in Ray mode."""
+    return await asyncio.to_thread(_service(request).workers)
+
+
 @router.post("/v1/models/estimate")
 async def estimate(request: Request, body: EstimateRequest) -> dict[str, Any]:
     """The memory estimate of a launch and where it would be placed now; launches nothing."""

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 XINFERENCE_IGNORED = (
     "peft_model_config",
     "n_worker",
-    "worker_ip",
     "replica_config",
     "enable_thinking",
     "enable_virtual_env",
@@ -55,6 +54,9 @@ class LaunchRequest(BaseModel):
     )
     device: Literal["cpu", "gpu", "auto"] | None = Field(
         None, description="cpu runs on the CPU, like n_gpu=0"
+    )
+    worker_ip: str | None = Field(
+        None, description="Ray cluster: only on this node (its IP, name node-xxxxxxxx or Ray node id)"
     )
 
     def engine_options(self) -> dict[str, Any]:

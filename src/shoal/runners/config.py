@@ -21,5 +21,6 @@ class RunnerConfig(BaseModel):
     device: str = "cpu"
     n_threads: int | None = None
     options: dict[str, Any] = {}
-    socket: str  # Unix socket the runner listens on
+    socket: str  # Unix socket the runner listens on (unless `listen` is set)
+    listen: str | None = None  # "host:port": listen on TCP instead (runners on Ray nodes)
     status_file: str  # where the runner writes why it failed to load

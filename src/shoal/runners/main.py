@@ -1,7 +1,8 @@
 """Runner process entry point: `python -m shoal.runners.main CONFIG.json`.
 
-Loads the engine first, then serves on the Unix socket; the gateway treats a socket that answers
-/health as "ready". A load failure is written to the status file for the gateway to report.
+Loads the engine first, then serves on the Unix socket (or on TCP, `listen`, on a Ray node); the
+gateway treats a runner that answers /health as "ready". A load failure is written to the status
+file for the gateway to report.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ def main(config_path: str) -> int:
 
     from shoal.runners.app import build_runner_app
 
-    socket = Path(config.socket)
-    socket.unlink(missing_ok=True)
+    where: dict[str, object]
+    if config.listen:  # a runner on a Ray node: the gateway reaches it over TCP
+        host, _, port = config.listen.rpartition(":")
+        where = {"host": host, "port": int(port)}
+    else:
+        socket = Path(config.socket)
+        socket.unlink(missing_ok=True)
+        where = {"uds": str(socket)}
     uvicorn.run(
         build_runner_app(engine),
-        uds=str(socket),
+        **where,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,
         timeout_keep_alive=600,

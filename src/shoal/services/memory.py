@@ -95,12 +95,13 @@ def device_report(
     policy: Policy,
 ) -> list[dict[str, object]]:
     """GET /v1/cluster/devices: each device's total, use by others, each model's share, and free."""
-    report = []
+    report: list[dict[str, object]] = []
     for state, device in zip(states, snapshot.devices, strict=True):
         here = [h for h in holdings if h.device == state.id]
         report.append(
             {
                 "id": state.id,
+                "node": state.id.rpartition("/")[0] or None,  # Ray mode: the node; else None
                 "kind": state.kind,
                 "index": device.index,
                 "name": device.name,

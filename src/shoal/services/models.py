@@ -22,6 +22,7 @@ from typing import Any
 from shoal import metrics
 from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
+from shoal.cluster import RayCluster, RemoteRunner, split_device
 from shoal.engines import registry
 from shoal.errors import (
     Conflict,
@@ -35,7 +36,7 @@ from shoal.errors import (
 from shoal.protocol.admin import EstimateRequest, LaunchRequest
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import ReplicaState, RunnerProcess
-from shoal.scheduler import Decision, Demand, Evict, Holding, NoFit, Place, Policy, place
+from shoal.scheduler import Decision, Demand, DeviceState, Evict, Holding, NoFit, Place, Policy, place
 from shoal.services import memory
 from shoal.services.memory import Reservation, Snapshot
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
@@ -65,7 +66,7 @@ FRACTION_ENGINES = (
 @dataclass
 class Replica:
     index: int
-    runner: RunnerProcess | None = None
+    runner: RunnerProcess | RemoteRunner | None = None
     state: ReplicaState = ReplicaState.STARTING
     reservation: Reservation | None = None
     in_flight: int = 0
@@ -80,6 +81,7 @@ class Replica:
             "index": self.index,
             "state": self.state.value,
             "pid": self.runner.pid if self.runner else None,
+            "node": split_device(r.devices[0])[0] if r and r.devices else None,
             "device": ",".join(r.devices) if r else None,
             "cores": list(r.cores) if r else [],
             "estimate_bytes": r.estimate if r else None,
@@ -167,6 +169,29 @@ class ModelService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._placing = asyncio.Lock()  # one placement decision at a time
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
+        # Ray mode: devices, runners and node membership come from the cluster's node agents.
+        self.cluster = RayCluster(settings.ray_address, self._freed.set) if settings.ray_address else None
+
+    async def start(self) -> None:
+        """Join the Ray cluster (Ray mode); on one machine there is nothing to start."""
+        if self.cluster is not None:
+            await self.cluster.start()
+            self._spawn_task(self.cluster.watch())
+
+    def _read(self) -> Snapshot:
+        """Devices now (reads NVML: call it off the event loop). Ray mode: every alive node's."""
+        if self.cluster is not None:
+            return Snapshot(self.cluster.devices(), {})
+        return memory.read(self.settings.fake_gpus)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """GET /v1/workers: the nodes (one, "local", on a single machine)."""
+        if self.cluster is not None:
+            return self.cluster.workers()
+        devices = [d.id for d in memory.read(self.settings.fake_gpus).devices]
+        runners = sum(len(m.replicas) for m in self._models.values())
+        local = {"node": "local", "node_id": None, "worker_ip": "127.0.0.1", "alive": True}
+        return [{**local, "devices": devices, "runners": runners}]
 
     # ---- queries ---------------------------------------------------------------------------
     def get(self, uid: str) -> RunningModel:
@@ -268,7 +293,7 @@ class ModelService:
         spec: ModelSpec,
         source: Source,
     ) -> LaunchPlan:
-        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        snapshot = await asyncio.to_thread(self._read)
         options = (
             request.engine_options()
             if isinstance(request, LaunchRequest)
@@ -386,6 +411,8 @@ class ModelService:
     def _shoal_use(self, snapshot: Snapshot) -> dict[str, int]:
         """Per device, what Shoal's own runners are measured to use (so it is not counted as others')."""
         use: dict[str, int] = {}
+        if self.cluster is not None:
+            return use  # runners on other nodes are not measured from here
         by_id = {d.id: d for d in snapshot.devices}
         for model in self._models.values():
             for replica in model.replicas:
@@ -412,21 +439,67 @@ class ModelService:
         return reasons
 
     async def _decide(self, model: RunningModel, replica: Replica) -> tuple[Decision, Snapshot]:
-        snapshot = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+        snapshot = await asyncio.to_thread(self._read)
         states = memory.device_states(snapshot, self._shoal_use(snapshot))
         others = frozenset(
             d for r in model.replicas if r is not replica and r.reservation for d in r.reservation.devices
         )
         plan = model.plan
         demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
+        if self.cluster is not None:
+            demand = self._cluster_demand(demand, model, states)
         holdings, now = self._holdings(), time.monotonic()
+        if self.cluster is not None and plan.n_devices > 1:
+            return self._place_on_one_node(demand, states, holdings, now), snapshot
         before = model.preferred[replica.index] if replica.index < len(model.preferred) else []
-        if before and len(before) == plan.n_devices and plan.allowed is None:
+        if before and len(before) == plan.n_devices and demand.allowed is None:
             # Restored after a restart: where it ran before, if it still fits there without evicting.
             again = place(replace(demand, allowed=tuple(before)), states, holdings, self.policy, now)
             if isinstance(again, Place):
                 return again, snapshot
         return place(demand, states, holdings, self.policy, now), snapshot
+
+    def _cluster_demand(self, demand: Demand, model: RunningModel, states: list[DeviceState]) -> Demand:
+        """Ray mode: gpu_idx means that index on any node (or on the worker_ip node); other replicas
+        of the model steer this one to other nodes; cores are not shared out across nodes."""
+        assert self.cluster is not None
+        worker_ip = model.request.worker_ip
+        allowed = demand.allowed
+        if worker_ip is not None or allowed is not None:
+            allowed = tuple(
+                s.id
+                for s in states
+                if (worker_ip is None or self.cluster.matches(split_device(s.id)[0], worker_ip))
+                and (demand.allowed is None or split_device(s.id)[1] in demand.allowed)
+            )
+            if not allowed:
+                allowed = (f"(no node matches worker_ip {worker_ip})",)
+        nodes = {split_device(d)[0] for d in demand.avoid}
+        avoid = frozenset(s.id for s in states if split_device(s.id)[0] in nodes)
+        return replace(demand, allowed=allowed, avoid=avoid, cores=0)
+
+    def _place_on_one_node(
+        self, demand: Demand, states: list[DeviceState], holdings: list[Holding], now: float
+    ) -> Decision:
+        """A replica that spans several GPUs keeps them on one node."""
+        by_node: dict[str | None, list[str]] = {}
+        for s in states:
+            by_node.setdefault(split_device(s.id)[0], []).append(s.id)
+        fallback: Decision | None = None
+        for ids in by_node.values():
+            allowed = tuple(i for i in ids if demand.allowed is None or i in demand.allowed)
+            decision = place(replace(demand, allowed=allowed), states, holdings, self.policy, now)
+            if isinstance(decision, Place):
+                return decision
+            if isinstance(decision, Evict) and fallback is None:
+                fallback = decision
+        if fallback is not None:
+            return fallback
+        anywhere = place(demand, states, holdings, self.policy, now)
+        if isinstance(anywhere, NoFit):
+            return anywhere
+        reason = f"no single node has {demand.n_devices} devices with room"
+        return NoFit(demand.per_device, demand.n_devices, (), reason)
 
     async def _reserve(self, model: RunningModel, replica: Replica) -> None:
         deadline = time.monotonic() + model.request.queue_timeout
@@ -483,11 +556,11 @@ class ModelService:
 
     async def _memory_back(self, pids: list[int | None]) -> None:
         """After a stop: wait until NVML no longer lists the pids (fake GPUs and the CPU: at once)."""
-        if self.settings.fake_gpus:
-            return
+        if self.settings.fake_gpus or self.cluster is not None:
+            return  # Ray mode: no per-pid GPU measurement across nodes (yet)
         deadline = time.monotonic() + MEMORY_BACK_TIMEOUT
         while time.monotonic() < deadline:
-            usage = await asyncio.to_thread(memory.read, self.settings.fake_gpus)
+            usage = await asyncio.to_thread(self._read)
             if not any(pid in pids for _, pid in usage.gpu_usage):
                 return
             await asyncio.sleep(0.2)
@@ -550,7 +623,7 @@ class ModelService:
 
     def devices_now(self) -> list[dict[str, Any]]:
         """Each device with each replica's share (reads NVML: call it off the event loop)."""
-        snapshot = memory.read(self.settings.fake_gpus)
+        snapshot = self._read()
         states = memory.device_states(snapshot, self._shoal_use(snapshot))
         holdings = self._holdings()
         per_replica = {}
@@ -565,6 +638,8 @@ class ModelService:
         return memory.device_report(states, snapshot, holdings, per_replica, self.policy)
 
     def _measure(self, snapshot: Snapshot) -> None:
+        if self.cluster is not None:
+            return
         by_id = {d.id: d for d in snapshot.devices}
         for model in self._models.values():
             for replica in model.replicas:
@@ -606,20 +681,32 @@ class ModelService:
             device="cuda" if real_gpu else "cpu",
             n_threads=len(reservation.cores) or model.request.engine_options().get("n_threads"),
             options=options,
-            socket=str(self._run_dir / f"r{n}.sock"),
+            socket="" if self.cluster else str(self._run_dir / f"r{n}.sock"),
             status_file=str(self._run_dir / f"r{n}.status"),
         )
         env = dict(model.request.envs or {})
         env["CUDA_VISIBLE_DEVICES"] = (
             ",".join(d.split(":")[1] for d in reservation.devices) if real_gpu else ""
         )
-        runner = RunnerProcess(
-            config, self._logs / f"{model.uid}-{replica.index}.log", env, reservation.cores
-        )
+        runner: RunnerProcess | RemoteRunner
+        if self.cluster is not None:
+            try:
+                log_name = f"{model.uid}-{replica.index}.log"
+                runner = self.cluster.runner(reservation.devices[0], config, env, log_name)
+            except LaunchFailed as exc:
+                replica.state, replica.last_error = ReplicaState.FAILED, exc.message
+                return
+        else:
+            runner = RunnerProcess(
+                config, self._logs / f"{model.uid}-{replica.index}.log", env, reservation.cores
+            )
         replica.runner = runner
         replica.state = ReplicaState.STARTING if replica.ready_since is None else ReplicaState.RESTARTING
         try:
-            runner.spawn(self._run_dir / f"r{n}.json")
+            if isinstance(runner, RemoteRunner):
+                await runner.start()
+            else:
+                runner.spawn(self._run_dir / f"r{n}.json")
             await runner.wait_ready(self.settings.launch_timeout)
         except LaunchFailed as exc:
             await runner.stop()
@@ -696,7 +783,7 @@ class ModelService:
                     if replica.state is ReplicaState.READY and runner and runner.exited() is not None:
                         self._on_crash(model, replica)
             if tick % MEASURE_EVERY == 0 and self._models:
-                self._measure(await asyncio.to_thread(memory.read, self.settings.fake_gpus))
+                self._measure(await asyncio.to_thread(self._read))
             await asyncio.sleep(SUPERVISOR_TICK)
 
     def notice_unreachable(self, uid: str, replica: Replica) -> None:
@@ -709,6 +796,12 @@ class ModelService:
     def _on_crash(self, model: RunningModel, replica: Replica) -> None:
         assert replica.runner is not None
         replica.last_error = replica.runner.failure_reason()
+        if isinstance(replica.runner, RemoteRunner) and replica.runner.node_lost:
+            # Its node left the cluster: not a crash of the model; place it again where it fits.
+            log.warning("model %s replica %d lost: %s", model.uid, replica.index, replica.last_error)
+            replica.state, replica.reservation = ReplicaState.RESTARTING, None
+            self._spawn_task(self._replace(model, replica))
+            return
         metrics.CRASHES.labels(model.uid).inc()
         lived = time.monotonic() - (replica.ready_since or 0)
         replica.crashes = replica.crashes + 1 if lived < FAST_CRASH else 1
@@ -729,9 +822,21 @@ class ModelService:
         if self._models.get(model.uid) is model and replica.state is ReplicaState.RESTARTING:
             await self._start(model, replica)
 
+    async def _replace(self, model: RunningModel, replica: Replica) -> None:
+        """A replica whose node was lost: a new placement on the nodes left, then a new runner."""
+        try:
+            await self._reserve(model, replica)
+        except ShoalError as exc:
+            replica.state, replica.last_error = ReplicaState.FAILED, f"{replica.last_error}; {exc.message}"
+            return
+        if self._models.get(model.uid) is model and replica.state is ReplicaState.RESTARTING:
+            await self._start(model, replica)
+
     async def shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()
+        if self.cluster is not None:
+            await self.cluster.shutdown()
         shutil.rmtree(self._run_dir, ignore_errors=True)
