@@ -10,7 +10,7 @@ memory behaviour is what is checked, not the text. Wheels for the packages the m
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
       fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection orjson httptools \\
-      typing_extensions annotated-doc      # the versions in .venv
+      typing_extensions annotated-doc opentelemetry-api python-multipart   # the versions in .venv
 """
 
 from __future__ import annotations
