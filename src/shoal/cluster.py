@@ -34,6 +34,7 @@ import aiohttp
 from shoal.devices import Device, all_devices
 from shoal.errors import LaunchFailed
 from shoal.runners.config import RunnerConfig
+from shoal.runners.process import wait_healthy
 
 log = logging.getLogger("shoal.cluster")
 
@@ -210,19 +211,7 @@ class RemoteRunner:
         return self._exit
 
     async def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._exit is not None:
-                raise LaunchFailed(await self.failure_reason_async())
-            try:
-                async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-        await self.stop()
-        raise LaunchFailed(f"runner for {self.config.model_uid} did not become ready within {timeout:.0f} s")
+        await wait_healthy(self, timeout, self.failure_reason_async)
 
     async def failure_reason_async(self) -> str:
         if self._lost:

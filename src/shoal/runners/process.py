@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -44,6 +45,44 @@ class ReplicaState(enum.Enum):
     STOPPED = "stopped"  # process gone on purpose
     EVICTED = "evicted"  # stopped to make room for another model; a relaunch (or autoload) brings it back
     FAILED = "failed"  # crashed too often, or could not load; last_error says why
+
+
+class Runner(Protocol):
+    """What wait_healthy needs of a runner, local (RunnerProcess) or on a Ray node (RemoteRunner)."""
+
+    config: RunnerConfig
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    def exited(self) -> int | None: ...
+
+    async def stop(self, grace: float = 5.0) -> None: ...
+
+
+async def wait_healthy(
+    runner: Runner,
+    timeout: float,
+    reason: Callable[[], Awaitable[str]],
+    reachable: Callable[[], bool] = lambda: True,
+    interval: float = 0.1,
+) -> None:
+    """Poll the runner's /health until it answers 200; a runner that exits first, or never answers
+    within `timeout` (then it is stopped), fails the launch with the reason."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runner.exited() is not None:
+            raise LaunchFailed(await reason())
+        if reachable():
+            try:
+                async with runner.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+        await asyncio.sleep(interval)
+    await runner.stop()
+    raise LaunchFailed(f"runner for {runner.config.model_uid} did not become ready within {timeout:.0f} s")
 
 
 class RunnerProcess:
@@ -92,20 +131,10 @@ class RunnerProcess:
         return None if self._popen is None else self._popen.poll()
 
     async def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.exited() is not None:
-                raise LaunchFailed(self.failure_reason())
-            if Path(self.config.socket).exists():
-                try:
-                    async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-            await asyncio.sleep(0.05)
-        await self.stop()
-        raise LaunchFailed(f"runner for {self.config.model_uid} did not become ready within {timeout:.0f} s")
+        async def reason() -> str:
+            return self.failure_reason()
+
+        await wait_healthy(self, timeout, reason, lambda: Path(self.config.socket).exists(), interval=0.05)
 
     def failure_reason(self) -> str:
         status = Path(self.config.status_file)
