@@ -232,7 +232,9 @@ async def inprocess_chat(config: EngineConfig, max_tokens: int, runs: int) -> li
 
 
 @contextlib.contextmanager
-def shoal_server(port: int, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def shoal_server(
+    port: int, data_dir: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """A gateway subprocess with no models; its runners die with it (PR_SET_PDEATHSIG)."""
     log = (data_dir / "gateway.log").open("wb")
     proc = subprocess.Popen(
@@ -249,6 +251,7 @@ def shoal_server(port: int, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]
             str(data_dir),
             "--log-level",
             "warning",
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -119,7 +119,9 @@ def test_decode_each_container(speech: dict[str, bytes], name: str) -> None:
     reference = decode_audio(speech["wav"])
     assert samples.dtype == np.float32 and samples.ndim == 1
     assert abs(len(samples) - len(reference)) < 0.05 * 16000  # same length within 50 ms
-    assert 0.1 < float(np.abs(samples).max()) <= 1.01
+    # float samples on the [-1, 1] scale, not int16's; a lossy codec (AAC, MP3) may overshoot full
+    # scale by a few percent where the speech peaks near it (seen: 1.026 for AAC)
+    assert 0.1 < float(np.abs(samples).max()) <= 1.2
     with wave.open(io.BytesIO(speech["wav"])) as w:
         assert abs(len(reference) / 16000 - w.getnframes() / w.getframerate()) < 0.01
 

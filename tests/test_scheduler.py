@@ -123,6 +123,22 @@ def test_cpu_is_a_device_and_cores_are_shared_out() -> None:
     assert share_cores(2, [Holding("a/0", "cpu", 1, 0, None, 0, cores=(0,))], 1) == (1,)
 
 
+def test_cores_are_shared_out_per_node() -> None:
+    """On a cluster each node has its own CPU: cores held on one node do not count on another."""
+    devices = [
+        DeviceState("node-a/cpu", "cpu", 16 * GiB, 0, cores=2),
+        DeviceState("node-a/gpu:0", "gpu", 24 * GiB, 0),
+        DeviceState("node-b/cpu", "cpu", 16 * GiB, 0, cores=2),
+        DeviceState("node-b/gpu:0", "gpu", 24 * GiB, 0),
+    ]
+    held = [Holding("a/0", "node-a/gpu:0", 20 * GiB, 0, None, 0, cores=(0,))]
+    # node-a's GPU is full: the replica goes to node-b, whose core 0 is free
+    assert place(Demand(8 * GiB, cores=1), devices, held, POLICY, 0) == Place(("node-b/gpu:0",), (0,))
+    # on node-a itself, core 0 is taken
+    on_a = Demand(1 * GiB, cores=1, allowed=("node-a/gpu:0",))
+    assert place(on_a, devices, held, POLICY, 0) == Place(("node-a/gpu:0",), (1,))
+
+
 def test_no_gpus_means_auto_goes_to_the_cpu() -> None:
     devices = [DeviceState("cpu", "cpu", 16 * GiB, 0, cores=2)]
     assert place(Demand(GiB), devices, [], POLICY, 0) == Place(("cpu",))

@@ -1,7 +1,7 @@
 """The web UI at /ui in a real browser (headless Chromium from Debian, driven by Playwright): launch a
 model from the form after seeing its estimate, see its segment on the fake GPU's bar beside another
-model's, chat with streamed text, stop it and see its segment go; and the API-key prompt when auth
-is on.
+model's, chat with streamed text, stop it and see its segment go; the API-key prompt when auth
+is on; and the GPUs page grouped by node for a Ray cluster's answers.
 
 Needs `apt-get install -y chromium chromium-driver` and `pip install playwright` (no `playwright
 install`: the Debian Chromium is used). Screenshots go to test-artifacts/; the GPUs page one is
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer
+from test_cli_render import RAY_DEVICES, RAY_WORKERS
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -203,6 +204,54 @@ def test_asks_for_the_api_key_once_when_auth_is_on(browser: Any, tmp_path: Path)
         page.click('header nav a[href="#models"]')
         expect(page.locator('#launch-form select[name="model_name"] option')).not_to_have_count(0)
         expect(page.locator("#estimate")).to_contain_text("Would go to", timeout=30_000)
+        assert not errors, errors
+    finally:
+        page.close()
+        srv.stop()
+
+
+def test_gpus_page_groups_devices_by_node_on_a_ray_cluster(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    # This tests the page's rendering of a Ray cluster's answers, not the cluster (test_ray_cluster.py
+    # does that): a one-machine server serves the UI, and the browser gets hand-written answers for
+    # the two endpoints the GPUs page polls. Two nodes up, one that left the cluster.
+    srv = _serve(tmp_path)
+    errors: list[str] = []
+    page = _open_page(browser, errors)
+    page.route("**/v1/cluster/devices", lambda route: route.fulfill(json=RAY_DEVICES))
+    page.route("**/v1/workers", lambda route: route.fulfill(json=RAY_WORKERS))
+    try:
+        page.goto(srv.url + "/ui/")
+        sections = page.locator("#devices section.node")
+        expect(sections).to_have_count(3)
+        # In the workers' order, each heading naming its node and IP; only the node that left is down.
+        assert sections.evaluate_all("s => s.map(n => n.dataset.node)") == [
+            "node-aa11aa11",
+            "node-cc33cc33",
+            "node-bb22bb22",
+        ]
+        first, gone, second = (
+            page.locator(f'section.node[data-node="{n}"]')
+            for n in ("node-aa11aa11", "node-cc33cc33", "node-bb22bb22")
+        )
+        expect(first.locator(".node-head")).to_contain_text("10.0.0.1")
+        expect(first.locator(".node-head .tag.down")).to_have_count(0)
+        expect(gone.locator(".node-head")).to_contain_text("10.0.0.3")
+        expect(gone.locator(".node-head .tag.down")).to_have_text("down")
+        expect(gone).to_contain_text("Left the cluster")
+        expect(gone.locator(".device")).to_have_count(0)
+        # Each device under its node, labelled by its id there; the bar keeps the full id.
+        expect(first.locator(".device .device-head .id")).to_have_text(["gpu:0", "cpu"])
+        expect(second.locator(".device .device-head .id")).to_have_text(["gpu:0", "gpu:1"])
+        expect(
+            second.locator('.bar[data-device="node-bb22bb22/gpu:0"] .seg.model[data-uid="chat"]')
+        ).to_be_visible()
+        expect(
+            first.locator('.bar[data-device="node-aa11aa11/gpu:0"] .seg.model[data-uid="chat"]')
+        ).to_be_visible()
+        expect(page.locator('.bar[data-device="gpu:0"]')).to_have_count(0)  # not the serving machine's own
+        _screenshot(page, "gpus-nodes.png")
         assert not errors, errors
     finally:
         page.close()

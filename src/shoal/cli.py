@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -203,33 +204,97 @@ def _gib(n: object) -> str:
     return f"{int(n) / 1024**3:.2f}" if isinstance(n, int | float) else "-"
 
 
+@dataclass
+class NodeGroup:
+    """One cluster node on `shoal gpus`: its IP, whether it is up, and its devices as (local id, device)."""
+
+    node: str
+    worker_ip: str | None
+    alive: bool
+    devices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return "up" if self.alive else "down"
+
+    @property
+    def empty_note(self) -> str:
+        """What a node without devices shows in place of them."""
+        return "no devices" if self.alive else "left the cluster"
+
+
+def group_by_node(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[NodeGroup] | None:
+    """GET /v1/cluster/devices grouped by the node in GET /v1/workers, in the workers' order; a device
+    is labelled by its id on its node ("gpu:0"). None on one machine, where no device names a node and
+    the only worker is "local" (no Ray node id). A node that left the cluster keeps a group without
+    devices; a device whose node is not (yet) among the workers gets a group of its own."""
+    if not any(d.get("node") for d in devices) and not any(w.get("node_id") for w in workers):
+        return None
+    groups = {
+        w["node"]: NodeGroup(w["node"], w.get("worker_ip"), bool(w.get("alive", True)))
+        for w in workers
+        if w.get("node")
+    }
+    for d in devices:
+        node = d.get("node") or "?"
+        group = groups.setdefault(node, NodeGroup(node, None, True))
+        prefix = node + "/"
+        group.devices.append((d["id"].removeprefix(prefix), d))
+    return list(groups.values())
+
+
+def _device_cells(d: dict[str, Any]) -> list[str]:
+    held = [
+        f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}"
+        + (f" (measured {_gib(m['measured_bytes'])})" if m.get("measured_bytes") else "")
+        + (" [red]OVER[/red]" if m.get("over_reservation") else "")
+        for m in d["models"]
+    ]
+    name = d["name"] + (" (fake)" if d.get("fake") else "")
+    return [
+        name,
+        _gib(d["total_bytes"]),
+        _gib(d["used_by_others_bytes"]),
+        _gib(d["reserved_bytes"]),
+        _gib(d["free_bytes"]),
+        "\n".join(held) or "-",
+    ]
+
+
+def devices_table(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) -> Table:
+    """The `shoal gpus` table: one row per device; on a Ray cluster a NODE column (name, IP, up or
+    down) and one section per node, each device named by its id on that node."""
+    columns = ["DEVICE", "NAME", "TOTAL GiB", "OTHERS GiB", "RESERVED GiB", "FREE GiB", "MODELS"]
+    groups = group_by_node(devices, workers)
+    if groups is None:
+        table = Table(*columns)
+        for d in devices:
+            table.add_row(d["id"], *_device_cells(d))
+        return table
+    table = Table("NODE", *columns)
+    for group in groups:
+        state = group.state if group.alive else f"[red]{group.state}[/red]"
+        node = f"{group.node}\n{group.worker_ip or '-'} {state}"
+        if not group.devices:
+            note = group.empty_note if group.alive else f"[red]{group.empty_note}[/red]"
+            table.add_row(node, "-", note, *["-"] * (len(columns) - 2))
+        for i, (local_id, d) in enumerate(group.devices):
+            table.add_row(node if i == 0 else "", local_id, *_device_cells(d))
+        table.add_section()
+    return table
+
+
 @app.command()
 def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
-    """Show each device's memory: total, used by others, each model's reservation and use, free."""
+    """Show each device's memory: total, used by others, each model's reservation and use, free;
+    grouped by node on a Ray cluster."""
     with _client(endpoint) as client:
         try:
             devices = client.devices()
+            workers = client.workers()
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
-    table = Table("DEVICE", "NAME", "TOTAL GiB", "OTHERS GiB", "RESERVED GiB", "FREE GiB", "MODELS")
-    for d in devices:
-        held = [
-            f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}"
-            + (f" (measured {_gib(m['measured_bytes'])})" if m.get("measured_bytes") else "")
-            + (" [red]OVER[/red]" if m.get("over_reservation") else "")
-            for m in d["models"]
-        ]
-        name = d["name"] + (" (fake)" if d.get("fake") else "")
-        table.add_row(
-            d["id"],
-            name,
-            _gib(d["total_bytes"]),
-            _gib(d["used_by_others_bytes"]),
-            _gib(d["reserved_bytes"]),
-            _gib(d["free_bytes"]),
-            "\n".join(held) or "-",
-        )
-    console.print(table)
+    console.print(devices_table(devices, workers))
 
 
 @app.command()

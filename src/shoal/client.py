@@ -132,6 +132,9 @@ class Client:
     def devices(self) -> list[dict[str, Any]]:
         return list(self._get("/v1/cluster/devices"))
 
+    def workers(self) -> list[dict[str, Any]]:
+        return list(self._get("/v1/workers"))
+
     def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self._post("/v1/models/estimate", body))
 

@@ -44,12 +44,17 @@ API_KEY = Setting("SHOAL_API_KEY", "", "admin API key the server accepts; the CL
 RAY_ADDRESS = Setting(
     "SHOAL_RAY_ADDRESS", "", "join this Ray cluster (an address, or auto) and place models on all its nodes"
 )
+MODEL_CACHE = Setting(
+    "SHOAL_MODEL_CACHE",
+    str(Path.home() / ".cache" / "shoal" / "models"),
+    "on a Ray node: where model files copied from the gateway's node are kept",
+)
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
-    RAY_ADDRESS,
+    RAY_ADDRESS, MODEL_CACHE,
 )  # fmt: skip
 
 

@@ -23,4 +23,5 @@ class RunnerConfig(BaseModel):
     options: dict[str, Any] = {}
     socket: str  # Unix socket the runner listens on (unless `listen` is set)
     listen: str | None = None  # "host:port": listen on TCP instead (runners on Ray nodes)
+    listen_fd: int | None = None  # the socket bound to `listen`, inherited from the node agent
     status_file: str  # where the runner writes why it failed to load

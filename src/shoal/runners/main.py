@@ -43,7 +43,9 @@ def main(config_path: str) -> int:
     from shoal.runners.app import build_runner_app
 
     where: dict[str, object]
-    if config.listen:  # a runner on a Ray node: the gateway reaches it over TCP
+    if config.listen_fd is not None:  # a runner on a Ray node: its agent bound the TCP port
+        where = {"fd": config.listen_fd}
+    elif config.listen:
         host, _, port = config.listen.rpartition(":")
         where = {"host": host, "port": int(port)}
     else:

@@ -27,12 +27,18 @@ from shoal.runners.config import RunnerConfig
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(cores: tuple[int, ...]) -> Callable[[], None]:
+def child_setup(cores: tuple[int, ...] | list[int]) -> Callable[[], None]:
+    """The runner dies with the process that spawned it, and computes on the cores it was given.
+
+    Core numbers are indices into the CPUs this process may use (the scheduler counts them from 0)."""
+    usable = sorted(os.sched_getaffinity(0))
+    cpus = {usable[c % len(usable)] for c in cores}
+
     def setup() -> None:  # runs in the child between fork and exec
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if cores:  # the cores the scheduler shared out to this runner
-            os.sched_setaffinity(0, cores)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
 
     return setup
 
@@ -122,7 +128,7 @@ class RunnerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self._env},
-                preexec_fn=_child_setup(self.cores),
+                preexec_fn=child_setup(self.cores),
                 close_fds=True,
             )
 

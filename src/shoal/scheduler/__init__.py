@@ -88,6 +88,11 @@ class NoFit:
 Decision = Place | Evict | NoFit
 
 
+def node_of(device_id: str) -> str:
+    """ "node-ab12cd34/gpu:0" → "node-ab12cd34"; one machine's "gpu:0" → ""."""
+    return device_id.rpartition("/")[0]
+
+
 def headroom_bytes(device: DeviceState, policy: Policy) -> int:
     return int(device.total * policy.headroom)
 
@@ -158,10 +163,13 @@ def place(
         chosen = options[: demand.n_devices]
         ids = tuple(sorted(o[3] for o in chosen))
         victims = tuple(v for o in chosen for v in o[4])
-        cpu = next((d for d in devices if d.kind == "cpu"), None)
+        # Cores are those of the chosen devices' node (a cluster has one CPU per node).
+        node = node_of(ids[0])
+        cpu = next((d for d in devices if d.kind == "cpu" and node_of(d.id) == node), None)
         cores: tuple[int, ...] = ()
         if demand.cores and cpu is not None and cpu.cores:
-            cores = share_cores(cpu.cores, [h for h in holdings if h.replica not in victims], demand.cores)
+            same_node = [h for h in holdings if h.replica not in victims and node_of(h.device) == node]
+            cores = share_cores(cpu.cores, same_node, demand.cores)
         target = Place(ids, cores)
         return Evict(victims, target) if victims else target
     return _explain(demand, candidates, holdings, policy, now)

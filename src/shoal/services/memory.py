@@ -34,13 +34,15 @@ class Reservation:
 class Snapshot:
     devices: list[Device]
     gpu_usage: dict[tuple[str, int], int]  # (device id, pid) → bytes, real GPUs only
+    # Ray mode: (node's cpu device id, pid) → RSS, as its node agent read it; None: read /proc here
+    cpu_usage: dict[tuple[str, int], int] | None = None
 
     def measure(self, device: Device, pid: int | None) -> int | None:
         """A runner's use of one device, where it can be measured (not on fake GPUs)."""
         if pid is None or device.fake:
             return None
         if device.kind == "cpu":
-            return rss_bytes(pid)
+            return rss_bytes(pid) if self.cpu_usage is None else self.cpu_usage.get((device.id, pid))
         return self.gpu_usage.get((device.id, pid), 0)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from shoal import metrics
 from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
-from shoal.cluster import RayCluster, RemoteRunner, split_device
+from shoal.cluster import NodeLost, RayCluster, RemoteRunner, split_device
 from shoal.engines import registry
 from shoal.errors import (
     Conflict,
@@ -36,7 +36,18 @@ from shoal.errors import (
 from shoal.protocol.admin import EstimateRequest, LaunchRequest
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import ReplicaState, RunnerProcess
-from shoal.scheduler import Decision, Demand, DeviceState, Evict, Holding, NoFit, Place, Policy, place
+from shoal.scheduler import (
+    Decision,
+    Demand,
+    DeviceState,
+    Evict,
+    Holding,
+    NoFit,
+    Place,
+    Policy,
+    node_of,
+    place,
+)
 from shoal.services import memory
 from shoal.services.memory import Reservation, Snapshot
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
@@ -181,7 +192,7 @@ class ModelService:
     def _read(self) -> Snapshot:
         """Devices now (reads NVML: call it off the event loop). Ray mode: every alive node's."""
         if self.cluster is not None:
-            return Snapshot(self.cluster.devices(), {})
+            return self.cluster.snapshot()
         return memory.read(self.settings.fake_gpus)
 
     def workers(self) -> list[dict[str, Any]]:
@@ -411,8 +422,6 @@ class ModelService:
     def _shoal_use(self, snapshot: Snapshot) -> dict[str, int]:
         """Per device, what Shoal's own runners are measured to use (so it is not counted as others')."""
         use: dict[str, int] = {}
-        if self.cluster is not None:
-            return use  # runners on other nodes are not measured from here
         by_id = {d.id: d for d in snapshot.devices}
         for model in self._models.values():
             for replica in model.replicas:
@@ -461,7 +470,7 @@ class ModelService:
 
     def _cluster_demand(self, demand: Demand, model: RunningModel, states: list[DeviceState]) -> Demand:
         """Ray mode: gpu_idx means that index on any node (or on the worker_ip node); other replicas
-        of the model steer this one to other nodes; cores are not shared out across nodes."""
+        of the model steer this one to other nodes."""
         assert self.cluster is not None
         worker_ip = model.request.worker_ip
         allowed = demand.allowed
@@ -476,7 +485,7 @@ class ModelService:
                 allowed = (f"(no node matches worker_ip {worker_ip})",)
         nodes = {split_device(d)[0] for d in demand.avoid}
         avoid = frozenset(s.id for s in states if split_device(s.id)[0] in nodes)
-        return replace(demand, allowed=allowed, avoid=avoid, cores=0)
+        return replace(demand, allowed=allowed, avoid=avoid)
 
     def _place_on_one_node(
         self, demand: Demand, states: list[DeviceState], holdings: list[Holding], now: float
@@ -548,23 +557,32 @@ class ModelService:
             )
             replica.state = ReplicaState.EVICTED
             metrics.EVICTIONS.labels(uid).inc()
+            stopped.extend(self._runner_ids(replica))
             if replica.runner:
-                stopped.append(replica.runner.pid)
                 await replica.runner.stop()
             replica.reservation = None
         await self._memory_back(stopped)
 
-    async def _memory_back(self, pids: list[int | None]) -> None:
-        """After a stop: wait until NVML no longer lists the pids (fake GPUs and the CPU: at once)."""
-        if self.settings.fake_gpus or self.cluster is not None:
-            return  # Ray mode: no per-pid GPU measurement across nodes (yet)
+    @staticmethod
+    def _runner_ids(replica: Replica) -> list[tuple[str, int]]:
+        """(node, pid) of the replica's runner: pids are only unique per node ("" on one machine)."""
+        r, pid = replica.reservation, replica.runner.pid if replica.runner else None
+        return [(node_of(r.devices[0]), pid)] if r and r.devices and pid is not None else []
+
+    async def _memory_back(self, stopped: list[tuple[str, int]]) -> None:
+        """After a stop: wait until NVML (here, or on the runner's node) no longer lists the runners
+        (fake GPUs and the CPU: at once)."""
+        if self.settings.fake_gpus or not stopped:
+            return
         deadline = time.monotonic() + MEMORY_BACK_TIMEOUT
         while time.monotonic() < deadline:
+            if self.cluster is not None:
+                await self.cluster.poll_agents()  # fresh, not the last poll's view
             usage = await asyncio.to_thread(self._read)
-            if not any(pid in pids for _, pid in usage.gpu_usage):
+            if not any((node_of(device), pid) in stopped for device, pid in usage.gpu_usage):
                 return
             await asyncio.sleep(0.2)
-        log.warning("GPU memory of pids %s still in use after %.0f s", pids, MEMORY_BACK_TIMEOUT)
+        log.warning("GPU memory of runners %s still in use after %.0f s", stopped, MEMORY_BACK_TIMEOUT)
 
     async def estimate(self, request: EstimateRequest) -> dict[str, Any]:
         """The estimate and where it would go now, without launching anything."""
@@ -638,8 +656,6 @@ class ModelService:
         return memory.device_report(states, snapshot, holdings, per_replica, self.policy)
 
     def _measure(self, snapshot: Snapshot) -> None:
-        if self.cluster is not None:
-            return
         by_id = {d.id: d for d in snapshot.devices}
         for model in self._models.values():
             for replica in model.replicas:
@@ -692,9 +708,9 @@ class ModelService:
         if self.cluster is not None:
             try:
                 log_name = f"{model.uid}-{replica.index}.log"
-                runner = self.cluster.runner(reservation.devices[0], config, env, log_name)
-            except LaunchFailed as exc:
-                replica.state, replica.last_error = ReplicaState.FAILED, exc.message
+                runner = self.cluster.runner(reservation.devices[0], config, env, log_name, reservation.cores)
+            except NodeLost as exc:
+                await self._lost_while_starting(model, replica, exc)
                 return
         else:
             runner = RunnerProcess(
@@ -708,6 +724,10 @@ class ModelService:
             else:
                 runner.spawn(self._run_dir / f"r{n}.json")
             await runner.wait_ready(self.settings.launch_timeout)
+        except NodeLost as exc:
+            await runner.stop()
+            await self._lost_while_starting(model, replica, exc)
+            return
         except LaunchFailed as exc:
             await runner.stop()
             replica.state, replica.last_error = ReplicaState.FAILED, exc.message
@@ -723,6 +743,14 @@ class ModelService:
                 ",".join(reservation.devices),
                 runner.pid,
             )
+
+    async def _lost_while_starting(self, model: RunningModel, replica: Replica, exc: NodeLost) -> None:
+        """Its node left before the replica was ready: place it again on the nodes left."""
+        log.warning("model %s replica %d lost while starting: %s", model.uid, replica.index, exc.message)
+        replica.last_error = exc.message
+        replica.state, replica.reservation = ReplicaState.RESTARTING, None
+        self._freed.set()
+        await self._replace(model, replica)
 
     async def ensure_ready(self, uid: str) -> None:
         """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name;
@@ -755,12 +783,12 @@ class ModelService:
     async def _stop_model(self, model: RunningModel) -> None:
         for replica in model.replicas:
             replica.state = ReplicaState.STOPPING
-        pids = [r.runner.pid for r in model.replicas if r.runner]
+        stopped = [key for r in model.replicas for key in self._runner_ids(r)]
         await asyncio.gather(*(r.runner.stop() for r in model.replicas if r.runner))
         for replica in model.replicas:
             replica.state, replica.reservation = ReplicaState.STOPPED, None
         if model.plan.kind == "gpu":
-            await self._memory_back(pids)
+            await self._memory_back(stopped)
         self._freed.set()
 
     # ---- supervision -------------------------------------------------------------------------

@@ -144,8 +144,14 @@ async function poll() {
   if (polling || document.hidden) return;
   polling = true;
   try {
-    if (page === "gpus") renderDevices(await api("/v1/cluster/devices", { interactive: false }));
-    else if (page === "models") renderModels((await api("/v1/models", { interactive: false })).data);
+    if (page === "gpus") {
+      // The workers only name the nodes (IP, up or down); without them the bars still show.
+      const [devices, workers] = await Promise.all([
+        api("/v1/cluster/devices", { interactive: false }),
+        api("/v1/workers", { interactive: false }).catch(() => []),
+      ]);
+      renderDevices(devices, workers);
+    } else if (page === "models") renderModels((await api("/v1/models", { interactive: false })).data);
     else fillModelSelects((await api("/v1/models", { interactive: false })).data);
     $("#status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
@@ -192,7 +198,8 @@ function segment(kind, size, total, name, tipText, extra = {}) {
     el("span", { class: "label" }, el("span", { text: name }), el("b", { text: bytes(size) })));
 }
 
-function deviceCard(d) {
+// label: the device's id on its node ("gpu:0") when the card sits under its node's heading.
+function deviceCard(d, label = d.id) {
   const total = d.total_bytes || 1;
   const bar = el("div", { class: "bar", "data-device": d.id });
   for (const m of d.models) {
@@ -229,8 +236,8 @@ function deviceCard(d) {
       el("th", { class: i >= 2 && i <= 4 ? "num" : null, text: h }))), ...rows) : null;
   return el("div", { class: "device", "data-device": d.id },
     el("div", { class: "device-head" },
-      el("span", { class: "id", text: d.id }),
-      d.name !== d.id ? el("span", { class: "muted", text: d.name }) : null,
+      el("span", { class: "id", text: label }),
+      d.name !== label ? el("span", { class: "muted", text: d.name }) : null,
       d.fake ? el("span", { class: "tag", text: "fake GPU: runners compute on the CPU" }) : null,
       d.cores ? el("span", { class: "tag", text: `${d.cores} cores` }) : null,
       el("span", { class: "summary" }, el("b", { text: bytes(d.free_bytes) }), ` free of ${bytes(d.total_bytes)}`,
@@ -241,10 +248,50 @@ function deviceCard(d) {
     table);
 }
 
-function renderDevices(devices) {
-  // GPUs first, the CPU's RAM last.
-  devices.sort((a, b) => (a.kind === "cpu") - (b.kind === "cpu") || a.index - b.index);
-  $("#devices").replaceChildren(...devices.map(deviceCard));
+// GPUs first, the CPU's RAM last.
+const byKindAndIndex = (a, b) => (a.kind === "cpu") - (b.kind === "cpu") || a.index - b.index;
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+// On a Ray cluster (devices name their node, or the workers are Ray nodes): one group per node, in
+// the workers' order. A node that left the cluster keeps its group, without devices; a device whose
+// node is not (yet) among the workers gets a group of its own. On one machine: null.
+function nodeGroups(devices, workers) {
+  if (!devices.some((d) => d.node) && !workers.some((w) => w.node_id)) return null;
+  const groups = new Map();
+  for (const w of workers) {
+    if (w.node) groups.set(w.node, { node: w.node, ip: w.worker_ip, alive: w.alive !== false, runners: w.runners, devices: [] });
+  }
+  for (const d of devices) {
+    const node = d.node || "?";
+    if (!groups.has(node)) groups.set(node, { node, ip: null, alive: true, runners: null, devices: [] });
+    groups.get(node).devices.push(d);
+  }
+  return [...groups.values()];
+}
+
+function localId(d) {
+  return d.node && d.id.startsWith(d.node + "/") ? d.id.slice(d.node.length + 1) : d.id;
+}
+
+function nodeSection(g) {
+  const gpus = g.devices.filter((d) => d.kind !== "cpu").length;
+  const summary = [g.devices.length ? plural(gpus, "GPU") : null,
+    typeof g.runners === "number" ? plural(g.runners, "runner") : null].filter(Boolean).join(" · ");
+  const cards = g.devices.sort(byKindAndIndex).map((d) => deviceCard(d, localId(d)));
+  return el("section", { class: "node" + (g.alive ? "" : " down"), "data-node": g.node },
+    el("h2", { class: "node-head" },
+      el("span", { class: "id", text: g.node }),
+      el("span", { class: "muted", text: g.ip || "IP not known yet" }),
+      g.alive ? null : el("span", { class: "tag down", text: "down" }),
+      summary ? el("span", { class: "summary muted", text: summary }) : null),
+    cards.length ? cards : el("p", { class: "muted empty",
+      text: g.alive ? "No devices reported yet." : "Left the cluster: its devices are gone." }));
+}
+
+function renderDevices(devices, workers = []) {
+  const groups = nodeGroups(devices, workers);
+  if (groups) $("#devices").replaceChildren(...groups.map(nodeSection));
+  else $("#devices").replaceChildren(...devices.sort(byKindAndIndex).map((d) => deviceCard(d)));
 }
 
 function showTip(event) {

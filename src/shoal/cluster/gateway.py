@@ -1,46 +1,41 @@
-"""Several machines: the gateway joins an existing Ray cluster (`shoal serve --ray-address`).
+"""The gateway's side of the cluster: nodes, their agents, and runners on them.
 
-One `NodeAgent` actor per Ray node (pinned with a hard node affinity, no CPUs reserved) reports the
-node's devices (its own SHOAL_FAKE_GPUS, or NVML, and the CPU) and spawns and stops runner processes
-there. Runners on agents listen on TCP; the gateway proxies to them. Device ids are prefixed with
-the node ("node-ab12cd34/gpu:0") so the one scheduler sees every node's devices.
-
-`RayCluster` lives in the gateway: it starts an agent on every alive node, polls `ray.nodes()`
-every second (a node that joins gets an agent; a node that leaves has its runners marked lost), and
-hands out `RemoteRunner`s with the methods of a local `RunnerProcess`.
+`RayCluster` starts an agent on every alive node and polls them (a node that joins gets an agent; a
+node that leaves has its runners marked lost; each poll refreshes the node's devices and its
+runners' measured memory). It hands out `RemoteRunner`s with the methods of a local RunnerProcess.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from shoal.devices import Device, all_devices
+from shoal.catalog.specs import Source
+from shoal.cluster import files
+from shoal.cluster.agent import NodeAgent
+from shoal.devices import Device
 from shoal.errors import LaunchFailed
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import wait_healthy
+from shoal.services.memory import Snapshot
 
 log = logging.getLogger("shoal.cluster")
 
 POLL_NODES = 1.0  # seconds between looks at ray.nodes()
-POLL_RUNNERS = 0.5  # seconds between asking each agent which of its runners exited
-_PR_SET_PDEATHSIG = 1
+POLL_AGENTS = 0.5  # seconds between polls of each agent (runner exits, devices, memory use)
+COPY_IN_FLIGHT = 4  # object-store chunks on their way to a node at once
+
+
+class NodeLost(LaunchFailed):
+    """The node (or its agent) went away: not the model's fault; place the replica elsewhere."""
 
 
 def node_name(node_id: str) -> str:
@@ -53,98 +48,6 @@ def split_device(device_id: str) -> tuple[str | None, str]:
     return (node, local) if sep else (None, device_id)
 
 
-def _pdeathsig() -> None:  # in the child between fork and exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class NodeAgent:
-    """The Ray actor on one node (created as a Ray actor by RayCluster; plain class for tests).
-
-    Runners are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
-    forked exits, so a short-lived thread would kill its runners."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.dir = Path(tempfile.mkdtemp(prefix="shoal-agent-"))
-        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-spawner")
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
-        self._status: dict[int, str] = {}
-        self._logs: dict[int, Path] = {}
-        self._lock = threading.Lock()
-        self._n = 0
-
-    def devices(self) -> list[dict[str, Any]]:
-        return [d.to_dict() for d in all_devices(os.environ.get("SHOAL_FAKE_GPUS", ""))]
-
-    def spawn(self, config_json: str, env: dict[str, str], log_name: str) -> tuple[int, str]:
-        """Start a runner; returns (pid, "host:port" it will listen on)."""
-        with self._lock:
-            self._n += 1
-            n = self._n
-        config = RunnerConfig.model_validate_json(config_json)
-        listen = f"{self.host}:{_free_port(self.host)}"
-        status = self.dir / f"r{n}.status"
-        config = config.model_copy(update={"listen": listen, "socket": "", "status_file": str(status)})
-        path = self.dir / f"r{n}.json"
-        path.write_text(config.model_dump_json())
-        log_path = self.dir / log_name
-
-        def start() -> subprocess.Popen[bytes]:
-            with open(log_path, "ab") as out:
-                return subprocess.Popen(
-                    [sys.executable, "-m", "shoal.runners.main", str(path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **env},
-                    preexec_fn=_pdeathsig,
-                    close_fds=True,
-                )
-
-        proc = self._spawner.submit(start).result()
-        self._procs[proc.pid] = proc
-        self._status[proc.pid] = str(status)
-        self._logs[proc.pid] = log_path
-        return proc.pid, listen
-
-    def exited(self) -> dict[int, int | None]:
-        return {pid: proc.poll() for pid, proc in self._procs.items()}
-
-    def failure_reason(self, pid: int) -> str:
-        status = Path(self._status.get(pid, "/nonexistent"))
-        proc = self._procs.get(pid)
-        reason = (
-            status.read_text().strip()
-            if status.exists()
-            else (f"runner exited with code {proc.poll() if proc else None}")
-        )
-        try:
-            lines = self._logs[pid].read_text(errors="replace").splitlines()[-200:]
-        except (OSError, KeyError):
-            lines = []
-        hints = [ln.strip() for ln in lines if any(k in ln.lower() for k in ("error", "failed", "exception"))]
-        hints = [h for h in hints if h not in reason][-3:]
-        return reason + (" | " + " | ".join(hints) if hints else "")
-
-    def stop(self, pid: int, grace: float = 5.0) -> None:
-        proc = self._procs.pop(pid, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @dataclass
 class Node:
     node_id: str
@@ -154,6 +57,17 @@ class Node:
     devices: list[Device] = field(default_factory=list)
     alive: bool = True
     runners: dict[int, RemoteRunner] = field(default_factory=dict)
+    gpu_usage: dict[tuple[str, int], int] = field(default_factory=dict)  # (device id, pid) → bytes
+    rss: dict[int, int] = field(default_factory=dict)  # runner pid → bytes
+
+    def update(self, polled: dict[str, Any]) -> None:
+        self.devices = [Device(**{**d, "id": f"{self.name}/{d['id']}"}) for d in polled["devices"]]
+        self.gpu_usage = {(f"{self.name}/{dev}", pid): used for dev, pid, used in polled["gpu"]}
+        self.rss = dict(polled["rss"])
+        for pid, code in polled["exited"].items():
+            runner = self.runners.get(pid)
+            if runner is not None and code is not None:
+                runner._exit = code
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -161,18 +75,27 @@ class Node:
             "node_id": self.node_id,
             "worker_ip": self.ip,
             "alive": self.alive,
-            "devices": [d.id for d in self.devices],
+            "devices": [d.id for d in self.devices] if self.alive else [],
             "runners": len(self.runners),
         }
+
+
+def _ray_error(exc: BaseException, node: Node) -> LaunchFailed:
+    """A failed call to an agent: the node is gone (NodeLost), or the agent raised (LaunchFailed)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return LaunchFailed(f"on {node.name}: {exc.cause if exc.cause else exc}")
+    return NodeLost(f"node {node.name} is unreachable: {type(exc).__name__}")
 
 
 class RemoteRunner:
     """A runner on a node agent, with the methods ModelService uses on a local RunnerProcess."""
 
     def __init__(self, cluster: RayCluster, node: Node, config: RunnerConfig, env: dict[str, str],
-                 log_name: str) -> None:  # fmt: skip
+                 log_name: str, cores: tuple[int, ...]) -> None:  # fmt: skip
         self.cluster, self.node, self.config = cluster, node, config
-        self._env, self._log_name = env, log_name
+        self._env, self._log_name, self._cores = env, log_name, cores
         self.pid: int | None = None
         self.listen: str | None = None
         self._exit: int | None = None
@@ -188,14 +111,22 @@ class RemoteRunner:
         return self._session
 
     async def start(self) -> None:
+        """Bring the model's files to the node when it lacks them, then spawn the runner there."""
         import ray
 
-        ref = self.node.agent.spawn.remote(self.config.model_dump_json(), self._env, self._log_name)
         try:
+            if self.config.source.path:
+                path = await self.cluster.stage(self.node, Path(self.config.source.path))
+                self.config = self.config.model_copy(update={"source": Source(path=path)})
+            ref = self.node.agent.spawn.remote(
+                self.config.model_dump_json(), self._env, self._log_name, list(self._cores)
+            )
             self.pid, self.listen = await asyncio.to_thread(ray.get, ref, timeout=60)
-        except Exception as exc:  # the node died or the actor is gone
-            self.lost(f"could not spawn on {self.node.name}: {type(exc).__name__}")
-            raise LaunchFailed(self._lost or "node lost") from exc
+        except Exception as exc:  # the node died, or the agent could not do it
+            error = exc if isinstance(exc, LaunchFailed) else _ray_error(exc, self.node)
+            if isinstance(error, NodeLost):
+                self.lost(error.message)
+            raise error from exc
         self.node.runners[self.pid] = self
 
     def lost(self, reason: str) -> None:
@@ -211,7 +142,10 @@ class RemoteRunner:
         return self._exit
 
     async def wait_ready(self, timeout: float) -> None:
-        await wait_healthy(self, timeout, self.failure_reason_async)
+        try:
+            await wait_healthy(self, timeout, self.failure_reason_async)
+        except LaunchFailed as exc:
+            raise NodeLost(exc.message) if self.node_lost else exc from None
 
     async def failure_reason_async(self) -> str:
         if self._lost:
@@ -252,6 +186,7 @@ class RayCluster:
         self.nodes: dict[str, Node] = {}  # by node name
         self._on_change = on_change
         self._actor_cls: Any = None
+        self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
 
     async def start(self) -> None:
         import ray
@@ -294,10 +229,10 @@ class RayCluster:
         agent = self._actor_cls.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(ip)
-        raw = await asyncio.to_thread(ray.get, agent.devices.remote(), timeout=60)
-        devices = [Device(**{**d, "id": f"{name}/{d['id']}"}) for d in raw]
-        self.nodes[name] = Node(node_id, name, ip, agent, devices)
-        log.info("node %s (%s) joined: %s", name, ip, ", ".join(d.id for d in devices))
+        node = Node(node_id, name, ip, agent)
+        node.update(await asyncio.to_thread(ray.get, agent.poll.remote(), timeout=60))
+        self.nodes[name] = node
+        log.info("node %s (%s) joined: %s", name, ip, ", ".join(d.id for d in node.devices))
 
     def _mark_dead(self, node: Node, why: str) -> None:
         import ray
@@ -312,10 +247,22 @@ class RayCluster:
         except Exception:
             pass
 
-    async def watch(self) -> None:
-        """Runs for the life of the gateway."""
+    async def poll_agents(self) -> None:
+        """Ask every alive node's agent for its devices, memory use and runner exits (all at once)."""
         import ray
 
+        nodes = [n for n in self.nodes.values() if n.alive]
+        refs = [n.agent.poll.remote() for n in nodes]
+        for node, ref in zip(nodes, refs, strict=True):
+            try:
+                node.update(await asyncio.to_thread(ray.get, ref, timeout=5))
+            except ray.exceptions.RayActorError:
+                self._mark_dead(node, "lost its agent")
+            except Exception as exc:  # slow or busy: keep the last view, try again next time
+                log.debug("poll of %s: %s", node.name, type(exc).__name__)
+
+    async def watch(self) -> None:
+        """Runs for the life of the gateway."""
         last_nodes = 0.0
         while True:
             if time.monotonic() - last_nodes >= POLL_NODES:
@@ -324,30 +271,52 @@ class RayCluster:
                     await self.refresh()
                 except Exception as exc:
                     log.warning("could not read the Ray nodes: %s", exc)
-            for node in [n for n in self.nodes.values() if n.alive and n.runners]:
-                try:
-                    codes: dict[int, int | None] = await asyncio.to_thread(
-                        ray.get, node.agent.exited.remote(), timeout=5
-                    )
-                except ray.exceptions.RayActorError:
-                    self._mark_dead(node, "lost its agent")
-                    continue
-                except Exception:
-                    continue
-                for pid, code in codes.items():
-                    runner = node.runners.get(pid)
-                    if runner is not None and code is not None:
-                        runner._exit = code
-            await asyncio.sleep(POLL_RUNNERS)
+            await self.poll_agents()
+            await asyncio.sleep(POLL_AGENTS)
 
-    def devices(self) -> list[Device]:
-        return [d for n in self.nodes.values() if n.alive for d in n.devices]
+    def snapshot(self) -> Snapshot:
+        """Every alive node's devices and its runners' use, as of the last poll."""
+        alive = [n for n in self.nodes.values() if n.alive]
+        return Snapshot(
+            [d for n in alive for d in n.devices],
+            {key: used for n in alive for key, used in n.gpu_usage.items()},
+            {(f"{n.name}/cpu", pid): rss for n in alive for pid, rss in n.rss.items()},
+        )
+
+    async def stage(self, node: Node, path: Path) -> str:
+        """The path `node` loads a local-path model from; copies the files there when it lacks them."""
+        m = await asyncio.to_thread(files.manifest, path)
+        async with self._copies.setdefault((node.name, m.key), asyncio.Lock()):
+            import ray
+
+            found = await asyncio.to_thread(ray.get, node.agent.find_files.remote(m), timeout=60)
+            if found is not None:
+                return str(found)
+            started = time.monotonic()
+            log.info("copying %s (%d bytes) to %s", m.root, m.total_bytes, node.name)
+            copied = await asyncio.to_thread(self._copy, node, m)
+            took = time.monotonic() - started
+            log.info("copied %s to %s in %.1f s (%.0f MiB/s)", m.root, node.name, took,
+                     m.total_bytes / 2**20 / max(took, 1e-6))  # fmt: skip
+            return copied
+
+    def _copy(self, node: Node, m: files.Manifest) -> str:
+        """Chunk by chunk through Ray's object store, a few chunks in flight (runs in a thread)."""
+        import ray
+
+        pending: list[Any] = []
+        for rel, offset, data in files.chunks(m):
+            pending.append(node.agent.write_chunk.remote(m, rel, offset, ray.put(data)))
+            if len(pending) >= COPY_IN_FLIGHT:
+                ray.get(pending.pop(0), timeout=300)
+        ray.get(pending, timeout=300)
+        return str(ray.get(node.agent.finish_files.remote(m), timeout=300))
 
     def node_of(self, device_id: str) -> Node:
         name, _ = split_device(device_id)
         node = self.nodes.get(name or "")
         if node is None or not node.alive:
-            raise LaunchFailed(f"node {name} is not in the cluster")
+            raise NodeLost(f"node {name} is not in the cluster")
         return node
 
     def matches(self, node_name_: str | None, worker_ip: str) -> bool:
@@ -355,16 +324,23 @@ class RayCluster:
         return node is not None and worker_ip in (node.ip, node.name, node.node_id)
 
     def runner(
-        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str
+        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str, cores: tuple[int, ...]
     ) -> RemoteRunner:
-        return RemoteRunner(self, self.node_of(device_id), config, env, log_name)
+        return RemoteRunner(self, self.node_of(device_id), config, env, log_name, cores)
 
     def workers(self) -> list[dict[str, Any]]:
         return [n.describe() for n in self.nodes.values()]
 
     async def shutdown(self) -> None:
+        """Each agent stops its runners and removes its folder, then goes."""
         import ray
 
+        alive = [n for n in self.nodes.values() if n.alive]
+        refs = [n.agent.close.remote() for n in alive]
+        try:
+            await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=15)
+        except Exception as exc:
+            log.warning("closing the node agents: %s", exc)
         for node in self.nodes.values():
             try:
                 ray.kill(node.agent)

@@ -1,0 +1,104 @@
+"""Model files for Ray nodes.
+
+A model launched from a local path is read where the gateway runs. A node that sees the same files
+(the same host, or shared storage) loads them in place. A node that does not gets a copy: the
+gateway reads the files in chunks, puts each chunk in Ray's object store, and the node's agent
+writes it under SHOAL_MODEL_CACHE. The copy is kept, so later launches of the same files on that
+node start at once; changed files (size or mtime) make a new copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 32 * 1024 * 1024  # bytes per object-store chunk: bounds the memory a copy holds
+DONE = ".complete"  # marks a finished copy
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the gateway has at `root` (a file, or a folder): each file's relative path and size."""
+
+    root: str
+    files: tuple[tuple[str, int], ...]  # ("" for a single file, size); folders: ("a/b.json", size)
+    key: str  # changes when any file's path, size or mtime changes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def manifest(path: Path) -> Manifest:
+    root = path.expanduser().absolute()  # not resolve(): a symlink's own path is what a node must see
+    if root.is_file():
+        entries = [("", root.stat())]
+    else:
+        entries = [(str(p.relative_to(root)), p.stat()) for p in sorted(root.rglob("*")) if p.is_file()]
+    files = tuple((rel, st.st_size) for rel, st in entries)
+    stamp = json.dumps([str(root), [(rel, st.st_size, st.st_mtime_ns) for rel, st in entries]])
+    return Manifest(str(root), files, hashlib.sha256(stamp.encode()).hexdigest()[:16])
+
+
+def chunks(m: Manifest) -> Iterator[tuple[str, int, bytes]]:
+    """(relative path, offset, bytes) over every file; an empty file yields one empty chunk."""
+    root = Path(m.root)
+    for rel, _ in m.files:
+        with open(root / rel if rel else root, "rb") as f:
+            offset = 0
+            while True:
+                data = f.read(CHUNK)
+                if data or offset == 0:
+                    yield rel, offset, data
+                if len(data) < CHUNK:
+                    break
+                offset += len(data)
+
+
+# ---- on the node (called by its agent) ----------------------------------------------------------
+def _same_files(root: Path, m: Manifest) -> bool:
+    try:
+        return all((root / rel if rel else root).stat().st_size == size for rel, size in m.files)
+    except OSError:
+        return False
+
+
+def _copy_root(cache: Path, m: Manifest) -> Path:
+    return cache / m.key / Path(m.root).name
+
+
+def find(cache: Path, m: Manifest) -> str | None:
+    """The path this node loads the model from, or None when the files must be copied here."""
+    if _same_files(Path(m.root), m):
+        return m.root
+    if (cache / m.key / DONE).exists():
+        return str(_copy_root(cache, m))
+    return None
+
+
+def write_chunk(cache: Path, m: Manifest, rel: str, offset: int, data: bytes) -> None:
+    partial = cache / m.key / ".partial" / Path(m.root).name
+    target = partial / rel if rel else partial
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "r+b" if target.exists() else "wb") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def finish(cache: Path, m: Manifest) -> str:
+    """Check every file arrived whole, then move the copy into place."""
+    folder = cache / m.key
+    partial = folder / ".partial" / Path(m.root).name
+    if not _same_files(partial, m):
+        raise OSError(f"the copy of {m.root} on this node is incomplete")
+    final = _copy_root(cache, m)
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    partial.rename(final)
+    shutil.rmtree(folder / ".partial", ignore_errors=True)
+    (folder / DONE).touch()
+    return str(final)
