@@ -108,7 +108,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         try:
-            (tmp / "ray").mkdir()
+            (tmp / "gateway-ray").mkdir()
             log(f"Ray mode (one-node cluster): {args.runs} one-sentence embeddings")
             on_ray = await embed_latency(
                 tmp / "ray", args.runs, args.threads, ("--ray-address", cluster.address)

@@ -38,28 +38,37 @@ def main(config_path: str) -> int:
         Path(config.status_file).write_text(f"{type(exc).__name__}: {exc}")
         return 2
 
+    import socket
+
     import uvicorn
 
     from shoal.runners.app import build_runner_app
 
-    where: dict[str, object]
-    if config.listen_fd is not None:  # a runner on a Ray node: its agent bound the TCP port
-        where = {"fd": config.listen_fd}
-    elif config.listen:
+    where: dict[str, object] = {}
+    if config.listen_fd is None and config.listen:
         host, _, port = config.listen.rpartition(":")
         where = {"host": host, "port": int(port)}
-    else:
-        socket = Path(config.socket)
-        socket.unlink(missing_ok=True)
-        where = {"uds": str(socket)}
-    uvicorn.run(
-        build_runner_app(engine),
-        **where,  # type: ignore[arg-type]
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=600,
-        timeout_graceful_shutdown=5,
+    elif config.listen_fd is None:
+        socket_path = Path(config.socket)
+        socket_path.unlink(missing_ok=True)
+        where = {"uds": str(socket_path)}
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_runner_app(engine),
+            **where,  # type: ignore[arg-type]
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=600,
+            timeout_graceful_shutdown=5,
+        )
     )
+    if config.listen_fd is not None:
+        # A runner on a Ray node serves on the TCP socket its agent bound. socket(fileno=) reads the
+        # socket's real family; uvicorn's own fd= takes it for a Unix socket, so asyncio leaves
+        # TCP_NODELAY off, and Nagle's algorithm then added about 50 ms to every request (measured).
+        server.run(sockets=[socket.socket(fileno=config.listen_fd)])
+    else:
+        server.run()
     engine.close()
     return 0
 
