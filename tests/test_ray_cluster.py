@@ -187,6 +187,22 @@ def test_a_cpu_replica_on_a_node_is_measured_and_gets_cores(ray_shoal: RayShoal)
     cpu = next(d for d in devices if d["id"] == f"{ray_shoal.second}/cpu")
     assert [m["measured_bytes"] for m in cpu["models"]] == [replica["measured_bytes"]]
     assert ray_shoal.chat("on-cpu").status_code == 200
+
+    # The node's agent dies (its runner dies with it): a new agent is started on that node, and the
+    # replica, pinned there by worker_ip, comes back there.
+    agent_pid = int(Path(f"/proc/{replica['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(agent_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        again = ray_shoal.server.http.get("/v1/models/on-cpu").json()["replicas"][0]
+        if again["state"] == "ready" and again["pid"] != replica["pid"]:
+            break
+        assert again["state"] != "failed" and time.monotonic() < deadline, again
+        time.sleep(0.2)
+    assert again["node"] == ray_shoal.second
+    workers = {w["node"]: w["alive"] for w in ray_shoal.server.http.get("/v1/workers").json()}
+    assert workers == {ray_shoal.head: True, ray_shoal.second: True}
+    assert ray_shoal.chat("on-cpu").status_code == 200
     assert ray_shoal.server.http.delete("/v1/models/on-cpu").status_code == 200
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("shoal.cluster")
 POLL_NODES = 1.0  # seconds between looks at ray.nodes()
 POLL_AGENTS = 0.5  # seconds between polls of each agent (runner exits, devices, memory use)
 COPY_IN_FLIGHT = 4  # object-store chunks on their way to a node at once
+AGENT_RESTART_TIMEOUT = 5.0  # seconds to start a new agent on a node whose agent died
 
 
 class NodeLost(LaunchFailed):
@@ -56,6 +57,7 @@ class Node:
     agent: Any  # the Ray actor handle
     devices: list[Device] = field(default_factory=list)
     alive: bool = True
+    recovering: bool = False  # its agent died; a new one is being started
     runners: dict[int, RemoteRunner] = field(default_factory=dict)
     gpu_usage: dict[tuple[str, int], int] = field(default_factory=dict)  # (device id, pid) → bytes
     rss: dict[int, int] = field(default_factory=dict)  # runner pid → bytes
@@ -187,6 +189,7 @@ class RayCluster:
         self._on_change = on_change
         self._actor_cls: Any = None
         self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         import ray
@@ -251,15 +254,34 @@ class RayCluster:
         """Ask every alive node's agent for its devices, memory use and runner exits (all at once)."""
         import ray
 
-        nodes = [n for n in self.nodes.values() if n.alive]
+        nodes = [n for n in self.nodes.values() if n.alive and not n.recovering]
         refs = [n.agent.poll.remote() for n in nodes]
         for node, ref in zip(nodes, refs, strict=True):
             try:
                 node.update(await asyncio.to_thread(ray.get, ref, timeout=5))
             except ray.exceptions.RayActorError:
-                self._mark_dead(node, "lost its agent")
+                node.recovering = True
+                task = asyncio.create_task(self._agent_lost(node))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             except Exception as exc:  # slow or busy: keep the last view, try again next time
                 log.debug("poll of %s: %s", node.name, type(exc).__name__)
+
+    async def _agent_lost(self, node: Node) -> None:
+        """The node's agent died, and its runners with it. While Ray still lists the node, a new agent
+        is started there first, so that the lost replicas can be placed on that node again (a
+        replica pinned to it with worker_ip, too); then the runners are marked lost."""
+        import ray
+
+        try:
+            alive = {n["NodeID"] for n in await asyncio.to_thread(ray.nodes) if n.get("Alive")}
+            if node.node_id in alive:
+                await asyncio.wait_for(self._add(node.node_id, node.name, node.ip), AGENT_RESTART_TIMEOUT)
+        except Exception as exc:  # the node is going away too: the next look at ray.nodes() retries
+            log.warning("could not start a new agent on %s: %s", node.name, type(exc).__name__)
+        self._mark_dead(node, "lost its agent")
+        if self._on_change:
+            self._on_change()
 
     async def watch(self) -> None:
         """Runs for the life of the gateway."""
@@ -335,6 +357,8 @@ class RayCluster:
         """Each agent stops its runners and removes its folder, then goes."""
         import ray
 
+        for task in list(self._tasks):
+            task.cancel()
         alive = [n for n in self.nodes.values() if n.alive]
         refs = [n.agent.close.remote() for n in alive]
         try:
