@@ -151,7 +151,13 @@ def test_a_killed_runner_on_a_node_restarts_there(ray_shoal: RayShoal) -> None:
 
 
 def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
-    ray_shoal.launch("pinned", "6GiB", worker_ip=ray_shoal.second)
+    # through the CLI, as a user would: shoal launch --worker-ip
+    options = [arg for key, value in SMALL.items() for arg in ("-o", f"{key}={value}")]
+    subprocess.run(
+        [str(Path(sys.executable).parent / "shoal"), "launch", CHAT_MODEL, "--uid", "pinned", "--gpu-memory",
+         "6GiB", "--worker-ip", ray_shoal.second, "--endpoint", ray_shoal.server.url, *options],
+        check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
     assert ray_shoal.nodes_of("pinned") == [ray_shoal.second]
     assert ray_shoal.chat("pinned").status_code == 200
     # binpack: the fuller GPU (the second node's) takes the next model too

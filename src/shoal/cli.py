@@ -124,9 +124,14 @@ def launch(
     ] = None,
     pinned: Annotated[bool, typer.Option("--pinned", help="never evict this model")] = False,
     queue_timeout: Annotated[float, typer.Option("--queue-timeout", help="seconds to wait for memory")] = 0,
+    worker_ip: Annotated[
+        str | None,
+        typer.Option("--worker-ip", help="Ray cluster: only this node (its IP, name or Ray node id)"),
+    ] = None,
 ) -> None:
     """Launch a model and wait until it is ready, showing progress."""
     options: dict[str, Any] = {
+        "worker_ip": worker_ip,
         "gpu_memory": gpu_memory,
         "keep_alive": keep_alive,
         "pinned": pinned,
