@@ -25,12 +25,12 @@ class Manifest:
     """What the gateway has at `root` (a file, or a folder): each file's relative path and size."""
 
     root: str
-    files: tuple[tuple[str, int], ...]  # ("" for a single file, size); folders: ("a/b.json", size)
+    files: tuple[tuple[str, int, int], ...]  # (relative path, "" for a single file; size; mtime in ns)
     key: str  # changes when any file's path, size or mtime changes
 
     @property
     def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
+        return sum(size for _, size, _ in self.files)
 
 
 def manifest(path: Path) -> Manifest:
@@ -39,15 +39,15 @@ def manifest(path: Path) -> Manifest:
         entries = [("", root.stat())]
     else:
         entries = [(str(p.relative_to(root)), p.stat()) for p in sorted(root.rglob("*")) if p.is_file()]
-    files = tuple((rel, st.st_size) for rel, st in entries)
-    stamp = json.dumps([str(root), [(rel, st.st_size, st.st_mtime_ns) for rel, st in entries]])
+    files = tuple((rel, st.st_size, st.st_mtime_ns) for rel, st in entries)
+    stamp = json.dumps([str(root), files])
     return Manifest(str(root), files, hashlib.sha256(stamp.encode()).hexdigest()[:16])
 
 
 def chunks(m: Manifest) -> Iterator[tuple[str, int, bytes]]:
     """(relative path, offset, bytes) over every file; an empty file yields one empty chunk."""
     root = Path(m.root)
-    for rel, _ in m.files:
+    for rel, _, _ in m.files:
         with open(root / rel if rel else root, "rb") as f:
             offset = 0
             while True:
@@ -60,9 +60,13 @@ def chunks(m: Manifest) -> Iterator[tuple[str, int, bytes]]:
 
 
 # ---- on the node (called by its agent) ----------------------------------------------------------
-def _same_files(root: Path, m: Manifest) -> bool:
+def _same_files(root: Path, m: Manifest, same_mtime: bool) -> bool:
     try:
-        return all((root / rel if rel else root).stat().st_size == size for rel, size in m.files)
+        for rel, size, mtime in m.files:
+            st = (root / rel if rel else root).stat()
+            if st.st_size != size or (same_mtime and st.st_mtime_ns != mtime):
+                return False
+        return True
     except OSError:
         return False
 
@@ -73,7 +77,7 @@ def _copy_root(cache: Path, m: Manifest) -> Path:
 
 def find(cache: Path, m: Manifest) -> str | None:
     """The path this node loads the model from, or None when the files must be copied here."""
-    if _same_files(Path(m.root), m):
+    if _same_files(Path(m.root), m, same_mtime=True):  # this host, or storage shared with it
         return m.root
     if (cache / m.key / DONE).exists():
         return str(_copy_root(cache, m))
@@ -84,7 +88,8 @@ def write_chunk(cache: Path, m: Manifest, rel: str, offset: int, data: bytes) ->
     partial = cache / m.key / ".partial" / Path(m.root).name
     target = partial / rel if rel else partial
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "r+b" if target.exists() else "wb") as f:
+    # chunks of a file arrive in order (an actor runs its calls one at a time): the first truncates
+    with open(target, "r+b" if offset else "wb") as f:
         f.seek(offset)
         f.write(data)
 
@@ -93,7 +98,7 @@ def finish(cache: Path, m: Manifest) -> str:
     """Check every file arrived whole, then move the copy into place."""
     folder = cache / m.key
     partial = folder / ".partial" / Path(m.root).name
-    if not _same_files(partial, m):
+    if not _same_files(partial, m, same_mtime=False):
         raise OSError(f"the copy of {m.root} on this node is incomplete")
     final = _copy_root(cache, m)
     if final.exists():

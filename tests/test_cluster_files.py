@@ -1,0 +1,70 @@
+"""Model files for Ray nodes (shoal.cluster.files) without Ray: the manifest, the chunks, and a node
+cache that finds, receives and completes a copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shoal.cluster import files
+
+
+def make_model(root: Path) -> Path:
+    folder = root / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "sub" / "weights.bin").write_bytes(os.urandom(files.CHUNK * 2 + 5))
+    (folder / "empty.txt").write_bytes(b"")
+    return folder
+
+
+def send(cache: Path, m: files.Manifest, seen_as: files.Manifest | None = None) -> str:
+    """What the gateway and a node's agent do; `seen_as`: the manifest as a node that cannot see
+    the gateway's path gets it (same files, another root)."""
+    target = seen_as or m
+    for rel, offset, data in files.chunks(m):
+        files.write_chunk(cache, target, rel, offset, data)
+    return files.finish(cache, target)
+
+
+def test_a_folder_is_copied_whole_and_found_again(tmp_path: Path) -> None:
+    folder = make_model(tmp_path)
+    m = files.manifest(folder)
+    assert {rel for rel, _, _ in m.files} == {"config.json", "sub/weights.bin", "empty.txt"}
+    assert [offset for rel, offset, _ in files.chunks(m) if rel == "sub/weights.bin"] == [
+        0, files.CHUNK, 2 * files.CHUNK,
+    ]  # fmt: skip
+    # A node that sees the same files (this host) loads them in place.
+    assert files.find(tmp_path / "cache", m) == str(folder)
+    # A node that does not: nothing in its cache yet, then a whole copy.
+    hidden = files.Manifest(str(tmp_path / "elsewhere" / "model"), m.files, m.key)
+    cache = tmp_path / "cache"
+    assert files.find(cache, hidden) is None
+    copy = Path(send(cache, m, seen_as=hidden))
+    for rel, _, _ in m.files:
+        assert (copy / rel).read_bytes() == (folder / rel).read_bytes()
+    assert files.find(cache, hidden) == str(copy)
+
+
+def test_a_changed_file_gets_a_new_key_and_a_single_file_works(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + os.urandom(100))
+    first = files.manifest(gguf)
+    assert [rel for rel, _, _ in first.files] == [""]
+    copy = Path(send(tmp_path / "cache", first))
+    assert copy.name == "model.gguf" and copy.read_bytes() == gguf.read_bytes()
+    gguf.write_bytes(b"GGUF" + os.urandom(100))
+    os.utime(gguf, ns=(1, 1))
+    assert files.manifest(gguf).key != first.key
+
+
+def test_an_incomplete_copy_is_refused(tmp_path: Path) -> None:
+    folder = make_model(tmp_path)
+    m = files.manifest(folder)
+    rel, offset, data = next(files.chunks(m))
+    files.write_chunk(tmp_path / "cache", m, rel, offset, data)
+    with pytest.raises(OSError, match="incomplete"):
+        files.finish(tmp_path / "cache", m)
+    assert files.find(tmp_path / "cache", files.Manifest("/nonexistent/model", m.files, m.key)) is None
