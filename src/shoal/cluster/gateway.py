@@ -260,6 +260,8 @@ class RayCluster:
             try:
                 node.update(await asyncio.to_thread(ray.get, ref, timeout=5))
             except ray.exceptions.RayActorError:
+                if node.recovering:  # another poll (an eviction's) saw it first
+                    continue
                 node.recovering = True
                 task = asyncio.create_task(self._agent_lost(node))
                 self._tasks.add(task)
