@@ -189,6 +189,11 @@ def test_a_cpu_replica_on_a_node_is_measured_and_gets_cores(ray_shoal: RayShoal)
     assert replica["cores"]
     usable = sorted(os.sched_getaffinity(0))
     assert os.sched_getaffinity(replica["pid"]) == {usable[c] for c in replica["cores"]}
+    # not Ray's OMP_NUM_THREADS=1 for its CPU-less workers (the agent): the runner's threads are its cores
+    runner_env = Path(f"/proc/{replica['pid']}/environ").read_bytes().split(b"\0")
+    assert any(item.startswith(b"OMP_NUM_THREADS=") for item in runner_env) == (
+        "OMP_NUM_THREADS" in os.environ
+    )
     devices = ray_shoal.server.http.get("/v1/cluster/devices").json()
     cpu = next(d for d in devices if d["id"] == f"{ray_shoal.second}/cpu")
     assert [m["measured_bytes"] for m in cpu["models"]] == [replica["measured_bytes"]]

@@ -39,6 +39,20 @@ def sweep_stale_dirs(parent: Path) -> None:
             continue
 
 
+def runner_environment() -> dict[str, str]:
+    """The environment runners start from: this Ray worker's, less OMP_NUM_THREADS=1, which Ray
+    forces on a worker without CPUs (this agent) and which would make a runner's torch or BLAS
+    single-threaded. Kept when the node itself set it (the raylet's own environment has it)."""
+    env = dict(os.environ)
+    try:
+        raylet = Path(f"/proc/{env['RAY_RAYLET_PID']}/environ").read_bytes().split(b"\0")
+    except (KeyError, OSError):
+        return env
+    if not any(item.startswith(b"OMP_NUM_THREADS=") for item in raylet):
+        env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
 class NodeAgent:
     """Runners are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
     forked exits, so a short-lived thread would kill its runners."""
@@ -54,6 +68,7 @@ class NodeAgent:
         self._logs: dict[int, Path] = {}
         self._lock = threading.Lock()
         self._n = 0
+        self._env = runner_environment()
 
     def poll(self) -> dict[str, Any]:
         """The node now: devices, per-pid GPU use (NVML), each runner's RSS, and which runners exited."""
@@ -94,7 +109,7 @@ class NodeAgent:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, **env},
+                    env={**self._env, **env},
                     preexec_fn=child_setup(cores),
                     close_fds=True,
                     pass_fds=(sock.fileno(),),
