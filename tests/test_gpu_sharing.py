@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -172,6 +173,17 @@ def test_estimate_route_and_cli(clean: ShoalServer) -> None:
     assert (
         out.returncode == 0 and "gpu:0" in out.stdout and "shown/0" in out.stdout and "(fake)" in out.stdout
     )
+
+
+def test_worker_ip_on_one_machine(clean: ShoalServer) -> None:
+    """As Xinference's local worker: worker_ip may name this machine; any other node is refused."""
+    for worker_ip in ("127.0.0.1", "local", socket.gethostname()):
+        body = {"model_name": CHAT_MODEL, "worker_ip": worker_ip}
+        assert clean.http.post("/v1/models/estimate", json=body).json()["placement"]["fits"], worker_ip
+    r = clean.http.post("/v1/models", json={"model_name": CHAT_MODEL, "worker_ip": "10.9.9.9"})
+    assert r.status_code == 507, r.text
+    assert "no node matches worker_ip 10.9.9.9" in r.json()["error"]["message"]
+    assert clean.http.get("/v1/models").json()["data"] == []
 
 
 def test_two_gpus_three_replicas_spread_by_free_memory(tmp_path: Path) -> None:

@@ -168,6 +168,15 @@ def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
         json={"model_name": CHAT_MODEL, "model_uid": "nowhere", "worker_ip": "10.9.9.9", **SMALL},
     )
     assert r.status_code == 507, r.text
+
+    # the estimate answers for one node too (the UI's launch form asks before launching)
+    def estimate(worker_ip: str) -> dict:
+        body = {"model_name": CHAT_MODEL, "gpu_memory": "1GiB", "worker_ip": worker_ip}
+        return dict(ray_shoal.server.http.post("/v1/models/estimate", json=body).json()["placement"])
+
+    assert estimate(ray_shoal.head)["devices"] == [f"{ray_shoal.head}/gpu:0"]
+    nowhere = estimate("10.9.9.9")
+    assert not nowhere["fits"] and "no node matches worker_ip 10.9.9.9" in nowhere["reason"]
     # a replica's GPUs are on one node: two GPUs on two nodes are not two GPUs for one replica
     body = {"model_name": CHAT_MODEL, "model_uid": "split", "n_gpu": 2, "gpu_memory": "1GiB", **SMALL}
     r = ray_shoal.server.http.post("/v1/models", json=body)

@@ -1,7 +1,8 @@
 """The web UI at /ui in a real browser (headless Chromium from Debian, driven by Playwright): launch a
 model from the form after seeing its estimate, see its segment on the fake GPU's bar beside another
 model's, chat with streamed text, stop it and see its segment go; the API-key prompt when auth
-is on; and the GPUs page grouped by node for a Ray cluster's answers.
+is on; and, for a Ray cluster's answers, the GPUs page grouped by node and the launch form's Node
+picker (worker_ip).
 
 Needs `apt-get install -y chromium chromium-driver` and `pip install playwright` (no `playwright
 install`: the Debian Chromium is used). Screenshots go to test-artifacts/; the GPUs page one is
@@ -252,6 +253,89 @@ def test_gpus_page_groups_devices_by_node_on_a_ray_cluster(browser: Any, tmp_pat
         ).to_be_visible()
         expect(page.locator('.bar[data-device="gpu:0"]')).to_have_count(0)  # not the serving machine's own
         _screenshot(page, "gpus-nodes.png")
+        assert not errors, errors
+    finally:
+        page.close()
+        srv.stop()
+
+
+def test_launch_form_node_picker_on_a_ray_cluster(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    srv = _serve(tmp_path)
+    errors: list[str] = []
+
+    def is_estimate(request: Any) -> bool:
+        return request.method == "POST" and request.url.endswith("/v1/models/estimate")
+
+    # One machine, no routes: the Node field stays hidden and nothing sends worker_ip. The first
+    # estimate is asked once the catalog is loaded, after the workers were read.
+    page = _open_page(browser, errors)
+    try:
+        with page.expect_request(is_estimate) as first:
+            page.goto(srv.url + "/ui/#models")
+        assert "worker_ip" not in first.value.post_data_json, first.value.post_data_json
+        expect(page.locator("#launch-form select[name=model_name] option")).not_to_have_count(0)
+        expect(page.locator("#node-field")).to_be_hidden()
+        assert not errors, errors
+    finally:
+        page.close()
+
+    # This tests the launch form only, not the cluster (test_ray_cluster.py does that): the browser
+    # gets hand-written Ray answers for the workers and devices (two nodes up, one that left), the
+    # estimate goes on to the one-machine server, and the launch is answered here with a 507.
+    page = _open_page(browser, errors)
+    page.route("**/v1/workers", lambda route: route.fulfill(json=RAY_WORKERS))
+    page.route("**/v1/cluster/devices", lambda route: route.fulfill(json=RAY_DEVICES))
+    launches: list[dict[str, Any]] = []
+    no_room = "does not fit on node-bb22bb22 (worker_ip) now: 0.50 GiB free of 16.00 GiB"
+
+    def launch(route: Any) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        launches.append(route.request.post_data_json)
+        error = {"message": no_room, "type": "insufficient_memory", "code": "no_fit", "param": None}
+        route.fulfill(status=507, json={"error": error})
+
+    page.route("**/v1/models", launch)
+    try:
+        with page.expect_request(is_estimate) as first:
+            page.goto(srv.url + "/ui/#models")
+        assert "worker_ip" not in first.value.post_data_json  # "any node" by default
+        form = page.locator("#launch-form")
+        node = form.locator("select[name=worker_ip]")
+        expect(page.locator("#node-field")).to_be_visible()
+        # Both alive nodes, by name with their IP; not the node that left the cluster.
+        expect(node.locator("option")).to_have_text(
+            ["any node", "node-aa11aa11 (10.0.0.1)", "node-bb22bb22 (10.0.0.2)"]
+        )
+        assert node.locator("option").evaluate_all("os => os.map(o => o.value)") == [
+            "",
+            "node-aa11aa11",
+            "node-bb22bb22",
+        ]
+        expect(node).to_have_value("")
+        expect(page.locator("#estimate")).to_contain_text("Would go to", timeout=30_000)
+
+        with page.expect_request(is_estimate) as picked:
+            node.select_option("node-bb22bb22")
+        assert picked.value.post_data_json["worker_ip"] == "node-bb22bb22"
+        # the one-machine server behind the routes has no such node, and the estimate says so
+        expect(page.locator("#estimate")).to_contain_text("no node matches worker_ip node-bb22bb22")
+        _screenshot(page, "models-nodes.png")
+
+        page.click("#launch-button")
+        expect(page.locator("#launch-msg")).to_contain_text(no_room)
+        assert len(launches) == 1 and launches[0]["worker_ip"] == "node-bb22bb22", launches
+        assert launches[0]["model_name"] == form.locator("select[name=model_name]").input_value()
+        assert srv.http.get("/v1/models").json()["data"] == []  # the launch never reached the server
+
+        # A GPU of one node in the Device list: that index on that node.
+        with page.expect_request(is_estimate) as on_gpu:
+            form.locator("select[name=device]").select_option("node-bb22bb22/gpu:1")
+        body = on_gpu.value.post_data_json
+        assert body["gpu_idx"] == 1 and body["worker_ip"] == "node-bb22bb22", body
         assert not errors, errors
     finally:
         page.close()

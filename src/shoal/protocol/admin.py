@@ -86,6 +86,7 @@ class EstimateRequest(BaseModel):
     device: Literal["cpu", "gpu", "auto"] | None = None
     gpu_memory: str | int | None = None
     replica: int = Field(1, ge=1, le=64)
+    worker_ip: str | None = Field(None, description="Ray cluster: where it would go on this node")
 
 
 class RegisterRequest(BaseModel):

@@ -9,9 +9,11 @@ and samples each runner's real memory use into the ledger.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -163,6 +165,18 @@ class RunningModel:
             "estimate": self.plan.breakdown,
             "replicas": [r.describe() for r in self.replicas],
         }
+
+
+@functools.cache
+def local_names() -> frozenset[str]:
+    """What worker_ip may say on one machine (as Xinference's local worker): "local", loopback, the
+    host's name, or one of its addresses."""
+    names = {"local", "localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    try:
+        names.update(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None))
+    except OSError:
+        pass
+    return frozenset(str(name) for name in names)
 
 
 class ModelService:
@@ -457,6 +471,8 @@ class ModelService:
         demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
         if self.cluster is not None:
             demand = self._cluster_demand(demand, model, states)
+        elif model.request.worker_ip is not None and model.request.worker_ip not in local_names():
+            demand = replace(demand, allowed=(f"(no node matches worker_ip {model.request.worker_ip})",))
         holdings, now = self._holdings(), time.monotonic()
         if self.cluster is not None and plan.n_devices > 1:
             return self._place_on_one_node(demand, states, holdings, now), snapshot
@@ -604,7 +620,7 @@ class ModelService:
             spec,
             engine,
             source,
-            LaunchRequest(model_name=family.model_name),
+            LaunchRequest(model_name=family.model_name, worker_ip=request.worker_ip),
             plan,
             self.settings.keep_alive,
             [Replica(0)],

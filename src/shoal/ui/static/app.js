@@ -433,13 +433,31 @@ function options(select, items, keep = true) {
 
 async function enterModels() {
   try {
-    const devices = await api("/v1/cluster/devices");
+    // The workers only feed the Node picker; without them the form works as on one machine.
+    const [devices, workers] = await Promise.all([
+      api("/v1/cluster/devices"),
+      api("/v1/workers").catch(() => []),
+    ]);
     options(form().device, [["auto", "auto (where it fits)"], ["cpu", "CPU"],
       ...devices.filter((d) => d.kind === "gpu").map((d) => [d.id, `${d.id} — ${d.name}, ${bytes(d.free_bytes)} free`])]);
+    fillNodes(workers);
     if (!catalog[form().model_type.value]) await loadCatalog(form().model_type.value);
   } catch (err) {
     $("#launch-msg").textContent = err.message;
   }
+}
+
+// Ray cluster (a worker with a Ray node id): "any node", then each alive node, by name, sent as
+// worker_ip. On one machine ("local", no node id) the field stays hidden and sends nothing.
+function fillNodes(workers) {
+  const select = form().worker_ip;
+  const ray = workers.some((w) => w.node_id);
+  const before = select.value;
+  $("#node-field").hidden = !ray;
+  options(select, [["", "any node"], ...(ray ? workers : [])
+    .filter((w) => w.node && w.alive !== false)
+    .map((w) => [w.node, w.worker_ip ? `${w.node} (${w.worker_ip})` : w.node])]);
+  if (select.value !== before) scheduleEstimate();  // the chosen node left the cluster: back to any
 }
 
 async function loadCatalog(type, select) {
@@ -481,9 +499,13 @@ function launchBody() {
     quantization: spec.quantization, replica: Number(f.replica.value) || 1 };
   if (spec.model_size_in_billions !== null) body.model_size_in_billions = pySize(spec.model_size_in_billions);
   if (f.model_engine.value) body.model_engine = f.model_engine.value;
-  if (f.device.value === "cpu") body.device = "cpu";
-  else if (f.device.value.startsWith("gpu:")) body.gpu_idx = Number(f.device.value.slice(4));
+  // A cluster's devices carry their node ("node-ab12cd34/gpu:0"): that GPU index on that node.
+  const [node, local] = f.device.value.includes("/") ? f.device.value.split("/") : [null, f.device.value];
+  if (local === "cpu") body.device = "cpu";
+  else if (local.startsWith("gpu:")) body.gpu_idx = Number(local.slice(4));
   if (f.gpu_memory.value.trim()) body.gpu_memory = f.gpu_memory.value.trim();
+  if (!$("#node-field").hidden && f.worker_ip.value) body.worker_ip = f.worker_ip.value;
+  if (node) body.worker_ip = node;
   return Object.assign(body, engineOptions(f.engine_options.value));
 }
 
@@ -824,7 +846,7 @@ function init() {
   f.model_type.addEventListener("change", () => loadCatalog(f.model_type.value).catch((e) => { $("#launch-msg").textContent = e.message; }));
   f.model_name.addEventListener("change", familyChanged);
   f.spec.addEventListener("change", specChanged);
-  for (const name of ["model_engine", "replica", "device", "gpu_memory", "engine_options"]) {
+  for (const name of ["model_engine", "replica", "worker_ip", "device", "gpu_memory", "engine_options"]) {
     f[name].addEventListener("input", scheduleEstimate);
     f[name].addEventListener("change", scheduleEstimate);
   }
