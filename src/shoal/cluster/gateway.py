@@ -83,12 +83,16 @@ class Node:
 
 
 def _ray_error(exc: BaseException, node: Node) -> LaunchFailed:
-    """A failed call to an agent: the node is gone (NodeLost), or the agent raised (LaunchFailed)."""
+    """A failed launch step on a node: its agent is gone (NodeLost: place the replica elsewhere), or
+    anything else, such as the agent raising or a model file the gateway cannot read (LaunchFailed:
+    placing it elsewhere would fail the same way)."""
     import ray
 
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return NodeLost(f"node {node.name} is unreachable: {type(exc).__name__}")
     if isinstance(exc, ray.exceptions.RayTaskError):
         return LaunchFailed(f"on {node.name}: {exc.cause if exc.cause else exc}")
-    return NodeLost(f"node {node.name} is unreachable: {type(exc).__name__}")
+    return LaunchFailed(f"on {node.name}: {type(exc).__name__}: {exc}")
 
 
 class RemoteRunner:
