@@ -184,6 +184,18 @@ def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
     assert "no single node has 2 devices" in r.text
 
 
+def test_a_load_failure_on_a_node_reports_the_engines_reason(ray_shoal: RayShoal) -> None:
+    bogus = ray_shoal.tmp / "broken.gguf"
+    bogus.write_bytes(b"this is not a gguf file" * 100)
+    body = {"model_name": CHAT_MODEL, "model_uid": "broken", "model_path": str(bogus),
+            "worker_ip": ray_shoal.second, "gpu_memory": "1GiB", **SMALL}  # fmt: skip
+    r = ray_shoal.server.http.post("/v1/models", json=body)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]  # the runner's status file and log, read by the node's agent
+    assert "llama.cpp" in message and "broken.gguf" in message, message
+    assert ray_shoal.server.http.get("/v1/models/broken").status_code == 404
+
+
 def test_a_cpu_replica_on_a_node_is_measured_and_gets_cores(ray_shoal: RayShoal) -> None:
     ray_shoal.launch("on-cpu", None, n_gpu=0, worker_ip=ray_shoal.second)
     deadline = time.monotonic() + 30

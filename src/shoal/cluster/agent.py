@@ -22,7 +22,7 @@ from shoal import settings
 from shoal.cluster import files
 from shoal.devices import all_devices, gpu_process_usage, rss_bytes
 from shoal.runners.config import RunnerConfig
-from shoal.runners.process import child_setup
+from shoal.runners.process import child_setup, failure_reason
 
 DIR_PREFIX = "shoal-agent-"
 
@@ -125,20 +125,11 @@ class NodeAgent:
         return proc.pid, listen
 
     def failure_reason(self, pid: int) -> str:
-        status = Path(self._status.get(pid, "/nonexistent"))
         proc = self._procs.get(pid)
-        reason = (
-            status.read_text().strip()
-            if status.exists()
-            else (f"runner exited with code {proc.poll() if proc else None}")
+        status = Path(self._status.get(pid, "/nonexistent"))
+        return failure_reason(
+            status, self._logs.get(pid, Path("/nonexistent")), proc.poll() if proc else None
         )
-        try:
-            lines = self._logs[pid].read_text(errors="replace").splitlines()[-200:]
-        except (OSError, KeyError):
-            lines = []
-        hints = [ln.strip() for ln in lines if any(k in ln.lower() for k in ("error", "failed", "exception"))]
-        hints = [h for h in hints if h not in reason][-3:]
-        return reason + (" | " + " | ".join(hints) if hints else "")
 
     def stop(self, pid: int, grace: float = 5.0) -> None:
         proc = self._procs.pop(pid, None)

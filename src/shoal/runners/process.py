@@ -91,6 +91,19 @@ async def wait_healthy(
     raise LaunchFailed(f"runner for {runner.config.model_uid} did not become ready within {timeout:.0f} s")
 
 
+def failure_reason(status: Path, log_path: Path, exit_code: int | None) -> str:
+    """Why a runner stopped: what it wrote to its status file, else its exit code; plus the last
+    error-looking lines of its log (llama.cpp and friends log the real cause there)."""
+    reason = status.read_text().strip() if status.exists() else f"runner exited with code {exit_code}"
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        lines = []
+    hints = [ln.strip() for ln in lines if any(k in ln.lower() for k in ("error", "failed", "exception"))]
+    hints = [h for h in hints if h not in reason][-3:]
+    return reason + (" | " + " | ".join(hints) if hints else "")
+
+
 class RunnerProcess:
     """One spawned runner. Not restartable: the supervisor makes a new one."""
 
@@ -143,19 +156,7 @@ class RunnerProcess:
         await wait_healthy(self, timeout, reason, lambda: Path(self.config.socket).exists(), interval=0.05)
 
     def failure_reason(self) -> str:
-        status = Path(self.config.status_file)
-        if status.exists():
-            reason = status.read_text().strip()
-        else:
-            reason = f"runner exited with code {self.exited()}"
-        # llama.cpp and friends log the real cause; add the last error-looking lines of the log.
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()[-200:]
-        except OSError:
-            lines = []
-        hints = [ln.strip() for ln in lines if any(k in ln.lower() for k in ("error", "failed", "exception"))]
-        hints = [h for h in hints if h not in reason][-3:]
-        return reason + (" | " + " | ".join(hints) if hints else "")
+        return failure_reason(Path(self.config.status_file), self.log_path, self.exited())
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL; always reaps the process."""
