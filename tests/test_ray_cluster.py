@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
+from conftest import CHAT_MODEL, ShoalServer, alive, pids_of, wait_until_ready
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -406,4 +406,17 @@ def test_a_replica_starting_on_a_lost_node_is_placed_again(
     assert replica["state"] == "ready" and replica["node"] == ray_shoal.head, replica
     assert name in replica["last_error"]
     assert "model early replica 0 lost while starting" in ray_shoal.server.log_path.read_text()
+    assert ray_shoal.chat("early").status_code == 200
+
+
+def test_a_restarted_gateway_brings_its_models_back_on_the_cluster(ray_shoal: RayShoal) -> None:
+    server = ray_shoal.server
+    before = {uid: ray_shoal.nodes_of(uid) for uid in ("mover", "early")}
+    runners = [pid for uid in before for pid in pids_of(server, uid)]
+    assert server.stop() == 0
+    assert not any(alive(pid) for pid in runners)  # the agents stopped them on the way out
+    server.start()
+    for uid, nodes in before.items():
+        wait_until_ready(server, uid)
+        assert ray_shoal.nodes_of(uid) == nodes  # the same uids, on the same nodes
     assert ray_shoal.chat("early").status_code == 200
