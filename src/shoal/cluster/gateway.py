@@ -199,7 +199,15 @@ class RayCluster:
         import ray
 
         address = None if self.address == "auto" and "RAY_ADDRESS" in os.environ else self.address
-        await asyncio.to_thread(ray.init, address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            await asyncio.to_thread(
+                ray.init, address=address, logging_level=logging.WARNING, log_to_driver=False
+            )
+        except ConnectionError as exc:
+            raise RuntimeError(
+                f"cannot join the Ray cluster at {self.address}: {exc}. Is `ray start` running there "
+                "(docs/ray.md)?"
+            ) from None
         self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
         await self.refresh()
 
