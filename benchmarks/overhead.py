@@ -296,14 +296,26 @@ async def launched(client: httpx.AsyncClient, model_name: str, n_threads: int) -
         await client.delete(f"/v1/models/{uid}")
 
 
-async def shoal_embeddings(client: httpx.AsyncClient, runs: int, batch_runs: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def shoal_embeddings(
+    client: httpx.AsyncClient, runs: int, batch_runs: int, gateway_pid: int
+) -> dict[str, Any]:
     async def embed(texts: str | list[str]) -> dict[str, Any]:
         resp = await client.post("/v1/embeddings", json=embed_body(texts))
         resp.raise_for_status()
         return resp.json()  # type: ignore[no-any-return]  # a client has to parse the answer too
 
+    cpu_before = cpu_seconds(gateway_pid)
+    single = await latencies_ms(lambda: embed(SINGLE_SENTENCE), 3, runs)
+    # what the gateway process itself spends per request (its idle loops included, a few ms/s)
+    gateway_cpu_ms = (cpu_seconds(gateway_pid) - cpu_before) / (runs + 3) * 1000
     result = {
-        "single": await latencies_ms(lambda: embed(SINGLE_SENTENCE), 3, runs),
+        "single": {**single, "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 3)},
         "batch64": await latencies_ms(lambda: embed(BATCH), WARMUPS, batch_runs),
     }
     result["_vector"] = (await embed(SINGLE_SENTENCE))["data"][0]["embedding"]
@@ -390,6 +402,7 @@ def build_report(
         "chat": chat,
         "summary": {
             "embed_single_delta_p50_ms": single["delta_p50_ms"],
+            "gateway_cpu_ms_per_embed_request": emb_sh["single"]["gateway_cpu_ms_per_request"],
             "embed_batch64_delta_p50_ms": batch["delta_p50_ms"],
             "chat_tokens_per_s_ratio": chat["tokens_per_s_ratio"],
             "chat_ttft_delta_ms": chat["ttft_delta_ms"],
@@ -468,7 +481,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await wait_healthy(client, proc, data_dir / "gateway.log")
                 async with launched(client, EMBED_MODEL, n_threads):
                     log("shoal embeddings")
-                    timings["embed_shoal"] = await shoal_embeddings(client, single_runs, batch_runs)
+                    timings["embed_shoal"] = await shoal_embeddings(client, single_runs, batch_runs, proc.pid)
                 async with launched(client, CHAT_MODEL, n_threads):
                     log("shoal chat")
                     timings["chat_shoal"] = await shoal_chat(client, args.max_tokens, args.repeats)
