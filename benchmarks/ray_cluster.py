@@ -64,7 +64,7 @@ async def embed_latency(
 
 
 async def copy_through_object_store(cluster: Any, tmp: Path, mib: int) -> dict[str, Any]:
-    from shoal.cluster import RayCluster
+    from shoal.cluster import RayHost
     from shoal.cluster import files as cluster_files
 
     source = tmp / "model.bin"
@@ -76,7 +76,7 @@ async def copy_through_object_store(cluster: Any, tmp: Path, mib: int) -> dict[s
     os.sync()
     plain = time.perf_counter() - started
 
-    ray_cluster = RayCluster(cluster.address)
+    ray_cluster = RayHost(cluster.address)
     await ray_cluster.start()
     node = next(n for n in ray_cluster.nodes.values() if n.node_id != cluster.head_node.node_id)
     manifest = cluster_files.manifest(source)

@@ -186,8 +186,8 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
             m["model_engine"],
             m["status"],
             str(m["replica"]),
-            ",".join(sorted({r["device"] for r in m["replicas"]})),
-            ",".join(str(r["pid"]) for r in m["replicas"]),
+            ",".join(sorted({r.get("device") or "-" for r in m.get("replicas") or []})) or "-",
+            ",".join(str(r.get("pid") or "-") for r in m.get("replicas") or []) or "-",
         )
     console.print(table)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from shoal.units import parse_size
 
@@ -116,3 +116,30 @@ def all_devices(fake_spec: str = "") -> list[Device]:
     """The CPU, then the GPUs: declared fake ones when SHOAL_FAKE_GPUS is set, else NVML's."""
     gpus = fake_gpus(fake_spec) if fake_spec else nvml_devices()
     return [cpu_device(), *gpus]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Devices and what each process uses of them, read at one moment (by a Host)."""
+
+    devices: list[Device]
+    gpu_usage: dict[tuple[str, int], int]  # (device id, pid) → bytes, real GPUs only
+    # Ray mode: (node's cpu device id, pid) → RSS, as its node agent read it; None: read /proc here
+    cpu_usage: dict[tuple[str, int], int] | None = None
+    taken: float = field(default=0.0, compare=False)  # time.monotonic() of the reading
+
+    def measure(self, device: Device, pid: int | None) -> int | None:
+        """A runner's use of one device, where it can be measured (not on fake GPUs)."""
+        if pid is None or device.fake:
+            return None
+        if device.kind == "cpu":
+            return rss_bytes(pid) if self.cpu_usage is None else self.cpu_usage.get((device.id, pid))
+        return self.gpu_usage.get((device.id, pid), 0)
+
+
+def read(fake_spec: str = "") -> Snapshot:
+    """This machine's devices and per-pid GPU use now (reads NVML and /proc: call it off the loop)."""
+    import time
+
+    usage = {} if fake_spec else gpu_process_usage()
+    return Snapshot(all_devices(fake_spec), usage, taken=time.monotonic())

@@ -5,7 +5,11 @@ ShoalError                      500  (never raised for anything a client sent)
 ├── ModelNotFound               404  unknown model uid or catalog name
 ├── Conflict                    409  a uid already in use
 ├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
-├── LaunchFailed                500→ reported as 400 when the engine refused the model
+├── InsufficientMemory          507  no device can hold the model now (the numbers in details)
+├── RequestTimeout              504  the runner sent no byte within the deadline
+├── LaunchFailed                400  the engine refused the model (its reason in the message)
+│   └── NodeLost                400  its Ray node went away (the service places the replica elsewhere)
+├── IllegalTransition           500  a replica state change the lifecycle forbids (a Shoal bug)
 └── EngineMissing               400  the engine's extra is not installed
 """
 
@@ -75,3 +79,11 @@ class LaunchFailed(ShoalError):
 
 class EngineMissing(InvalidRequest):
     code = "engine_missing"
+
+
+class NodeLost(LaunchFailed):
+    """The node (or its agent) went away: not the model's fault; place the replica elsewhere."""
+
+
+class IllegalTransition(ShoalError):
+    """A replica was asked to move between states its lifecycle does not connect."""

@@ -37,3 +37,9 @@ LAUNCHES = Counter(
 )
 EVICTIONS = Counter("shoal_evictions", "Replicas evicted to make room", ["model"], registry=REGISTRY)
 CRASHES = Counter("shoal_crashes", "Runner processes that died unasked", ["model"], registry=REGISTRY)
+HUNG = Counter(
+    "shoal_runners_hung", "Runners killed for not answering liveness pings", ["model"], registry=REGISTRY
+)
+SUPERVISOR_ERRORS = Counter(
+    "shoal_supervisor_errors", "Supervisor steps that raised (the loop went on)", ["step"], registry=REGISTRY
+)

@@ -50,11 +50,24 @@ MODEL_CACHE = Setting(
     "on a Ray node: where model files copied from the gateway's node are kept",
 )
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
+LIVENESS_INTERVAL = Setting(
+    "SHOAL_LIVENESS_INTERVAL", "2", "seconds between liveness pings (GET /health) of each ready runner"
+)
+LIVENESS_TIMEOUT = Setting(
+    "SHOAL_LIVENESS_TIMEOUT",
+    "15",
+    "seconds a ready runner may leave pings unanswered before it is killed as hung and restarted",
+)
+FIRST_BYTE_TIMEOUT = Setting(
+    "SHOAL_FIRST_BYTE_TIMEOUT",
+    "300",
+    "seconds a proxied request waits for its runner's first byte (and between bytes of a stream); then 504",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
-    RAY_ADDRESS, MODEL_CACHE,
+    RAY_ADDRESS, MODEL_CACHE, LIVENESS_INTERVAL, LIVENESS_TIMEOUT, FIRST_BYTE_TIMEOUT,
 )  # fmt: skip
 
 
@@ -79,4 +92,7 @@ class ServerSettings:
     api_key: str | None = field(default_factory=lambda: API_KEY.get() or None)
     max_body: int = field(default_factory=lambda: parse_size(MAX_BODY.get()))
     ray_address: str | None = field(default_factory=lambda: RAY_ADDRESS.get() or None)
+    liveness_interval: float = field(default_factory=lambda: float(LIVENESS_INTERVAL.get()))
+    liveness_timeout: float = field(default_factory=lambda: float(LIVENESS_TIMEOUT.get()))
+    first_byte_timeout: float = field(default_factory=lambda: float(FIRST_BYTE_TIMEOUT.get()))
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

@@ -1,4 +1,4 @@
-"""The node agent: one Ray actor per node (created by the gateway's RayCluster; a plain class here).
+"""The node agent: one Ray actor per node (created by the gateway's RayHost; a plain class here).
 
 It reports the node's devices and each of its runners' memory use, spawns and stops runner
 processes there exactly as the gateway does on one machine (PR_SET_PDEATHSIG, the cores the

@@ -1,8 +1,9 @@
 """The gateway's side of the cluster: nodes, their agents, and runners on them.
 
-`RayCluster` starts an agent on every alive node and polls them (a node that joins gets an agent; a
-node that leaves has its runners marked lost; each poll refreshes the node's devices and its
-runners' measured memory). It hands out `RemoteRunner`s with the methods of a local RunnerProcess.
+`RayHost` is the Host (shoal.hosts) of a Ray cluster: it starts an agent on every alive node and
+polls them (a node that joins gets an agent; a node that leaves has its runners marked lost; each
+poll refreshes the node's devices and its runners' measured memory). It hands out `RemoteRunner`s,
+the RunnerHandle of a runner on a node.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ import aiohttp
 from shoal.catalog.specs import Source
 from shoal.cluster import files
 from shoal.cluster.agent import NodeAgent
-from shoal.devices import Device
-from shoal.errors import LaunchFailed
+from shoal.devices import Device, Snapshot
+from shoal.errors import LaunchFailed, NodeLost
 from shoal.runners.config import RunnerConfig
-from shoal.runners.process import wait_healthy
-from shoal.services.memory import Snapshot
+from shoal.runners.process import ping, wait_healthy
+from shoal.scheduler import Demand, DeviceState
 
 log = logging.getLogger("shoal.cluster")
 
@@ -33,10 +34,6 @@ POLL_NODES = 1.0  # seconds between looks at ray.nodes()
 POLL_AGENTS = 0.5  # seconds between polls of each agent (runner exits, devices, memory use)
 COPY_IN_FLIGHT = 4  # object-store chunks on their way to a node at once
 AGENT_RESTART_TIMEOUT = 5.0  # seconds to start a new agent on a node whose agent died
-
-
-class NodeLost(LaunchFailed):
-    """The node (or its agent) went away: not the model's fault; place the replica elsewhere."""
 
 
 def node_name(node_id: str) -> str:
@@ -98,7 +95,7 @@ def _ray_error(exc: BaseException, node: Node) -> LaunchFailed:
 class RemoteRunner:
     """A runner on a node agent, with the methods ModelService uses on a local RunnerProcess."""
 
-    def __init__(self, cluster: RayCluster, node: Node, config: RunnerConfig, env: dict[str, str],
+    def __init__(self, cluster: RayHost, node: Node, config: RunnerConfig, env: dict[str, str],
                  log_name: str, cores: tuple[int, ...]) -> None:  # fmt: skip
         self.cluster, self.node, self.config = cluster, node, config
         self._env, self._log_name, self._cores = env, log_name, cores
@@ -167,6 +164,12 @@ class RemoteRunner:
     def failure_reason(self) -> str:
         return self._lost or f"runner on {self.node.name} exited with code {self._exit}"
 
+    async def ping(self, timeout: float) -> bool:
+        return self.listen is not None and await ping(self, timeout)
+
+    async def kill(self) -> None:
+        await self.stop(grace=0)
+
     async def stop(self, grace: float = 5.0) -> None:
         if self.pid is not None and self._lost is None and self._exit is None:
             import ray
@@ -184,13 +187,14 @@ class RemoteRunner:
             await self._session.close()
 
 
-class RayCluster:
+class RayHost:
     """The gateway's view of the Ray cluster: nodes, their agents and their devices."""
 
     def __init__(self, address: str, on_change: Callable[[], None] | None = None) -> None:
         self.address = address
+        self.on_change = on_change  # called when nodes come or go (queued launches look again)
         self.nodes: dict[str, Node] = {}  # by node name
-        self._on_change = on_change
+        self.on_change = on_change
         self._actor_cls: Any = None
         self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
         self._tasks: set[asyncio.Task[None]] = set()
@@ -209,9 +213,16 @@ class RayCluster:
                 "(docs/ray.md)?"
             ) from None
         self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
-        await self.refresh()
+        await self.refresh_nodes()
+        task = asyncio.create_task(self.watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def refresh(self) -> None:
+        """Fresh per-pid use from every node (an eviction waits for its memory to show as free)."""
+        await self.poll_agents()
+
+    async def refresh_nodes(self) -> None:
         """Start agents on new alive nodes; mark the runners of nodes that left as lost."""
         import ray
 
@@ -231,8 +242,8 @@ class RayCluster:
                 changed = True
             except Exception as exc:  # the node may be going away again; next poll retries
                 log.warning("could not start a Shoal agent on %s: %s", name, exc)
-        if changed and self._on_change:
-            self._on_change()
+        if changed and self.on_change:
+            self.on_change()
 
     async def _add(self, node_id: str, name: str, ip: str) -> None:
         import ray
@@ -294,20 +305,20 @@ class RayCluster:
         except Exception as exc:  # the node is going away too: the next look at ray.nodes() retries
             log.warning("could not start a new agent on %s: %s", node.name, type(exc).__name__)
         self._mark_dead(node, "lost its agent")
-        if self._on_change:
-            self._on_change()
+        if self.on_change:
+            self.on_change()
 
     async def watch(self) -> None:
-        """Runs for the life of the gateway."""
+        """Runs for the life of the gateway; a failed look is logged and the next one goes on."""
         last_nodes = 0.0
         while True:
-            if time.monotonic() - last_nodes >= POLL_NODES:
-                last_nodes = time.monotonic()
-                try:
-                    await self.refresh()
-                except Exception as exc:
-                    log.warning("could not read the Ray nodes: %s", exc)
-            await self.poll_agents()
+            try:
+                if time.monotonic() - last_nodes >= POLL_NODES:
+                    last_nodes = time.monotonic()
+                    await self.refresh_nodes()
+                await self.poll_agents()
+            except Exception as exc:
+                log.warning("could not read the Ray nodes: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(POLL_AGENTS)
 
     def snapshot(self) -> Snapshot:
@@ -317,6 +328,7 @@ class RayCluster:
             [d for n in alive for d in n.devices],
             {key: used for n in alive for key, used in n.gpu_usage.items()},
             {(f"{n.name}/cpu", pid): rss for n in alive for pid, rss in n.rss.items()},
+            taken=time.monotonic(),
         )
 
     async def stage(self, node: Node, path: Path) -> str:
@@ -364,7 +376,24 @@ class RayCluster:
     ) -> RemoteRunner:
         return RemoteRunner(self, self.node_of(device_id), config, env, log_name, cores)
 
-    def workers(self) -> list[dict[str, Any]]:
+    def restrict(self, demand: Demand, worker_ip: str | None, states: list[DeviceState]) -> Demand:
+        """gpu_idx means that index on any node (or on the worker_ip node); other replicas of the
+        model steer this one to other nodes."""
+        allowed = demand.allowed
+        if worker_ip is not None or allowed is not None:
+            allowed = tuple(
+                s.id
+                for s in states
+                if (worker_ip is None or self.matches(split_device(s.id)[0], worker_ip))
+                and (demand.allowed is None or split_device(s.id)[1] in demand.allowed)
+            )
+            if not allowed:
+                allowed = (f"(no node matches worker_ip {worker_ip})",)
+        nodes = {split_device(d)[0] for d in demand.avoid}
+        avoid = frozenset(s.id for s in states if split_device(s.id)[0] in nodes)
+        return replace(demand, allowed=allowed, avoid=avoid)
+
+    def workers(self, runners: int = 0) -> list[dict[str, Any]]:
         return [n.describe() for n in self.nodes.values()]
 
     async def shutdown(self) -> None:

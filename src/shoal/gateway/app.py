@@ -15,6 +15,8 @@ from shoal.catalog import Catalog
 from shoal.errors import ShoalError
 from shoal.gateway import errors, routes_admin, routes_media, routes_openai, routes_ui
 from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, RequestLog
+from shoal.hosts import Host
+from shoal.hosts.local import LocalHost
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
 from shoal.settings import ServerSettings
@@ -82,18 +84,36 @@ def _document_raw_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def build_host(settings: ServerSettings) -> Host:
+    """Where runners live: every node of a Ray cluster (--ray-address), else this machine."""
+    if settings.ray_address:
+        from shoal.cluster import RayHost  # imports ray: only in Ray mode
+
+        return RayHost(settings.ray_address)
+    return LocalHost(settings.fake_gpus, settings.data_dir / "logs")
+
+
+def _supervisor_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():  # its steps are guarded, so this is a bug worth shouting about
+        log.critical("the supervisor loop ended: %r", task.exception())
+
+
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     store = StateStore(settings.data_dir / "shoal.db")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = ModelService(Catalog(store), settings, store)
+        host = build_host(settings)
+        service = ModelService(Catalog(store), settings, store, host)
+        if hasattr(host, "on_change"):
+            host.on_change = service.memory_freed  # nodes came or went: queued launches look again
         app.state.models = service
         await service.start()  # Ray mode: join the cluster, start the node agents
         # The models that were running before a restart are registered before the first request
         # (status "loading", so /ready waits) and load in the background.
         await service.restore()
-        supervisor = asyncio.create_task(service.supervise())
+        supervisor = asyncio.create_task(service.supervisor.run())
+        supervisor.add_done_callback(_supervisor_ended)
         starter = asyncio.create_task(
             _launch_at_start(service, launch, f"http://{settings.host}:{settings.port}")
         )

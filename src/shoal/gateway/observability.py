@@ -50,6 +50,16 @@ class ServiceCollector(Collector):
         yield device
         yield replica
         yield over
+        health = self.service.supervisor.health()
+        ago = GaugeMetricFamily(
+            "shoal_supervisor_seconds_since_success",
+            "Seconds since each supervisor step (runners, memory) last succeeded",
+            labels=["step"],
+        )
+        for step in ("supervision", "memory_sampling"):
+            if health[step]["seconds_ago"] is not None:
+                ago.add_metric([step], health[step]["seconds_ago"])
+        yield ago
 
 
 _registered: dict[int, ServiceCollector] = {}

@@ -115,13 +115,18 @@ async def ready(request: Request) -> Response:
     """200 once every desired model is ready; 503 with the ones that are not."""
     service = _service(request)
     waiting = {m.uid: m.status for m in service.running() if m.status != "ready"}
-    if waiting:
-        body = {"status": "not ready", "models": waiting}
+    health = service.supervisor.health()
+    stale = [name for name in ("supervision", "memory_sampling") if health[name]["stale"]]
+    if waiting or stale:
+        body: dict[str, Any] = {"status": "not ready", "models": waiting, "supervisor": health}
+        if stale:
+            body["stale"] = stale
         return Response(
             json.dumps(body), status_code=503, media_type="application/json", headers={"Retry-After": "2"}
         )
     return Response(
-        json.dumps({"status": "ready", "models": len(service.running())}), media_type="application/json"
+        json.dumps({"status": "ready", "models": len(service.running()), "supervisor": health}),
+        media_type="application/json",
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import enum
 import os
 import signal
 import subprocess
@@ -43,16 +42,6 @@ def child_setup(cores: tuple[int, ...] | list[int]) -> Callable[[], None]:
     return setup
 
 
-class ReplicaState(enum.Enum):
-    STARTING = "starting"  # process spawned, model loading
-    READY = "ready"  # answering requests
-    RESTARTING = "restarting"  # its process died; a new one is being started after a backoff
-    STOPPING = "stopping"  # terminate requested
-    STOPPED = "stopped"  # process gone on purpose
-    EVICTED = "evicted"  # stopped to make room for another model; a relaunch (or autoload) brings it back
-    FAILED = "failed"  # crashed too often, or could not load; last_error says why
-
-
 class Runner(Protocol):
     """What wait_healthy needs of a runner, local (RunnerProcess) or on a Ray node (RemoteRunner)."""
 
@@ -64,6 +53,15 @@ class Runner(Protocol):
     def exited(self) -> int | None: ...
 
     async def stop(self, grace: float = 5.0) -> None: ...
+
+
+async def ping(runner: Runner, timeout: float) -> bool:
+    """Liveness: /health answers 200 within `timeout` seconds."""
+    try:
+        async with runner.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return False
 
 
 async def wait_healthy(
@@ -79,13 +77,8 @@ async def wait_healthy(
     while time.monotonic() < deadline:
         if runner.exited() is not None:
             raise LaunchFailed(await reason())
-        if reachable():
-            try:
-                async with runner.session.get("/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
+        if reachable() and await ping(runner, 2):
+            return
         await asyncio.sleep(interval)
     await runner.stop()
     raise LaunchFailed(f"runner for {runner.config.model_uid} did not become ready within {timeout:.0f} s")
@@ -108,9 +101,15 @@ class RunnerProcess:
     """One spawned runner. Not restartable: the supervisor makes a new one."""
 
     def __init__(
-        self, config: RunnerConfig, log_path: Path, env: dict[str, str], cores: tuple[int, ...] = ()
+        self,
+        config: RunnerConfig,
+        log_path: Path,
+        env: dict[str, str],
+        cores: tuple[int, ...] = (),
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path or Path(config.socket).with_suffix(".json")
         self.cores = cores
         self.log_path = log_path
         self._env = env
@@ -130,6 +129,13 @@ class RunnerProcess:
     @property
     def pid(self) -> int | None:
         return self._popen.pid if self._popen else None
+
+    @property
+    def node_lost(self) -> bool:
+        return False  # one machine: a runner that is gone crashed (or was stopped)
+
+    async def start(self) -> None:
+        self.spawn(self.config_path)
 
     def spawn(self, config_path: Path) -> None:
         config_path.write_text(self.config.model_dump_json())
@@ -157,6 +163,15 @@ class RunnerProcess:
 
     def failure_reason(self) -> str:
         return failure_reason(Path(self.config.status_file), self.log_path, self.exited())
+
+    async def ping(self, timeout: float) -> bool:
+        return await ping(self, timeout)
+
+    async def kill(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+            await asyncio.to_thread(self._popen.wait)
+        await self.stop()
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL; always reaps the process."""

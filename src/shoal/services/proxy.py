@@ -1,19 +1,24 @@
-"""Forward an inference request to a ready replica over its Unix socket, streaming included.
+"""Forward an inference request to a ready replica (Unix socket here, TCP on a Ray node), streaming
+included.
 
-Bodies pass through as bytes; a runner that dies mid-request turns into a 503 (or, once a stream
-has started, an in-band SSE error event), never a hang.
+Bodies pass through as bytes. A runner that dies mid-request turns into a 503 (or, once a stream has
+started, an in-band SSE error event); one that sends no byte within the first-byte deadline into a
+504; never a hang. The replica is leased for as long as its answer is being read.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import aiohttp
 
-from shoal.errors import ModelUnavailable, RequestTimeout
+from shoal.errors import ModelUnavailable, RequestTimeout, ShoalError
 from shoal.services.models import ModelService
+from shoal.services.replicas import Replica
+from shoal.services.router import gone_message
 
 
 @dataclass
@@ -26,10 +31,18 @@ class Forwarded:
     close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
 
 
-def _runner_gone(uid: str, exc: BaseException) -> ModelUnavailable:
-    return ModelUnavailable(
-        f"model {uid!r} stopped answering ({type(exc).__name__}); it is being restarted", retry_after=2
-    )
+def _failure(
+    service: ModelService, uid: str, replica: Replica, exc: BaseException, wait: float
+) -> ShoalError:
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"model {uid!r} sent no answer within {wait:.0f} s")
+    service.notice_unreachable(uid, replica)
+    return ModelUnavailable(gone_message(uid, replica, type(exc).__name__), retry_after=2)
+
+
+def _sse_error(error: ShoalError) -> bytes:
+    payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 async def forward(
@@ -44,51 +57,49 @@ async def forward(
 ) -> Forwarded:
     """Send `body` to a ready replica of `uid`. JSON by default; binary uploads pass their own
     content type and their fields as a JSON `x-shoal-params` header."""
-    replica = await service.checkout(uid)
-    assert replica.runner is not None
-    try:
-        response = await replica.runner.session.request(
-            method,
-            path,
-            data=body,
-            headers=headers or {"content-type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5),
-        )
-    except TimeoutError as exc:
-        service.release(uid, replica)
-        raise RequestTimeout(f"model {uid!r} did not answer within {timeout:.0f} s") from exc
-    except aiohttp.ClientError as exc:
-        service.release(uid, replica)
-        service.notice_unreachable(uid, replica)
-        raise _runner_gone(uid, exc) from exc
-    if not stream or response.status != 200:
+    first_byte = min(timeout, service.settings.first_byte_timeout)
+    async with AsyncExitStack() as held:
+        replica = await held.enter_async_context(service.router.lease(uid))
+        runner = replica.runner
+        assert runner is not None
+        # sock_read bounds the wait for the first byte, and then for each next one
+        limits = aiohttp.ClientTimeout(total=timeout, sock_connect=5, sock_read=first_byte)
         try:
-            content = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _runner_gone(uid, exc) from exc
-        finally:
-            response.release()
-            service.release(uid, replica)
-        return Forwarded(response.status, replica.index, response.content_type, body=content)
+            response = await runner.session.request(
+                method,
+                path,
+                data=body,
+                headers=headers or {"content-type": "application/json"},
+                timeout=limits,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _failure(service, uid, replica, exc, first_byte) from exc
+        held.callback(response.release)
+        if not stream or response.status != 200:
+            try:
+                content = await response.read()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise _failure(service, uid, replica, exc, first_byte) from exc
+            return Forwarded(response.status, replica.index, response.content_type, body=content)
 
-    closed = False
+        lease = held.pop_all()  # from here the stream holds the replica until close()
+        closed = False
 
-    async def close() -> None:
-        nonlocal closed
-        if not closed:
-            closed = True
-            response.close()  # drops the connection: the runner sees the client go and stops generating
-            service.release(uid, replica)
+        async def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                response.close()  # drops the connection: the runner sees the client go and stops generating
+                await lease.aclose()
 
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            error = _runner_gone(uid, exc)
-            payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
-            yield b"data: " + json.dumps(payload).encode() + b"\n\n"
-        finally:
-            await close()
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                yield _sse_error(_failure(service, uid, replica, exc, first_byte))
+            finally:
+                await close()
 
-    return Forwarded(200, replica.index, response.content_type, stream=chunks(), close=close)
+        return Forwarded(200, replica.index, response.content_type, stream=chunks(), close=close)
+    raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
