@@ -53,7 +53,7 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.ping_every = ping_every  # seconds between liveness pings of a ready runner
         self.liveness_timeout = liveness_timeout  # no answer for this long: hung, killed, restarted
-        self.last_ok: dict[str, float] = {}  # step → clock() of its last success
+        self.last_ok = dict.fromkeys(STALE_AFTER, clock())  # step → clock() of its last success
         self.errors = 0
         self._failing: dict[str, str] = {}  # step → the cause it is failing with now (logged once)
         self._last_sample = float("-inf")
@@ -61,7 +61,6 @@ class Supervisor:
 
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        self.last_ok = dict.fromkeys(STALE_AFTER, self.clock())
         while True:
             await self.tick()
             await asyncio.sleep(TICK)
