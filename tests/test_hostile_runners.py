@@ -20,7 +20,11 @@ def test_a_stopped_runner_is_killed_restarted_and_its_requests_answered(tmp_path
     srv = ShoalServer(
         tmp_path / "data",
         tmp_path / "server.log",
-        env={"SHOAL_LIVENESS_INTERVAL": "0.5", "SHOAL_LIVENESS_TIMEOUT": "5", "SHOAL_FIRST_BYTE_TIMEOUT": "2"},
+        env={
+            "SHOAL_LIVENESS_INTERVAL": "0.5",
+            "SHOAL_LIVENESS_TIMEOUT": "5",
+            "SHOAL_FIRST_BYTE_TIMEOUT": "2",
+        },
     )
     srv.start()
     try:
