@@ -119,3 +119,19 @@ def test_gpus_on_one_machine_is_one_flat_table() -> None:
     assert [[c.strip() for c in r[:2]] for r in rows] == [["gpu:0", "Fake GPU (fake)"], ["cpu", "CPU"]]
     assert rows[0][-1].strip() == "chat/0 6.00"
     assert "NODE" not in text and "local" not in text
+
+
+def test_ps_renders_every_state() -> None:
+    """A launch that could not be placed has replicas with no device and no pid; ps still renders."""
+    from shoal.cli import models_table
+
+    failed = {"id": "big", "model_name": "m", "model_type": "LLM", "model_engine": "llama.cpp",
+              "status": "failed", "replica": 2,
+              "replicas": [{"index": 0, "state": "failed", "device": None, "pid": None},
+                           {"index": 1, "state": "starting", "device": "gpu:0", "pid": 42}]}  # fmt: skip
+    sparse = {"id": "x", "status": "loading", "replicas": []}
+    out = io.StringIO()
+    Console(file=out, width=200).print(models_table([failed, sparse]))
+    text = out.getvalue()
+    assert "big" in text and "failed" in text and "-,gpu:0" in text and "-,42" in text
+    assert "loading" in text

@@ -215,3 +215,35 @@ def test_non_loopback_needs_auth(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "refusing" in result.stdout
+
+
+def test_a_launch_that_could_not_be_placed_leaves_its_uid_free(server: ShoalServer) -> None:
+    huge = {"model_name": EMBED_MODEL, "model_uid": "too-big", "gpu_memory": "100000GiB"}
+    r = server.http.post("/v1/models", params={"wait_ready": "false"}, json=huge)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 30
+    while (described := server.http.get("/v1/models/too-big").json())["status"] != "failed":
+        assert time.monotonic() < deadline, described
+        time.sleep(0.05)
+    assert "cannot place" in described["replicas"][0]["last_error"]
+    ps = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "ps", "--endpoint", server.url], capture_output=True, text=True
+    )
+    assert ps.returncode == 0 and "too-big" in ps.stdout and "failed" in ps.stdout, ps.stderr
+    again = server.http.post("/v1/models", json={"model_name": EMBED_MODEL, "model_uid": "too-big"})
+    assert again.status_code == 200, again.text  # not 409: the failed entry gave its uid up
+    assert server.http.get("/v1/models/too-big").json()["status"] == "ready"
+    server.http.delete("/v1/models/too-big")
+
+
+def test_a_stream_cut_by_terminate_says_so(server: ShoalServer) -> None:
+    body = {"model_name": CHAT_MODEL, "model_uid": "going", "n_parallel": 1, "n_ctx": 1024}
+    assert server.http.post("/v1/models", json=body).status_code == 200
+    long = {"model": "going", "messages": MSG, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=long, timeout=60) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        assert server.http.delete("/v1/models/going").status_code == 200
+        rest = list(lines)
+    errors = [line for line in rest if '"error"' in line]
+    assert errors and "terminated" in errors[0] and "restarted" not in errors[0], rest[-3:]

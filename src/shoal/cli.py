@@ -177,19 +177,25 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
             models = client.list_models()
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
+    console.print(models_table(models))
+
+
+def models_table(models: list[dict[str, Any]]) -> Table:
+    """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet)."""
     table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS")
     for m in models:
+        replicas = m.get("replicas") or []
         table.add_row(
-            m["id"],
-            m["model_name"],
-            m["model_type"],
-            m["model_engine"],
-            m["status"],
-            str(m["replica"]),
-            ",".join(sorted({r.get("device") or "-" for r in m.get("replicas") or []})) or "-",
-            ",".join(str(r.get("pid") or "-") for r in m.get("replicas") or []) or "-",
+            str(m.get("id") or m.get("model_uid") or "-"),
+            str(m.get("model_name") or "-"),
+            str(m.get("model_type") or "-"),
+            str(m.get("model_engine") or "-"),
+            str(m.get("status") or "-"),
+            str(m.get("replica", len(replicas))),
+            ",".join(sorted({str(r.get("device") or "-") for r in replicas})) or "-",
+            ",".join(str(r.get("pid") or "-") for r in replicas) or "-",
         )
-    console.print(table)
+    return table
 
 
 @app.command()
