@@ -94,7 +94,7 @@ def test_register_a_local_gguf_and_chat(server: ShoalServer) -> None:
 
 def test_load_failure_reports_the_engines_reason(server: ShoalServer, tmp_path: Path) -> None:
     bogus = tmp_path / "broken.gguf"
-    bogus.write_bytes(b"this is not a gguf file" * 100)
+    bogus.write_bytes(b"GGUF" + b"this is not a gguf file" * 100)  # the magic passes registration
     model = {"model_name": "broken", "model_specs": [{"model_format": "ggufv2", "model_uri": str(bogus)}]}
     assert server.http.post("/v1/model_registrations/LLM", json={"model": model}).status_code == 200
     r = server.http.post("/v1/models", json={"model_name": "broken"})

@@ -85,9 +85,10 @@ def test_engine_names() -> None:
 
 def test_protocol_validation() -> None:
     ok = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 5}
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 5, "grammar": "root ::= x"}
     )
-    assert ok.model_extra == {"top_k": 5}  # engine extras pass through
+    assert ok.top_k == 5  # the common sampling extras are typed and bounded
+    assert ok.model_extra == {"grammar": "root ::= x"}  # other engine extras pass through
     for bad in ({"model": "m", "messages": []}, {"model": "m", "messages": [{"role": "x"}]}):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate(bad)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shoal.catalog.specs import MODEL_TYPES, ModelFamily, ModelSpec, Source, default_engine
+from shoal.catalog.weights import check_weights
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound
 from shoal.state import StateStore
 
@@ -59,8 +60,8 @@ class Catalog:
             raise Conflict(f"{family.model_name!r} is a built-in model name; pick another")
         for spec in family.model_specs:
             assert spec.source is not None
-            if spec.source.path and not Path(spec.source.path).exists():
-                raise InvalidRequest(f"model path {spec.source.path} does not exist")
+            if spec.source.path:  # a regular file or folder holding weights of that format
+                check_weights(Path(spec.source.path).expanduser(), spec.model_format)
         self._user[family.model_name] = family
         if persist:
             self._store.save_registration(family.model_name, family.model_type, family.model_dump_json())

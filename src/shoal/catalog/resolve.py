@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from shoal.catalog.specs import Source
+from shoal.catalog.weights import check_path
 from shoal.errors import InvalidRequest
 
 
@@ -17,8 +18,7 @@ def local_path(source: Source) -> Path | None:
     """The weights' local path, or None when they must be downloaded. Raises when they are missing."""
     if source.path:
         path = Path(source.path).expanduser()
-        if not path.exists():
-            raise InvalidRequest(f"model path {path} does not exist")
+        check_path(path)  # exists, and is a regular file or folder (not a device, not in /proc)
         return path
     if source.python_package:
         spec = importlib.util.find_spec(source.python_package)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.engines.options import check_launch_options
 from shoal.errors import InvalidRequest
 
 
@@ -93,14 +94,14 @@ class Engine:
         negative_prompt. Returns OpenAI's {"created", "data": [{"b64_json"}]} (PNG images)."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not generate images")
 
-    def pop_options(self, *known: str) -> dict[str, Any]:
-        """This engine's launch options; any other name is refused so typos do not pass silently."""
-        unknown = sorted(set(self.config.options) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) for engine {self.name}: {', '.join(unknown)}; known: {', '.join(known)}"
-            )
-        return dict(self.config.options)
+    def pop_options(self) -> dict[str, Any]:
+        """This engine's launch options (its names in engines/options.py), checked against the table:
+        an unknown name or a value out of bounds is refused, so typos and garbage do not pass silently.
+        Values come back as their option's type ("512" as 512, "false" as False)."""
+        try:
+            return check_launch_options(self.name, self.config.options)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
 
 
 # What a launch means for memory when it names no options, per engine: the context each sequence
@@ -142,3 +143,22 @@ for _engine in ("cross_encoder", "embedding_rerank"):
 for _engine in ("faster_whisper", "piper", "hibari", "rapidocr"):  # no KV cache; CTranslate2 / ONNX Runtime
     ESTIMATE_DEFAULTS[_engine] = {**ESTIMATE_DEFAULTS["sentence_transformers"], "context": 448,
                                   "cpu_runtime_bytes": 200 * 1024**2}  # fmt: skip
+
+# Engines that cut an input at the model's own length instead of refusing it: the encoders, and the
+# LLM reranker, which shortens a document until it fits.
+TRUNCATING_ENGINES = frozenset({"sentence_transformers", "cross_encoder", "embedding_rerank", "llm_rerank"})
+
+
+def context_tokens(engine: str, options: dict[str, Any], model_context: int | None) -> int:
+    """Tokens one request may fill on a running model, as the engine reads its launch: the context
+    option when the launch named one (the engine takes it as given), else the engine's default
+    capped by the model's own context."""
+    defaults = ESTIMATE_DEFAULTS.get(engine, ESTIMATE_DEFAULTS["transformers"])
+    option = defaults["context_option"]
+    if option and options.get(option) is not None:
+        try:
+            return int(options[option])
+        except (TypeError, ValueError):  # refused at launch; a model restored from an older state
+            pass
+    default = int(defaults["context"])
+    return min(default, model_context) if model_context else default

@@ -77,7 +77,7 @@ class CrossEncoderEngine(Engine):
         import torch
         from sentence_transformers import CrossEncoder
 
-        opts = self.pop_options("batch_size", "max_length", "trust_remote_code", "memory_fraction")
+        opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
         if self.config.device == "cuda" and "memory_fraction" in opts:

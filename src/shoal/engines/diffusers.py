@@ -72,7 +72,7 @@ class DiffusersEngine(Engine):
         import torch
         from diffusers import DiffusionPipeline
 
-        opts = self.pop_options("memory_fraction", "dtype", "num_inference_steps", "guidance_scale")
+        opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
         cuda = self.config.device == "cuda"

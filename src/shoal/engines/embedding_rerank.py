@@ -27,9 +27,7 @@ class EmbeddingRerankEngine(Engine):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        opts = self.pop_options(
-            "batch_size", "trust_remote_code", "memory_fraction", "query_prompt", "document_prompt", "score"
-        )
+        opts = self.pop_options()
         self._score = str(opts.get("score", "unit"))
         if self._score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self._score!r}")

@@ -42,7 +42,7 @@ class FasterWhisperEngine(Engine):
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
-        opts = self.pop_options("compute_type", "beam_size")
+        opts = self.pop_options()
         on_cuda = self.config.device == "cuda"
         compute_type = str(opts.get("compute_type") or ("float16" if on_cuda else "int8"))
         self._beam_size = int(opts.get("beam_size", 5))

@@ -28,7 +28,7 @@ class HibariEngine(Engine):
         from hibari import SAMPLE_RATE, Hibari
         from hibari.voices import VOICES
 
-        opts = self.pop_options("voice", "seed")
+        opts = self.pop_options()
         files = self._voice_files(Path(self.config.model_path), VOICES, opts.get("voice"))
         threads = self.config.n_threads or 1  # hibari's default: ~100x realtime on one core
         g2ps: dict[bool, Any] = {}

@@ -20,6 +20,7 @@ from shoal.errors import InvalidRequest, ShoalError
 
 DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
 DEFAULT_CONTEXT: int = ESTIMATE_DEFAULTS["llama.cpp"]["context"]  # per slot, capped by the model's own
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's bound; llama.cpp has none and returns the vocabulary)
 _END = object()
 
 
@@ -34,6 +35,35 @@ def _raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
     if int(error.get("code", 500)) < 500:
         raise InvalidRequest(message)
     raise ShoalError(f"llama.cpp: {message}")
+
+
+def bound_logprobs(body: dict[str, Any], chat: bool) -> bool:
+    """Refuse more than MAX_LOGPROBS alternatives per token. Returns True when the caller wants the
+    chosen tokens' log probabilities with no alternatives (chat `logprobs: true` without
+    `top_logprobs`, completions `logprobs: 0`): llama.cpp gives no log probabilities at all for 0
+    alternatives and 20 when none are named, so one is asked for here and dropped by the caller."""
+    key = "top_logprobs" if chat else "logprobs"
+    for name in (key, "n_probs"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_LOGPROBS:
+            raise InvalidRequest(f"{name} must be from 0 to {MAX_LOGPROBS}, not {value}")
+    if body.get("n_probs"):
+        return False
+    if chat and body.get("logprobs") is True and not body.get("top_logprobs"):
+        body["top_logprobs"] = 1
+        return True
+    if not chat and body.get("logprobs") == 0 and not isinstance(body.get("logprobs"), bool):
+        body["logprobs"] = 1
+        return True
+    return False
+
+
+def drop_alternatives(result: dict[str, Any]) -> None:
+    """Empty each token's top_logprobs in a response or a streamed chunk (see bound_logprobs)."""
+    for choice in result.get("choices") or []:
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        for token in (logprobs or {}).get("content") or []:
+            token["top_logprobs"] = []
 
 
 def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, int]:
@@ -70,7 +100,7 @@ class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def load(self) -> None:
-        opts = self.pop_options("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template")
+        opts = self.pop_options()
         self._server, self.n_parallel, self.slot_context = start_server(self.config, opts)
         # One thread per slot plus room for requests waiting on a slot.
         self._pool = ThreadPoolExecutor(max_workers=self.n_parallel * 4, thread_name_prefix="llama")
@@ -79,7 +109,8 @@ class LlamaCppEngine(Engine):
         self._pool.shutdown(wait=False, cancel_futures=True)
         del self._server
 
-    def _check(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _check(self, body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], bool]:
+        """The body llama.cpp gets, and whether to drop the logprobs' alternatives from the answer."""
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         if max_tokens is not None and int(max_tokens) > self.slot_context:
             raise InvalidRequest(
@@ -87,21 +118,27 @@ class LlamaCppEngine(Engine):
             )
         body = dict(body)
         body.pop("model", None)
-        return body
+        return body, bound_logprobs(body, chat)
 
-    async def _call(self, fn: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, fn: Callable[..., Any], body: dict[str, Any], chat: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
+        body, chosen_only = self._check(body, chat)
         try:
-            result = await loop.run_in_executor(self._pool, fn, self._check(body))
+            result = await loop.run_in_executor(self._pool, fn, body)
         except (ValueError, RuntimeError) as exc:  # llama.cpp's own refusal of the request's content
             raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
         result = _raise_if_error(result)
         result.pop("timings", None)
         result["model"] = self.config.model_uid
+        if chosen_only:
+            drop_alternatives(result)
         return result
 
-    async def _stream(self, fn: Callable[..., Any], body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        body = {**self._check(body), "stream": True}
+    async def _stream(
+        self, fn: Callable[..., Any], body: dict[str, Any], chat: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        body, chosen_only = self._check(body, chat)
+        body["stream"] = True
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancelled = threading.Event()
@@ -117,6 +154,8 @@ class LlamaCppEngine(Engine):
                 chunk = _raise_if_error(chunk)
                 chunk.pop("timings", None)
                 chunk["model"] = self.config.model_uid
+                if chosen_only:
+                    drop_alternatives(chunk)
                 yield chunk
             try:
                 future.result()
@@ -135,13 +174,13 @@ class LlamaCppEngine(Engine):
         return values
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self._server.handle_chat_completions, body)
+        return await self._call(self._server.handle_chat_completions, body, chat=True)
 
     def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(self._server.handle_chat_completions, body)
+        return self._stream(self._server.handle_chat_completions, body, chat=True)
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self._server.handle_completions, body)
+        return await self._call(self._server.handle_completions, body, chat=False)
 
     def complete_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(self._server.handle_completions, body)
+        return self._stream(self._server.handle_completions, body, chat=False)

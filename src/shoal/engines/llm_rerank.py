@@ -81,9 +81,7 @@ class LlmRerankEngine(Engine):
 
     def load(self) -> None:
 
-        opts = self.pop_options(
-            "n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template", "instruction", "system_prompt"
-        )
+        opts = self.pop_options()
         self._instruction = str(opts.get("instruction", DEFAULT_INSTRUCTION))
         self._system_prompt = str(opts.get("system_prompt", SYSTEM_PROMPT))
         self._server, self.n_parallel, self.slot_context = start_server(self.config, opts)

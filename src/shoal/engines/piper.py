@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,9 @@ from shoal.engines.base import Engine, SpeechStream
 from shoal.errors import InvalidRequest
 
 MAX_INPUT_CHARS = 4096
+# Control characters other than tab and newlines: nothing to say, and espeak-ng's phonemizer fails on
+# a NUL ("embedded null character"). Each becomes a space.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 
@@ -31,8 +35,10 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 def speech_params(body: dict[str, Any], voice_ids: list[str]) -> tuple[str, str, float]:
     """(input, voice, speed) from an OpenAI speech body, or InvalidRequest. No voice: the first one."""
     text = body.get("input")
+    if isinstance(text, str):
+        text = CONTROL_CHARS.sub(" ", text)
     if not isinstance(text, str) or not text.strip():
-        raise InvalidRequest("input must be a non-empty string")
+        raise InvalidRequest("input must be a non-empty string (control characters do not count)")
     if len(text) > MAX_INPUT_CHARS:
         raise InvalidRequest(f"input is {len(text)} characters; the maximum is {MAX_INPUT_CHARS}")
     voice = body.get("voice")
@@ -176,7 +182,7 @@ class PiperEngine(Engine):
         import onnxruntime
         from piper import PiperConfig, PiperVoice
 
-        opts = self.pop_options("noise_scale", "noise_w_scale", "normalize_audio", "volume")
+        opts = self.pop_options()
         model, config_path = find_voice_files(Path(self.config.model_path))
         with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)

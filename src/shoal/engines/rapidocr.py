@@ -154,9 +154,7 @@ class RapidOcrEngine(Engine):
     def load(self) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
-        opts = self.pop_options(
-            "text_score", "box_thresh", "unclip_ratio", "use_cls", "max_pixels", "max_side_len"
-        )
+        opts = self.pop_options()
         defaults = {
             "text_score": DEFAULT_TEXT_SCORE,
             "box_thresh": DEFAULT_BOX_THRESH,

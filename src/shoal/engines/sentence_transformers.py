@@ -18,7 +18,7 @@ class SentenceTransformersEngine(Engine):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        opts = self.pop_options("batch_size", "trust_remote_code", "memory_fraction")
+        opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
         if self.config.device == "cuda" and "memory_fraction" in opts:
@@ -41,10 +41,25 @@ class SentenceTransformersEngine(Engine):
         if isinstance(raw, str):
             return [raw]
         if raw and all(isinstance(x, int) for x in raw):
-            return [self._model.tokenizer.decode(raw)]
+            return [self._decode(raw)]
         if raw and all(isinstance(x, list) for x in raw):
-            return [self._model.tokenizer.decode(ids) for ids in raw]
+            return [self._decode(ids) for ids in raw]
+        if not all(isinstance(x, str) for x in raw):
+            raise InvalidRequest("input must be a string, a list of strings, or token ids")
         return list(raw)
+
+    def _decode(self, ids: list[Any]) -> str:
+        """Token ids back to text; an id outside the vocabulary is a 400 (the tokenizer would raise
+        OverflowError on a negative one and skip one past the end silently)."""
+        vocabulary = len(self._model.tokenizer)
+        bad = next(
+            (i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary), None
+        )
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad!r} is not in this model's vocabulary (0 to {vocabulary - 1})"
+            )
+        return str(self._model.tokenizer.decode(ids))
 
     def _encode(self, texts: list[str], dimensions: int | None) -> tuple[Any, int]:
         with self._lock:

@@ -168,9 +168,7 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def load(self) -> None:
-        opts = self.pop_options(
-            "context_length", "max_batch_size", "dtype", "torch_dtype", "memory_fraction", "trust_remote_code"
-        )
+        opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
         if self.config.device == "cuda" and opts.get("memory_fraction") is not None:

@@ -40,6 +40,7 @@ import httpx
 import orjson
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
+from shoal.engines.options import ENGINE_OPTIONS
 from shoal.errors import InvalidRequest, ShoalError
 
 # The gateway's estimate falls back to the transformers defaults for an engine without its own entry;
@@ -49,17 +50,7 @@ DEFAULT_CONTEXT: int = int(_DEFAULTS["context"])  # --max-model-len, capped by t
 DEFAULT_MAX_NUM_SEQS: int = int(_DEFAULTS["parallel"])
 DEFAULT_START_TIMEOUT = 900.0  # seconds for vLLM to answer /health (compiling and CUDA graphs take minutes)
 START_LOCK = Path(tempfile.gettempdir()) / "shoal-vllm-start.lock"
-OPTIONS = (
-    "memory_fraction",
-    "context_length",
-    "max_num_seqs",
-    "dtype",
-    "tensor_parallel_size",
-    "enforce_eager",
-    "quantization",
-    "trust_remote_code",
-    "start_timeout",
-)
+OPTIONS = ENGINE_OPTIONS["vllm"]
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _PR_SET_PDEATHSIG = 1
 _TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL in close(); the gateway SIGKILLs a runner after 5
@@ -381,7 +372,7 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def load(self) -> None:
-        opts = self.pop_options(*OPTIONS)
+        opts = self.pop_options()
         if self.config.device != "cuda":
             raise RuntimeError(
                 f"vLLM needs an NVIDIA GPU, and model {self.config.model_uid!r} was placed on "

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal import metrics
+from shoal.engines.base import TRUNCATING_ENGINES, context_tokens
 from shoal.errors import InvalidRequest
 from shoal.protocol.openai import (
     ChatCompletionRequest,
@@ -26,6 +27,7 @@ from shoal.protocol.openai import (
     ImageRequest,
     RerankRequest,
     SpeechRequest,
+    check_prompt_size,
 )
 from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
@@ -80,11 +82,19 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
     body, raw = await _parse(request, model)
     uid: str = body.model  # type: ignore[attr-defined]
     service = await check_model(request, uid, ability)
+    _check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
     if ability in ("chat", "generate"):
         _count_tokens(uid, result)
     return render(result)
+
+
+def _check_size(service: ModelService, uid: str, body: BaseModel) -> None:
+    """A prompt far beyond the model's context is refused here, before a runner tokenizes it."""
+    running = service.get(uid)  # only its family, request and engine are read
+    context = context_tokens(running.engine, running.request.engine_options(), running.family.context_length)
+    check_prompt_size(body, context, truncates=running.engine in TRUNCATING_ENGINES)
 
 
 def _count_tokens(uid: str, result: Forwarded) -> None:

@@ -25,7 +25,7 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 def _error(status: int, message: str, type_: str, code: str | None) -> Response:
-    return _json({"error": {"message": message, "type": type_, "code": code}}, status)
+    return _json({"error": {"message": message, "type": type_, "code": code, "param": None}}, status)
 
 
 def _sse_line(chunk: dict[str, Any]) -> bytes:
@@ -39,7 +39,8 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any] | No
         async for chunk in chunks:
             yield _sse_line(chunk)
     except ShoalError as exc:  # headers are gone: report in-band, as OpenAI does
-        yield _sse_line({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+        error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
+        yield _sse_line({"error": error})
     yield b"data: [DONE]\n\n"
 
 
@@ -51,6 +52,9 @@ def _guarded(handler: Callable[[Engine, Request], Awaitable[Response]], engine: 
             return await handler(engine, request)
         except ShoalError as exc:
             return _error(exc.status, exc.message, exc.type, exc.code)
+        except orjson.JSONDecodeError as exc:  # the gateway validates bodies first; this is a backstop
+            message = f"the body is not JSON the runner can read: {exc}"
+            return _error(400, message, "invalid_request_error", None)
         except Exception as exc:  # an engine bug: still answer in the OpenAI shape
             return _error(500, f"{engine.name} failed: {type(exc).__name__}: {exc}", "server_error", None)
 
