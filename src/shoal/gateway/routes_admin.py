@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shoal.catalog import Catalog, ModelSpec, default_engine
-from shoal.catalog.weights import check_weights
-from shoal.engines.options import check_launch_options
-from shoal.engines.registry import ALIASES
-from shoal.errors import ShoalError
 from shoal.gateway import observability
 from shoal.protocol.admin import EstimateRequest, LaunchRequest, RegisterRequest
 from shoal.services.models import ModelService
@@ -26,27 +20,6 @@ router = APIRouter(tags=["admin"])
 
 def _service(request: Request) -> ModelService:
     return request.app.state.models  # type: ignore[no-any-return]
-
-
-def _check_launch(catalog: Catalog, body: LaunchRequest) -> None:
-    """What a launch can be refused for before any planning: its engine options, and a local
-    path that holds no weights of the spec's format. A body whose model or spec is not in the
-    catalog passes here; the launch itself then says why."""
-    try:
-        family = catalog.get(body.model_name, body.model_type)
-        spec: ModelSpec | None = family.pick_spec(
-            body.model_format, body.quantization, body.model_size_in_billions
-        )
-    except (ShoalError, LookupError):
-        spec = None
-    if body.model_engine:
-        engine = ALIASES.get(body.model_engine.lower())
-    else:
-        engine = default_engine(family.model_type, spec.model_format) if spec else None
-    check_launch_options(engine, body.engine_options())
-    path = body.model_path or (spec.source.path if spec and spec.source else None)
-    if spec and path:
-        check_weights(Path(path).expanduser(), spec.model_format)
 
 
 @router.get("/health")
@@ -60,9 +33,7 @@ async def launch_model(
     body: LaunchRequest,
     wait_ready: bool = Query(True, description="answer once the model is ready"),
 ) -> dict[str, Any]:
-    service = _service(request)
-    _check_launch(service.catalog, body)
-    model = await service.launch(body, wait=wait_ready)
+    model = await _service(request).launch(body, wait=wait_ready)
     return {"model_uid": model.uid, "status": model.status}
 
 
@@ -130,8 +101,6 @@ async def workers(request: Request) -> list[dict[str, Any]]:
 @router.post("/v1/models/estimate")
 async def estimate(request: Request, body: EstimateRequest) -> dict[str, Any]:
     """The memory estimate of a launch and where it would be placed now; launches nothing."""
-    # values only: not every extra field of an estimate is an engine option
-    check_launch_options(None, {k: v for k, v in (body.model_extra or {}).items() if v is not None})
     return await _service(request).estimate(body)
 
 

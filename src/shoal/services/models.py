@@ -19,8 +19,10 @@ from typing import Any
 from shoal import metrics
 from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
+from shoal.catalog.weights import check_weights
 from shoal.devices import Snapshot
 from shoal.engines import registry
+from shoal.engines.options import check_launch_options
 from shoal.errors import (
     Conflict,
     InsufficientMemory,
@@ -141,10 +143,18 @@ class ModelService:
         if engine_name is None:
             raise InvalidRequest(f"no engine serves format {spec.model_format!r}; name one in model_engine")
         engine = registry.canonical(engine_name, spec.model_format)
+        if isinstance(request, LaunchRequest):  # bad engine options are refused before any planning
+            check_launch_options(engine, request.engine_options())
+        else:  # an estimate's extras are not all engine options: only the values of known ones
+            check_launch_options(
+                None, {k: v for k, v in (request.model_extra or {}).items() if v is not None}
+            )
         registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
-        local_path(source)  # a missing package or path fails here, with the fix, before any spawn
+        path = local_path(source)  # a missing package or path fails here, with the fix, before any spawn
+        if source.path and path is not None:
+            check_weights(path, spec.model_format)  # a path that holds no weights of this format: 400
         return family, spec, engine, source
 
     async def _plan(
