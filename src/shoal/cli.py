@@ -65,8 +65,7 @@ def serve(
     """Start the server (gateway) in the foreground."""
     import logging
 
-    import uvicorn
-
+    from shoal.gateway import server
     from shoal.gateway.app import build_app
     from shoal.settings import ServerSettings
 
@@ -94,14 +93,7 @@ def serve(
         api_key=api_key or None,
         ray_address=ray_address or None,
     )
-    uvicorn.run(
-        build_app(server_settings, launch or []),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    server.serve(build_app(server_settings, launch or []), server_settings, log_level)
 
 
 @app.command()

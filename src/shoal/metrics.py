@@ -1,9 +1,13 @@
-"""Prometheus metrics (prometheus-client), defined once. The gateway records requests; the model
-service records launches, evictions and crashes; gauges of queues and memory are read at scrape."""
+"""Prometheus metrics (prometheus-client), defined once. The gateway records requests and
+connections; the model service records launches, evictions and crashes; gauges of queues and memory
+are read at scrape.
+
+Label values are bounded: a route is a route template (or "unmatched"), a model is the uid of a
+model that exists, never a name a client sent."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -42,4 +46,17 @@ HUNG = Counter(
 )
 SUPERVISOR_ERRORS = Counter(
     "shoal_supervisor_errors", "Supervisor steps that raised (the loop went on)", ["step"], registry=REGISTRY
+)
+OPEN_CONNECTIONS = Gauge("shoal_open_connections", "Client connections open now", registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "shoal_connections_refused",
+    "Connections answered 503 at a connection cap (reason: per_client or total)",
+    ["reason"],
+    registry=REGISTRY,
+)
+SLOW_CLIENTS = Counter(
+    "shoal_slow_client_timeouts",
+    "Connections closed for sending too slowly (phase: headers or body)",
+    ["phase"],
+    registry=REGISTRY,
 )

@@ -63,12 +63,36 @@ FIRST_BYTE_TIMEOUT = Setting(
     "300",
     "seconds a proxied request waits for its runner's first byte (and between bytes of a stream); then 504",
 )
+HEADER_TIMEOUT = Setting(
+    "SHOAL_HEADER_TIMEOUT", "10", "seconds a connection may take to send a request's headers (then closed)"
+)
+BODY_TIMEOUT = Setting(
+    "SHOAL_BODY_TIMEOUT", "60", "seconds a request body may pause between two reads (then 408, closed)"
+)
+IDLE_TIMEOUT = Setting(
+    "SHOAL_IDLE_TIMEOUT", "20", "seconds an idle keep-alive connection is kept open between requests"
+)
+MAX_CONNECTIONS = Setting(
+    "SHOAL_MAX_CONNECTIONS",
+    "auto",
+    "open client connections in all, past it 503 (auto: 10000, or fewer to stay under the descriptor limit)",
+)
+MAX_CONNECTIONS_PER_CLIENT = Setting(
+    "SHOAL_MAX_CONNECTIONS_PER_CLIENT",
+    "auto",
+    "open connections from one client address, past it 503 (auto: a quarter of the total; 0: no cap)",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, LIVENESS_INTERVAL, LIVENESS_TIMEOUT, FIRST_BYTE_TIMEOUT,
+    HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT,
 )  # fmt: skip
+
+
+def _auto_int(value: str) -> int | None:
+    return None if value.strip().lower() in ("", "auto") else int(value)
 
 
 @dataclass(frozen=True)
@@ -95,4 +119,12 @@ class ServerSettings:
     liveness_interval: float = field(default_factory=lambda: float(LIVENESS_INTERVAL.get()))
     liveness_timeout: float = field(default_factory=lambda: float(LIVENESS_TIMEOUT.get()))
     first_byte_timeout: float = field(default_factory=lambda: float(FIRST_BYTE_TIMEOUT.get()))
+    header_timeout: float = field(default_factory=lambda: float(HEADER_TIMEOUT.get()))
+    body_timeout: float = field(default_factory=lambda: float(BODY_TIMEOUT.get()))
+    idle_timeout: float = field(default_factory=lambda: float(IDLE_TIMEOUT.get()))
+    # None: "auto", worked out from the descriptor limit when the server starts (gateway/server.py)
+    max_connections: int | None = field(default_factory=lambda: _auto_int(MAX_CONNECTIONS.get()))
+    max_connections_per_client: int | None = field(
+        default_factory=lambda: _auto_int(MAX_CONNECTIONS_PER_CLIENT.get())
+    )
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

@@ -14,7 +14,7 @@ from shoal import __version__
 from shoal.catalog import Catalog
 from shoal.errors import ShoalError
 from shoal.gateway import errors, routes_admin, routes_media, routes_openai, routes_ui
-from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, RequestLog
+from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, BodyTimeout, RequestLog, UnexpectedErrors
 from shoal.hosts import Host
 from shoal.hosts.local import LocalHost
 from shoal.protocol.admin import LaunchRequest
@@ -133,8 +133,12 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_media.router)
     routes_ui.mount_ui(app)  # the web UI at /ui (static files shipped in the package)
-    # Outermost first: every answer gets a request id and a log line, then size and key checks.
+    # Outermost first: every answer gets a request id and a log line (499 when the client left), a
+    # stalled body a 408, an unexpected error a 500 on a connection that stays open; then size and
+    # key checks. (Connection caps and header timeouts are the server's: gateway/server.py.)
     app.add_middleware(ApiKeyAuth, store=store, admin_key=settings.api_key)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)
+    app.add_middleware(UnexpectedErrors)
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     app.add_middleware(RequestLog)
     return app

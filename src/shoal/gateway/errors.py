@@ -1,8 +1,9 @@
-"""One place that turns every failure into the OpenAI error shape with the right status."""
+"""One place that turns every failure into the OpenAI error shape with the right status.
+
+Shoal's own errors, bad input and HTTP errors are handled here; an exception nothing expected is
+caught by middleware.UnexpectedErrors (a 500, logged once, the connection kept)."""
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,8 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from shoal.errors import InsufficientMemory, ModelUnavailable, ShoalError
-
-log = logging.getLogger("shoal.gateway")
+from shoal.gateway.middleware import error_body
 
 
 def error_response(
@@ -22,10 +22,7 @@ def error_response(
     headers: dict[str, str] | None = None,
     details: dict[str, object] | None = None,
 ) -> JSONResponse:
-    error: dict[str, object] = {"message": message, "type": type_, "code": code, "param": None}
-    if details:
-        error["details"] = details  # e.g. a 507's numbers, for programs (the UI) rather than people
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, code, details), status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -53,8 +50,3 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), type_, None, dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")

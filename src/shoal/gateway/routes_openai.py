@@ -54,10 +54,11 @@ async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
 async def check_model(request: Request, uid: str, ability: str) -> ModelService:
     """The model exists (loading it first under --autoload) and can do this."""
     service: ModelService = request.app.state.models
-    request.state.model = uid  # the metrics' and access log's model label
+    request.state.model_requested = uid  # logged (clipped) if it turns out unknown
     if service.settings.autoload:
         await service.ensure_ready(uid)
     running = service.get(uid)
+    request.state.model = uid  # a model that exists: the metrics' and access log's model label
     if ability not in running.family.model_ability:
         raise InvalidRequest(
             f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
