@@ -24,11 +24,13 @@ import asyncio
 import json
 import logging
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from shoal import metrics
@@ -341,4 +343,10 @@ def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> No
         timeout_keep_alive=max(1, round(settings.idle_timeout)),
         http=protocol_class(limits),
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for, after the shutdown
+        pass
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # the port was taken, or the app failed to start
