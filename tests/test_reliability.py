@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -157,12 +156,10 @@ def secured(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
         check=True,
     )
     inference_key = made.stdout.strip().split()[-1]
-    srv = ShoalServer(root / "data", root / "server.log", extra_args=["--api-key", env_key])
-    os.environ["SHOAL_MAX_BODY"] = "64KiB"
-    try:
-        srv.start()
-    finally:
-        del os.environ["SHOAL_MAX_BODY"]
+    srv = ShoalServer(
+        root / "data", root / "server.log", extra_args=["--api-key", env_key], env={"SHOAL_MAX_BODY": "64KiB"}
+    )
+    srv.start()
     yield srv, env_key, inference_key
     srv.stop()
 
