@@ -37,9 +37,11 @@ class ShoalServer:
         log_path: Path,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        open_files: int | None = None,
     ) -> None:
         self.extra_args = extra_args or []
         self.env = {**os.environ, **(env or {})}
+        self.open_files = open_files  # RLIMIT_NOFILE, soft and hard, for the server process
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -64,6 +66,7 @@ class ShoalServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                preexec_fn=self._limit_open_files if self.open_files else None,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -74,6 +77,11 @@ class ShoalServer:
             except httpx.TransportError:
                 time.sleep(0.1)
         raise RuntimeError("server did not start:\n" + self.log_path.read_text())
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def stop(self) -> int:
         assert self.proc is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -488,3 +489,92 @@ def test_an_unexpected_error_is_a_500_logged_once_on_a_connection_that_stays(
     assert len(tracebacks) == 1 and tracebacks[0].name == "shoal.gateway"
     access = [r.getMessage() for r in caplog.records if r.name == "shoal.access"]
     assert any(re.search(r'"path": "/boom".*"status": 500', line) for line in access)
+
+
+def answered_or_not(socks: list[socket.socket]) -> tuple[list[socket.socket], list[bytes]]:
+    """(the connections still waiting for a request, the answers the others got and closed on).
+    A refused connection is answered 503 at once; an admitted one waits for its request."""
+    readable: set[socket.socket] = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until no more answers come for half a second
+        time.sleep(0.5)
+        poll = select.poll()  # not select.select: these descriptors may be past 1024
+        for sock in socks:
+            poll.register(sock, select.POLLIN)
+        ready = {fd for fd, _ in poll.poll(0)}
+        now = {sock for sock in socks if sock.fileno() in ready}
+        if now == readable:
+            break
+        readable = now
+    waiting, answers = [], []
+    for sock in socks:
+        if sock in readable:
+            answers.append(sock.recv(200))
+            sock.close()
+        else:
+            waiting.append(sock)
+    assert all(a.startswith(b"HTTP/1.1 503") for a in answers), answers[:3]
+    return waiting, answers
+
+
+def open_files(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def test_a_flood_under_a_low_descriptor_limit_leaves_supervision_working(tmp_path: Path) -> None:
+    """1,024 open files: the caps come out at 512 in all and 128 per client; a flood from one
+    address and then from many is refused with 503s, the process never runs out of descriptors,
+    and a runner killed during the flood is restarted."""
+    import os
+    import signal
+
+    from conftest import pids_of, wait_until_ready
+
+    srv = ShoalServer(
+        tmp_path / "data", tmp_path / "server.log", env={"SHOAL_HEADER_TIMEOUT": "60"}, open_files=1024
+    )
+    srv.start()
+    held: list[socket.socket] = []
+    try:
+        assert "connections: at most 512 (128 per client)" in srv.log_path.read_text()
+        body = {"model_name": CHAT_MODEL, "model_uid": "flooded", "n_parallel": 1, "n_ctx": 512}
+        assert srv.http.post("/v1/models", json=body).status_code == 200
+        [pid] = pids_of(srv, "flooded")
+        assert srv.proc is not None
+        flood = [connect(srv, "127.0.0.2") for _ in range(600)]  # one client: 128 admitted
+        held, refused = answered_or_not(flood)
+        assert len(held) == 128 and len(refused) == 600 - 128
+        assert srv.http.get("/health").status_code == 200  # another client is served
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while pids_of(srv, "flooded") == [pid]:
+            assert time.monotonic() < deadline, "the killed runner was not restarted"
+            time.sleep(0.1)
+        wait_until_ready(srv, "flooded", timeout=120)
+        chat = {"model": "flooded", "messages": MSG, "max_tokens": 2}
+        assert srv.http.post("/v1/chat/completions", json=chat).status_code == 200
+        srv.http.close()  # from here the server may refuse 127.0.0.1 too
+        peak = 0
+        for n in range(1500):  # many clients: the total cap refuses, the descriptors last
+            held.append(connect(srv, f"127.0.2.{n // 100 + 1}"))
+            if n % 100 == 0:
+                peak = max(peak, open_files(srv.proc.pid))
+        held, refused = answered_or_not(held)
+        assert len(held) <= 512 and peak < 1024
+        assert srv.proc.poll() is None
+        probe = connect(srv)
+        probe.sendall(request("GET", "/health"))
+        status, headers, _ = read_response(probe)  # a clean answer, not a reset
+        assert status == 503 and headers["retry-after"] == "1"
+        probe.close()
+    finally:
+        for sock in held:
+            sock.close()
+        held.clear()
+    deadline = time.monotonic() + 10
+    while hostile_health(srv) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hostile_health(srv) == 200
+    assert srv.stop() == 0
+    log = srv.log_path.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]

@@ -124,11 +124,13 @@ class ConnectionLimits:
         if now - self._warned >= REFUSAL_LOG_EVERY:
             cap = f"{self.total} in all" if reason == "total" else f"{self.per_client} per client"
             log.warning(
-                "refused %d connection(s) at the cap of %s (the last from %s); see "
-                "SHOAL_MAX_CONNECTIONS and SHOAL_MAX_CONNECTIONS_PER_CLIENT",
+                "refused %d connection(s) at the cap of %s since the last such warning (the last "
+                "from %s); warned at most every %g s, all counted in shoal_connections_refused_total; "
+                "see SHOAL_MAX_CONNECTIONS and SHOAL_MAX_CONNECTIONS_PER_CLIENT",
                 self._refused,
                 cap,
                 client,
+                REFUSAL_LOG_EVERY,
             )
             self._refused, self._warned = 0, now
         return reason
@@ -342,6 +344,7 @@ def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> No
         timeout_graceful_shutdown=int(settings.grace),
         timeout_keep_alive=max(1, round(settings.idle_timeout)),
         http=protocol_class(limits),
+        ws="none",  # no WebSocket routes: an upgrade would hand the connection (and its count) away
     )
     server = uvicorn.Server(config)
     try:
