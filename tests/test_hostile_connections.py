@@ -420,12 +420,14 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
     assert soft_before == 256 and returned == soft_after == hard
 
 
-# The 500 path. Every 500 a client could cause is a bug being fixed elsewhere, so no Shoal route is
-# known to raise; this drives the gateway's own middleware and handlers over a route that does,
-# served by the real server module on a real socket.
+# The same limits on both of uvicorn's protocols, and the 500 path, in process: the gateway's own
+# middleware and handlers over a small app, served by the real server module on a real socket.
+# (Every 500 a client could cause is a bug being fixed, so no Shoal route is known to raise.)
 
 
-def _raising_app():  # type: ignore[no-untyped-def]
+def _small_app():  # type: ignore[no-untyped-def]
+    import asyncio
+
     from fastapi import FastAPI
 
     from shoal.gateway import errors
@@ -442,53 +444,96 @@ def _raising_app():  # type: ignore[no-untyped-def]
     async def fine() -> dict[str, bool]:
         return {"ok": True}
 
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        await asyncio.sleep(1)
+        return {"ok": True}
+
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodyTimeout, seconds=5)
     app.add_middleware(RequestLog)
     return app
 
 
-def test_an_unexpected_error_is_a_500_logged_once_on_a_connection_that_stays(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+@pytest.fixture(params=["httptools", "h11"])
+def in_process(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[int]:
+    """The port of a uvicorn server in a thread: 1 s header timeout, 2 connections per client."""
     import uvicorn
 
     from conftest import free_port
     from shoal.gateway.server import ConnectionLimits, protocol_class
 
     port = free_port()
+    limits = ConnectionLimits(total=10, per_client=2, header_timeout=1)
     config = uvicorn.Config(
-        _raising_app(),
+        _small_app(),
         host="127.0.0.1",
         port=port,
         log_config=None,
         lifespan="off",
-        http=protocol_class(ConnectionLimits(total=10, per_client=10, header_timeout=5)),
+        http=protocol_class(limits, request.param),
+        ws="none",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     caplog.set_level(logging.INFO)
     thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, headers, body = read_response(sock)
-        assert status == 500 and headers.get("connection") != "close"
-        error = openai_error(body)
-        assert error["type"] == "server_error" and "kaput" in error["message"]
-        sock.sendall(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection
-        assert read_response(sock)[0] == 200
-        sock.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_an_unexpected_error_is_a_500_logged_once_on_a_connection_that_stays(
+    in_process: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = socket.create_connection(("127.0.0.1", in_process), timeout=10)
+    sock.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = read_response(sock)
+    assert status == 500 and headers.get("connection") != "close"
+    error = openai_error(body)
+    assert error["type"] == "server_error" and "kaput" in error["message"]
+    sock.sendall(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection
+    assert read_response(sock)[0] == 200
+    sock.close()
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and tracebacks[0].name == "shoal.gateway"
     access = [r.getMessage() for r in caplog.records if r.name == "shoal.access"]
     assert any(re.search(r'"path": "/boom".*"status": 500', line) for line in access)
+
+
+def test_both_protocols_apply_the_limits(in_process: int, caplog: pytest.LogCaptureFixture) -> None:
+    def dial() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", in_process), timeout=10)
+
+    silent = dial()
+    assert closed_within(silent, 3) == (True, b"")
+    stalled = dial()
+    stalled.sendall(b"GET /fine HTTP/1.1\r\nHo")
+    closed, received = closed_within(stalled, 3)
+    assert closed and read_response_bytes(received)[0] == 408
+    first, second = dial(), dial()
+    for sock in (first, second):
+        sock.sendall(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    third = dial()
+    third.sendall(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = read_response(third)
+    assert status == 503 and headers["retry-after"] == "1"
+    assert openai_error(body)["code"] == "too_many_connections"
+    for sock in (first, second, silent, stalled, third):
+        sock.close()
+    time.sleep(0.2)
+    leaving = dial()  # admitted again now that the others closed
+    leaving.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    leaving.close()  # before the answer
+    time.sleep(1.5)
+    access = [r.getMessage() for r in caplog.records if r.name == "shoal.access"]
+    assert any(re.search(r'"path": "/slow".*"status": 499', line) for line in access), access
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def answered_or_not(socks: list[socket.socket]) -> tuple[list[socket.socket], list[bytes]]:

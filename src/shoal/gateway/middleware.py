@@ -159,7 +159,7 @@ class BodyTimeout:
         self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.seconds <= 0:  # 0: no body timeout
             return await self.app(scope, receive, send)
         body_read = timed_out = started = False
 

@@ -312,13 +312,15 @@ def _httptools_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     return GuardedHttpTools
 
 
-def protocol_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
-    """uvicorn's fast protocol (httptools) when installed, else h11, with the limits applied."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return _h11_class(limits)
-    return _httptools_class(limits)
+def protocol_class(limits: ConnectionLimits, kind: str = "auto") -> type[asyncio.Protocol]:
+    """uvicorn's fast protocol (httptools) when installed, else h11 (or the `kind` named), with
+    the limits applied."""
+    if kind == "auto":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            kind = "h11"
+    return _h11_class(limits) if kind == "h11" else _httptools_class(limits)
 
 
 def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> None:
