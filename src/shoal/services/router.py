@@ -20,7 +20,8 @@ class Router:
     def get(self, uid: str) -> RunningModel:
         model = self._models.get(uid)
         if model is None:
-            raise ModelNotFound(f"model {uid!r} is not running (see GET /v1/models)")
+            shown = uid if len(uid) <= 200 else f"{uid[:200]}... ({len(uid)} characters)"
+            raise ModelNotFound(f"model {shown!r} is not running (see GET /v1/models)")
         return model
 
     @asynccontextmanager
