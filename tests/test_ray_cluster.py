@@ -186,7 +186,7 @@ def test_worker_ip_pins_to_the_second_node(ray_shoal: RayShoal) -> None:
 
 def test_a_load_failure_on_a_node_reports_the_engines_reason(ray_shoal: RayShoal) -> None:
     bogus = ray_shoal.tmp / "broken.gguf"
-    bogus.write_bytes(b"this is not a gguf file" * 100)
+    bogus.write_bytes(b"GGUF" + b"this is not a gguf file" * 100)  # passes the magic check, not the load
     body = {"model_name": CHAT_MODEL, "model_uid": "broken", "model_path": str(bogus),
             "worker_ip": ray_shoal.second, "gpu_memory": "1GiB", **SMALL}  # fmt: skip
     r = ray_shoal.server.http.post("/v1/models", json=body)
