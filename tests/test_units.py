@@ -120,3 +120,30 @@ def test_gateway_imports_no_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dependencies_point_one_way() -> None:
+    """services never import the cluster or the gateway; hosts, cluster and the layers below never
+    import services or the gateway (build_app() picks the Host)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "shoal"
+    forbidden = {
+        "services": ("shoal.cluster", "shoal.gateway"),
+        "hosts": ("shoal.services", "shoal.gateway", "shoal.cluster"),
+        "cluster": ("shoal.services", "shoal.gateway"),
+        "scheduler": ("shoal.services", "shoal.gateway", "shoal.cluster", "shoal.hosts"),
+        "runners": ("shoal.services", "shoal.gateway", "shoal.cluster"),
+        "engines": ("shoal.services", "shoal.gateway", "shoal.cluster"),
+    }
+    found = []
+    for package, banned in forbidden.items():
+        for path in (src / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                )
+                found += [f"{path.relative_to(src)} imports {n}" for n in names if n.startswith(banned)]
+    assert not found, found
