@@ -143,7 +143,9 @@ def test_dependencies_point_one_way() -> None:
                 names = (
                     [a.name for a in node.names]
                     if isinstance(node, ast.Import)
-                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
                 )
                 found += [f"{path.relative_to(src)} imports {n}" for n in names if n.startswith(banned)]
     assert not found, found
