@@ -427,7 +427,12 @@ class Soak:
             "faults_detected": f"{sum(f.detected_s is not None for f in self.faults)}/"
             f"{sum(f.skipped is None for f in self.faults)}",
             "stalled": {
-                **{k: v for k, v in asdict(st).items() if k not in ("open_s", "open_now")},
+                # not asdict(): it rebuilds a Counter from (key, count) pairs, making tuples its keys
+                "opened": st.opened,
+                "closed_by_server": st.closed_by_server,
+                "server_said": dict(st.server_said),
+                "open_errors": dict(st.open_errors),
+                "open_at_end": st.open_at_end,
                 "target": self.args.stalled,
                 "open_s_when_closed": {f"p{q}": percentile(st.open_s, q) for q in (0, 50, 100)},
             },

@@ -73,6 +73,18 @@ def test_a_stopped_runner_is_killed_restarted_and_its_requests_answered(tmp_path
         assert ok.status_code == 200
         metrics = srv.http.get("/metrics").text
         assert 'shoal_runners_hung_total{model="sleepy"} 1.0' in metrics
+        assert 'shoal_supervisor_seconds_since_success{step="memory_sampling"}' in metrics
+        # /ready and the devices say when supervision and memory sampling last succeeded
+        ready = srv.http.get("/ready")
+        assert ready.status_code == 200, ready.text
+        health = ready.json()["supervisor"]
+        assert not health["supervision"]["stale"] and not health["memory_sampling"]["stale"]
+        assert (
+            health["supervision"]["seconds_ago"] is not None and health["memory_sampling"]["failing"] is None
+        )
+        [cpu] = [d for d in srv.http.get("/v1/cluster/devices").json() if d["kind"] == "cpu"]
+        assert cpu["supervisor"]["memory_sampling"]["seconds_ago"] is not None
+        assert cpu["models"][0]["measured_bytes"] > 0 and cpu["models"][0]["peak_bytes"] > 0
     finally:
         srv.stop()
         log = (tmp_path / "server.log").read_text()
