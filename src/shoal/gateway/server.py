@@ -27,7 +27,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -241,14 +241,31 @@ def _note_client(scope: Any, cycle: Any) -> None:
     scope.setdefault("extensions", {})[CLIENT_EXTENSION] = {"gone": lambda: cycle.disconnected}
 
 
+class _Admission:
+    """The opening and closing of a connection, the same for both of uvicorn's protocols: a
+    connection over a cap is answered 503 by its _Guard and never reaches uvicorn's code."""
+
+    admission: ConnectionLimits
+    loop: asyncio.AbstractEventLoop
+    guard: _Guard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.guard = _Guard(self.admission, self.loop)
+        if self.guard.open(cast(asyncio.Transport, transport)):
+            super().connection_made(transport)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        refused = self.guard.refused
+        self.guard.closed()
+        if not refused:
+            super().connection_lost(exc)  # type: ignore[misc]
+
+
 def _h11_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     import h11
 
-    class GuardedH11(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            self.guard = _Guard(limits, self.loop)
-            if self.guard.open(transport):
-                super().connection_made(transport)
+    class GuardedH11(_Admission, H11Protocol):
+        admission = limits
 
         def data_received(self, data: bytes) -> None:
             if self.guard.refused:
@@ -267,23 +284,14 @@ def _h11_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             if self.cycle is not None and CLIENT_EXTENSION not in self.cycle.scope.get("extensions", {}):
                 _note_client(self.cycle.scope, self.cycle)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            refused = self.guard.refused
-            self.guard.closed()
-            if not refused:
-                super().connection_lost(exc)
-
     return GuardedH11
 
 
 def _httptools_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpTools(HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            self.guard = _Guard(limits, self.loop)
-            if self.guard.open(transport):
-                super().connection_made(transport)
+    class GuardedHttpTools(_Admission, HttpToolsProtocol):
+        admission = limits
 
         def data_received(self, data: bytes) -> None:
             if self.guard.refused:
@@ -302,12 +310,6 @@ def _httptools_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.scope is self.scope:
                 _note_client(self.scope, self.cycle)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            refused = self.guard.refused
-            self.guard.closed()
-            if not refused:
-                super().connection_lost(exc)
 
     return GuardedHttpTools
 
