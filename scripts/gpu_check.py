@@ -236,13 +236,15 @@ def main() -> int:
             rep = described["replicas"][0]
             est = described["estimate"]
             now = direct.get(rep["pid"], 0)
-            measured = max(rep["measured_bytes"] or 0, now)
+            # the highest use the ledger saw (peak_bytes; measured_bytes is the latest sample)
+            peak = rep.get("peak_bytes", rep["measured_bytes"])
+            measured = max(peak or 0, now)
             parts = ", ".join(
                 f"{k} {est[k] / GiB:.2f}" for k in ("weights", "kv_cache", "activations", "cuda_context")
             )
             print(
                 f"{uid:8} {rep['estimate_bytes'] / GiB:13.2f} {rep['reserved_bytes'] / GiB:13.2f} "
-                f"{(rep['measured_bytes'] or 0) / GiB:13.2f} {now / GiB:13.2f}  {parts}"
+                f"{(peak or 0) / GiB:13.2f} {now / GiB:13.2f}  {parts}"
             )
             report.append(
                 {
@@ -250,7 +252,7 @@ def main() -> int:
                     "device": rep["device"],
                     "estimate": rep["estimate_bytes"],
                     "reserved": rep["reserved_bytes"],
-                    "measured": rep["measured_bytes"],
+                    "measured": peak,
                     "nvml_now": now,
                 }
             )
