@@ -1,0 +1,180 @@
+"""Anthropic Messages API routes: POST /v1/messages and /v1/messages/count_tokens.
+
+A request is checked as the OpenAI routes check theirs (the model exists and can chat, the prompt is
+not far past its context), translated to the runner's OpenAI chat body and sent through the same
+`forward`; the runner's stream comes back as Anthropic's events, or folded into one message.
+Errors on these routes leave in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.background import BackgroundTask
+
+from shoal.errors import ModelUnavailable, ShoalError
+from shoal.gateway import anthropic_translate as translate
+from shoal.gateway.errors import _describe_validation
+from shoal.gateway.routes_openai import (
+    STREAM_HEADERS,
+    _check_size,
+    _count_tokens,
+    _parse,
+    body_schema,
+    check_model,
+)
+from shoal.protocol.anthropic import CountTokensRequest, MessagesRequest
+from shoal.protocol.openai import ChatCompletionRequest
+from shoal.services.models import ModelService
+from shoal.services.proxy import Forwarded, forward
+
+log = logging.getLogger("shoal.gateway")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(translate.error_body(status, message), status_code=status, headers=headers)
+
+
+class AnthropicRoute(APIRoute):
+    """Errors raised by these routes are answered in Anthropic's shape, not OpenAI's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ShoalError as exc:
+                retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
+                return error_response(exc.status, exc.message, retry)
+            except RequestValidationError as exc:
+                return error_response(400, _describe_validation(exc))
+
+        return guarded
+
+
+router = APIRouter(prefix="/v1", tags=["anthropic"], route_class=AnthropicRoute)
+
+
+def _runner_failure(result: Forwarded) -> ShoalError:
+    """A runner's OpenAI-shaped refusal as an error with the same status (answered in Anthropic's shape)."""
+    try:
+        message = str(orjson.loads(result.body or b"{}")["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = (result.body or b"").decode(errors="replace")[
+            :1000
+        ] or f"the runner answered {result.status}"
+    error = ShoalError(message)
+    error.status = result.status
+    return error
+
+
+async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[Any, ModelService, bool]:
+    """The parsed body, the model service (the model exists and can chat), and whether it sees images."""
+    body, _ = await _parse(request, model)
+    service = await check_model(request, body.model, "chat")
+    vision = "vision" in service.get(body.model).family.model_ability
+    return body, service, vision
+
+
+async def _prompt_tokens(
+    service: ModelService, body: CountTokensRequest, vision: bool, timeout: float
+) -> int:
+    """The prompt's length in the model's own tokens, chat template included: a one-token generation."""
+    chat = translate.count_body(body, vision)
+    _check_size(service, body.model, ChatCompletionRequest.model_validate(chat))
+    result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), False, timeout)
+    if result.status != 200:
+        raise _runner_failure(result)
+    return int(orjson.loads(result.body or b"{}")["usage"]["prompt_tokens"])
+
+
+async def _events(
+    result: Forwarded, body: MessagesRequest, service: ModelService, vision: bool, timeout: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Anthropic's events for the runner's stream."""
+    assert result.stream is not None
+    outcome = translate.Outcome()
+    yield translate.message_start(translate.new_message_id(), body.model)
+    for event in translate.opening_events():
+        yield event
+    chunks = translate.parse_sse(result.stream)
+    async for text in translate.texts(chunks, body.stop_sequences or (), outcome):
+        yield translate.text_delta(text)
+    if outcome.stop_sequence is not None:  # the runner's stream was cut here: its usage never came
+        if result.close is not None:
+            await result.close()
+        try:
+            outcome.input_tokens = await _prompt_tokens(service, body, vision, timeout)
+        except ShoalError as exc:
+            log.warning("could not count the prompt's tokens after a stop sequence: %s", exc.message)
+    for event in translate.closing_events(outcome):
+        yield event
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield translate.encode_sse(event)
+    except ShoalError as exc:  # headers are gone: report in-band, as Anthropic does
+        yield translate.encode_sse(translate.error_body(exc.status, exc.message))
+
+
+async def _prompt_only(
+    body: MessagesRequest, service: ModelService, vision: bool, timeout: float
+) -> AsyncIterator[dict[str, Any]]:
+    """max_tokens 0: no text; the prompt is read once (which warms llama.cpp's prompt cache)."""
+    outcome = translate.Outcome(stop_reason="max_tokens")
+    outcome.input_tokens = await _prompt_tokens(service, body, vision, timeout)
+    yield translate.message_start(translate.new_message_id(), body.model)
+    for event in [*translate.opening_events(), *translate.closing_events(outcome)]:
+        yield event
+
+
+@router.post("/messages", openapi_extra=body_schema(MessagesRequest))
+async def messages(request: Request) -> Response:
+    """Anthropic's Messages API: text in, text out; streamed with `stream: true`."""
+    body, service, vision = await _prepare(request, MessagesRequest)
+    chat = translate.chat_body(body, vision)
+    timeout = request.app.state.settings.request_timeout
+    result: Forwarded | None = None
+    if body.max_tokens == 0:
+        events = _prompt_only(body, service, vision, timeout)
+    else:
+        _check_size(service, body.model, ChatCompletionRequest.model_validate(chat))
+        result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), True, timeout)
+        if result.stream is None:
+            raise _runner_failure(result)
+        _count_tokens(body.model, result)
+        events = _events(result, body, service, vision, timeout)
+    close = result.close if result is not None else None
+    headers = {"x-shoal-replica": str(result.replica)} if result is not None else {}
+    if body.stream:
+        return StreamingResponse(
+            _sse(events),
+            media_type="text/event-stream",
+            headers={**STREAM_HEADERS, **headers},
+            background=BackgroundTask(close) if close else None,
+        )
+    try:
+        message = await translate.collect(events)
+    finally:
+        if close is not None:
+            await close()
+    return JSONResponse(message, headers=headers)
+
+
+@router.post("/messages/count_tokens", openapi_extra=body_schema(CountTokensRequest))
+async def count_tokens(request: Request) -> Response:
+    """The prompt's length in the model's own tokens (its tokenizer and chat template), measured by a
+    one-token generation on the model: exact, at the cost of reading the prompt once."""
+    body, service, vision = await _prepare(request, CountTokensRequest)
+    timeout = request.app.state.settings.request_timeout
+    return JSONResponse({"input_tokens": await _prompt_tokens(service, body, vision, timeout)})

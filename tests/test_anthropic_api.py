@@ -1,0 +1,261 @@
+"""The Anthropic Messages API through the real `anthropic` SDK against the session server's chat model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import pytest
+
+from conftest import CHAT_MODEL, ShoalServer
+from shoal.gateway.anthropic_translate import StopMatcher
+
+pytestmark = pytest.mark.usefixtures("chat_server")
+T0 = {"temperature": 0}  # the SDK has no sampling arguments; the API still takes them
+COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+
+
+@pytest.fixture
+def client(server: ShoalServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_message_has_text_stop_reason_and_usage(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        model=CHAT_MODEL,
+        max_tokens=48,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        extra_body=T0,
+    )
+    assert message.id.startswith("msg_")
+    assert message.type == "message" and message.role == "assistant" and message.model == CHAT_MODEL
+    assert message.content[0].type == "text" and message.content[0].text.strip()
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.stop_sequence is None
+    assert message.usage.input_tokens > 5
+    assert 0 < message.usage.output_tokens <= 48
+
+
+def test_system_prompt_and_turns_reach_the_model(client: anthropic.Anthropic) -> None:
+    turns: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": "My name is Alice."},
+        {"role": "assistant", "content": [{"type": "text", "text": "Nice to meet you, Alice."}]},
+        {"role": "user", "content": "What is my name?"},
+    ]
+
+    def ask(messages: list[anthropic.types.MessageParam], system: Any) -> anthropic.types.Message:
+        return client.messages.create(
+            model=CHAT_MODEL, max_tokens=16, messages=messages, system=system, extra_body=T0
+        )
+
+    one = ask(turns[-1:], "Answer briefly.")
+    three = ask(turns, "Answer briefly.")
+    longer = ask(turns, "Answer briefly, in one short sentence, and be kind.")
+    blocks = ask(turns, [{"type": "text", "text": "Answer briefly."}])
+    # the earlier turns and the system prompt are read: the prompt grows with each
+    assert three.usage.input_tokens >= one.usage.input_tokens + 12
+    assert longer.usage.input_tokens >= three.usage.input_tokens + 8
+    assert blocks.usage.input_tokens == three.usage.input_tokens
+    assert blocks.content[0].text == three.content[0].text
+
+
+def test_stop_sequence_ends_the_text_and_is_named(client: anthropic.Anthropic) -> None:
+    free = client.messages.create(model=CHAT_MODEL, max_tokens=40, messages=COUNT, extra_body=T0)
+    text = free.content[0].text
+    assert "5" in text, text
+    stopped = client.messages.create(
+        model=CHAT_MODEL, max_tokens=40, messages=COUNT, extra_body=T0, stop_sequences=["never", "5"]
+    )
+    assert stopped.content[0].text == text[: text.index("5")]
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "5"
+    assert stopped.usage.input_tokens == free.usage.input_tokens
+    assert 0 < stopped.usage.output_tokens < free.usage.output_tokens
+
+
+def test_max_tokens_bounds_the_answer(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        model=CHAT_MODEL,
+        max_tokens=3,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        extra_body=T0,
+    )
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 3
+
+
+def test_max_tokens_zero_reads_the_prompt_only(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(model=CHAT_MODEL, messages=COUNT)
+    message = client.messages.create(model=CHAT_MODEL, max_tokens=0, messages=COUNT)
+    assert message.content[0].text == "" and message.stop_reason == "max_tokens"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (counted.input_tokens, 0)
+
+
+def test_output_format_constrains_the_answer_to_the_schema(client: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    message = client.messages.create(
+        model=CHAT_MODEL,
+        max_tokens=24,
+        messages=[{"role": "user", "content": "What is 2 + 2? Answer in JSON."}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body=T0,
+    )
+    answer = json.loads(message.content[0].text)
+    assert set(answer) == {"answer"} and isinstance(answer["answer"], int)
+
+
+def test_stream_gives_text_and_the_final_message(client: anthropic.Anthropic) -> None:
+    whole = client.messages.create(model=CHAT_MODEL, max_tokens=12, messages=COUNT, extra_body=T0)
+    with client.messages.stream(model=CHAT_MODEL, max_tokens=12, messages=COUNT, extra_body=T0) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) > 1
+    assert "".join(pieces) == final.content[0].text == whole.content[0].text
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == 12
+    assert final.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_stream_speaks_anthropics_event_types(server: ShoalServer) -> None:
+    body = {"model": CHAT_MODEL, "max_tokens": 4, "stream": True, "messages": COUNT, "stop_sequences": [","]}
+    with server.http.stream("POST", "/v1/messages", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event:")]
+    assert events[:3] == ["message_start", "content_block_start", "ping"]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(events[3:-3]) <= {"content_block_delta"}
+
+
+def test_streamed_stop_sequence(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model=CHAT_MODEL, max_tokens=40, messages=COUNT, extra_body=T0, stop_sequences=["5"]
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert "5" not in text and text == final.content[0].text
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "5"
+    assert final.usage.input_tokens > 5
+
+
+def test_count_tokens_matches_the_prompt_of_a_message(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(model=CHAT_MODEL, messages=COUNT, system="Be brief.")
+    message = client.messages.create(model=CHAT_MODEL, max_tokens=2, messages=COUNT, system="Be brief.")
+    assert counted.input_tokens == message.usage.input_tokens > 5
+
+
+def test_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.create(model="no-such-model", max_tokens=8, messages=COUNT)
+    assert caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert "no-such-model" in caught.value.message
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=COUNT)
+
+
+def test_bad_bodies_are_invalid_requests(server: ShoalServer, client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=CHAT_MODEL, max_tokens=-1, messages=COUNT)
+    assert caught.value.body == {  # Anthropic's error shape
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": caught.value.body["error"]["message"]},  # type: ignore[index]
+    }
+    assert "max_tokens" in caught.value.message
+    cases = [
+        {"model": CHAT_MODEL, "messages": COUNT},  # no max_tokens
+        {"model": CHAT_MODEL, "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]},
+        {"model": CHAT_MODEL, "max_tokens": 8, "messages": COUNT, "temperature": 1.5},
+        {"model": CHAT_MODEL, "max_tokens": 8, "messages": COUNT, "no_such_field": 1},
+        {
+            "model": CHAT_MODEL,
+            "max_tokens": 8,
+            "messages": COUNT,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+        },
+        {"model": CHAT_MODEL, "max_tokens": 8, "messages": COUNT, "container": "c1"},
+        {
+            "model": CHAT_MODEL,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "video"}]}],
+        },
+    ]
+    for body in cases:
+        response = server.http.post("/v1/messages", json=body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    not_json = server.http.post("/v1/messages", content=b"{", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
+    too_long = server.http.post(
+        "/v1/messages", json={"model": CHAT_MODEL, "max_tokens": 100_000, "messages": COUNT}
+    )
+    assert too_long.status_code == 400 and "max_tokens" in too_long.json()["error"]["message"]
+
+
+def test_tools_are_refused_clearly(client: anthropic.Anthropic) -> None:
+    tool = {
+        "name": "get_weather",
+        "description": "Weather",
+        "input_schema": {"type": "object", "properties": {}},
+    }
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=COUNT, tools=[tool])  # type: ignore[list-item]
+    assert "tool calling is not available" in caught.value.message
+    history: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
+    ]
+    with pytest.raises(anthropic.BadRequestError, match="tool calling is not available"):
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=history)
+    # tool_choice none: the tools are never offered, so the request is served
+    served = client.messages.create(
+        model=CHAT_MODEL,
+        max_tokens=4,
+        messages=COUNT,
+        tools=[tool],
+        tool_choice={"type": "none"},  # type: ignore[list-item]
+    )
+    assert served.content[0].text
+
+
+def test_images_are_refused_without_vision(client: anthropic.Anthropic) -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    content = [image, {"type": "text", "text": "What is this?"}]
+    with pytest.raises(anthropic.BadRequestError, match="cannot read images"):
+        client.messages.create(
+            model=CHAT_MODEL,
+            max_tokens=8,
+            messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+        )
+
+
+def test_the_routes_take_an_inference_key() -> None:
+    """The SDK sends its key as x-api-key, which ApiKeyAuth reads as it reads a Bearer key."""
+    from shoal.gateway.middleware import _needed_scope
+
+    assert _needed_scope("POST", "/v1/messages") == "inference"
+    assert _needed_scope("POST", "/v1/messages/count_tokens") == "inference"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "sent", "found"),
+    [
+        (["ab", "c"], ["x"], "abc", None),
+        (["1, 2", ", 3"], [", 3"], "1, 2", ", 3"),  # a stop split over two chunks is never sent in part
+        (["he", "ll", "o"], ["llo", "el"], "h", "el"),  # the earliest match wins
+        (["a<", "b"], ["<|end|>"], "a<b", None),  # a held tail that turns out not to be a stop is sent
+    ],
+)
+def test_stop_matcher(pieces: list[str], stops: list[str], sent: str, found: str | None) -> None:
+    matcher, out, stop = StopMatcher(stops), "", None
+    for piece in pieces:
+        safe, stop = matcher.feed(piece)
+        out += safe
+        if stop:
+            break
+    if stop is None:
+        out += matcher.flush()
+    assert (out, stop) == (sent, found)
