@@ -259,3 +259,32 @@ def test_stop_matcher(pieces: list[str], stops: list[str], sent: str, found: str
     if stop is None:
         out += matcher.flush()
     assert (out, stop) == (sent, found)
+
+
+def test_a_runner_error_mid_stream_ends_it_with_an_error_event() -> None:
+    import asyncio
+
+    from shoal.gateway import anthropic_translate as translate
+    from shoal.gateway.routes_anthropic import _sse
+
+    upstream = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\ndata: {"choi',
+        b'ces": [{"index": 0, "delta": {"content": "lo"}}]}\n\n',
+        b'data: {"error": {"message": "the runner went away", "type": "server_error", '
+        b'"code": "model_unavailable"}}\n\n',
+    ]
+
+    async def run() -> list[bytes]:
+        async def chunks():  # type: ignore[no-untyped-def]
+            for piece in upstream:
+                yield piece
+
+        async def events():  # type: ignore[no-untyped-def]
+            async for text in translate.texts(translate.parse_sse(chunks()), [], translate.Outcome()):
+                yield translate.text_delta(text)
+
+        return [part async for part in _sse(events())]
+
+    parts = asyncio.run(run())
+    assert [p.split(b"\n")[0] for p in parts] == [b"event: content_block_delta"] * 2 + [b"event: error"]
+    assert b'"overloaded_error"' in parts[-1] and b"the runner went away" in parts[-1]

@@ -17,9 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from shoal.errors import ModelUnavailable, ShoalError
+from shoal.errors import InvalidRequest, ModelUnavailable, ShoalError
 from shoal.gateway import anthropic_translate as translate
 from shoal.gateway.errors import _describe_validation
 from shoal.gateway.routes_openai import (
@@ -76,6 +77,15 @@ def _runner_failure(result: Forwarded) -> ShoalError:
     return error
 
 
+def _check_chat_size(service: ModelService, chat: dict[str, Any]) -> None:
+    """The OpenAI route's prompt-size check, on the translated body (read as that route reads it)."""
+    try:
+        openai_view = ChatCompletionRequest.model_validate(chat)
+    except ValidationError as exc:  # a translation the OpenAI model refuses: still the client's input
+        raise InvalidRequest(f"invalid request: {exc.errors(include_url=False)[0]['msg']}") from exc
+    _check_size(service, chat["model"], openai_view)
+
+
 async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[Any, ModelService, bool]:
     """The parsed body, the model service (the model exists and can chat), and whether it sees images."""
     body, _ = await _parse(request, model)
@@ -89,7 +99,7 @@ async def _prompt_tokens(
 ) -> int:
     """The prompt's length in the model's own tokens, chat template included: a one-token generation."""
     chat = translate.count_body(body, vision)
-    _check_size(service, body.model, ChatCompletionRequest.model_validate(chat))
+    _check_chat_size(service, chat)
     result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), False, timeout)
     if result.status != 200:
         raise _runner_failure(result)
@@ -148,7 +158,7 @@ async def messages(request: Request) -> Response:
     if body.max_tokens == 0:
         events = _prompt_only(body, service, vision, timeout)
     else:
-        _check_size(service, body.model, ChatCompletionRequest.model_validate(chat))
+        _check_chat_size(service, chat)
         result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), True, timeout)
         if result.stream is None:
             raise _runner_failure(result)
