@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import httpx
 import ollama
@@ -58,6 +59,21 @@ def test_streaming_is_the_default_and_ndjson(chat_server) -> None:  # type: igno
     assert lines[-1]["done"] is True and len(lines) >= 2
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_replica(chat_server) -> None:  # type: ignore[no-untyped-def]
+    body = {
+        "model": CHAT_MODEL,
+        "prompt": "Write a long story about a dragon.",
+        "options": {"num_predict": 2000},
+    }
+    with httpx.stream("POST", chat_server.url + "/api/generate", json=body, timeout=120) as response:
+        first = json.loads(next(response.iter_lines()))
+        assert first["done"] is False
+    deadline = time.monotonic() + 60
+    while any(r["in_flight"] for r in chat_server.http.get(f"/v1/models/{CHAT_MODEL}").json()["replicas"]):
+        assert time.monotonic() < deadline, "the replica stayed leased after the client left"
+        time.sleep(0.05)
+
+
 def test_generate_whole_and_streamed(client: ollama.Client) -> None:
     whole = client.generate(
         model=CHAT_MODEL, prompt="Name a colour.", system="Answer in one word.", options=GREEDY
@@ -96,6 +112,13 @@ def test_format_json_and_schema_give_parseable_json(client: ollama.Client) -> No
     )
     data = json.loads(answer.response)
     assert set(data) == {"name", "age"} and isinstance(data["age"], int)
+
+
+def test_logprobs_in_ollamas_shape(client: ollama.Client) -> None:
+    answer = client.chat(model=CHAT_MODEL, messages=HELLO, logprobs=True, top_logprobs=2, options=GREEDY)
+    assert len(answer.logprobs) == answer.eval_count
+    first = answer.logprobs[0]
+    assert first.token and first.logprob <= 0 and len(first.top_logprobs) == 2
 
 
 def test_empty_chat_or_prompt_only_loads(client: ollama.Client) -> None:

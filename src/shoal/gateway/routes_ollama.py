@@ -50,6 +50,13 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _runner_error(result: Forwarded) -> JSONResponse:
+    try:
+        return _error(result.status, tr.error_message(orjson.loads(result.body or b"{}")))
+    except orjson.JSONDecodeError:
+        return _error(result.status, (result.body or b"").decode("utf-8", "replace")[:1000])
+
+
 def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
     """The translated body, held to the same bounds as a /v1 request."""
     try:
@@ -83,11 +90,11 @@ async def _turn(
     service = _service(request)
     _check_size(service, uid, body)
     raw = body.model_dump_json(exclude_unset=True).encode()
+    turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
     result = await forward(service, uid, path, raw, True, request.app.state.settings.request_timeout)
     _count_tokens(uid, result)
     if result.stream is None:  # the runner refused before answering
-        return _error(result.status, tr.error_message(orjson.loads(result.body or b"{}")))
-    turn = tr.Turn(name, chat, *times)
+        return _runner_error(result)
     if not stream:
         return await _whole(result, turn)
     return StreamingResponse(
@@ -101,9 +108,13 @@ async def _turn(
 async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
     assert result.stream is not None
     events = tr.SseEvents()
-    async for data in result.stream:
-        for chunk in events.feed(data):
-            turn.take(chunk)
+    try:
+        async for data in result.stream:
+            for chunk in events.feed(data):
+                turn.take(chunk)
+    finally:
+        if result.close:
+            await result.close()
     if turn.error is not None:
         return _error(turn.error_status, turn.error)
     return JSONResponse(turn.whole(), headers={"x-shoal-replica": str(result.replica)})
@@ -112,14 +123,18 @@ async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
 async def _lines(result: Forwarded, turn: tr.Turn) -> AsyncIterator[bytes]:
     assert result.stream is not None
     events = tr.SseEvents()
-    async for data in result.stream:
-        for chunk in events.feed(data):
-            line = turn.take(chunk)
-            if turn.error is not None:  # headers are gone: Ollama reports it in-band
-                yield orjson.dumps({"error": turn.error}) + b"\n"
-                return
-            if line is not None:
-                yield orjson.dumps(line) + b"\n"
+    try:
+        async for data in result.stream:
+            for chunk in events.feed(data):
+                line = turn.take(chunk)
+                if turn.error is not None:  # headers are gone: Ollama reports it in-band
+                    yield orjson.dumps({"error": turn.error}) + b"\n"
+                    return
+                if line is not None:
+                    yield orjson.dumps(line) + b"\n"
+    finally:  # also when the client left mid-stream: the runner stops generating
+        if result.close:
+            await result.close()
     if (calls := turn.calls_line()) is not None:
         yield orjson.dumps(calls) + b"\n"
     yield orjson.dumps(turn.last_line()) + b"\n"
@@ -184,9 +199,9 @@ async def _embed(
     result = await forward(
         service, uid, "/v1/embeddings", raw, False, request.app.state.settings.request_timeout
     )
-    answer = orjson.loads(result.body or b"{}")
     if result.status != 200:
-        return _error(result.status, tr.error_message(answer))
+        return _runner_error(result)
+    answer = orjson.loads(result.body or b"{}")
     return tr.embed_answer(body.model, answer, time.perf_counter_ns() - started, load_ns)
 
 
