@@ -13,7 +13,15 @@ from fastapi import FastAPI
 from shoal import __version__
 from shoal.catalog import Catalog
 from shoal.errors import ShoalError
-from shoal.gateway import errors, routes_admin, routes_anthropic, routes_media, routes_openai, routes_ui
+from shoal.gateway import (
+    errors,
+    routes_admin,
+    routes_anthropic,
+    routes_media,
+    routes_ollama,
+    routes_openai,
+    routes_ui,
+)
 from shoal.gateway.middleware import ApiKeyAuth, BodyLimit, BodyTimeout, RequestLog, UnexpectedErrors
 from shoal.hosts import Host
 from shoal.hosts.local import LocalHost
@@ -68,13 +76,16 @@ def _document_raw_bodies(app: FastAPI) -> None:
     from fastapi.openapi.utils import get_openapi
     from pydantic.json_schema import models_json_schema
 
-    from shoal.protocol import anthropic, openai
+    from shoal.protocol import anthropic, ollama, openai
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             _, defs = models_json_schema(
-                [(m, "validation") for m in (*openai.REQUEST_MODELS, *anthropic.REQUEST_MODELS)],
+                [
+                    (m, "validation")
+                    for m in (*openai.REQUEST_MODELS, *anthropic.REQUEST_MODELS, *ollama.REQUEST_MODELS)
+                ],
                 ref_template="#/components/schemas/{model}",
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
@@ -133,6 +144,7 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_media.router)
     app.include_router(routes_anthropic.router)
+    app.include_router(routes_ollama.router)  # the Ollama API, /api/...
     routes_ui.mount_ui(app)  # the web UI at /ui (static files shipped in the package)
     # Outermost first: every answer gets a request id and a log line (499 when the client left), a
     # stalled body a 408, an unexpected error a 500 on a connection that stays open; then size and

@@ -1,4 +1,5 @@
-"""One place that turns every failure into the OpenAI error shape with the right status.
+"""One place that turns every failure into the OpenAI error shape with the right status (the
+Ollama API's paths, /api/..., get Ollama's shape: {"error": "message"}).
 
 Shoal's own errors, bad input and HTTP errors are handled here; an exception nothing expected is
 caught by middleware.UnexpectedErrors (a 500, logged once, the connection kept)."""
@@ -25,6 +26,23 @@ def error_response(
     return JSONResponse(error_body(message, type_, code, details), status_code=status, headers=headers)
 
 
+OLLAMA_PREFIX = "/api/"
+
+
+def _shaped(
+    request: Request,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    details: dict[str, object] | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith(OLLAMA_PREFIX):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, message, type_, code, headers, details)
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -37,16 +55,16 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
-    async def _shoal(_: Request, exc: ShoalError) -> JSONResponse:
+    async def _shoal(request: Request, exc: ShoalError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
         details = exc.details if isinstance(exc, InsufficientMemory) else None
-        return error_response(exc.status, exc.message, exc.type, exc.code, headers, details)
+        return _shaped(request, exc.status, exc.message, exc.type, exc.code, headers, details)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _describe_validation(exc), "invalid_request_error", "invalid_request")
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _shaped(request, 400, _describe_validation(exc), "invalid_request_error", "invalid_request")
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), type_, None, dict(exc.headers or {}))
+        return _shaped(request, exc.status_code, str(exc.detail), type_, None, dict(exc.headers or {}))

@@ -35,6 +35,8 @@ OPEN_PATHS = {
     "/v1/cluster/auth",
     "/docs/oauth2-redirect",
 }
+# Ollama API routes that change what runs (/api/delete terminates a model); the rest are inference.
+OLLAMA_ADMIN_PATHS = {"/api/delete", "/api/pull", "/api/create", "/api/copy", "/api/push"}
 KEY_CACHE_SECONDS = 2.0  # a key created with `shoal keys create` works within this long
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the answer was complete
 # gateway.server puts {"gone": callable} under this key of each request's scope["extensions"]:
@@ -249,6 +251,7 @@ def _needed_scope(method: str, path: str) -> str | None:
         (path.startswith("/v1/models") and path != "/v1/models/estimate")
         or path.startswith("/v1/model_registrations")
         or path.startswith("/v1/keys")
+        or path in OLLAMA_ADMIN_PATHS
     ):
         return "admin"
     return "inference"

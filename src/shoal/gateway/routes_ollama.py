@@ -1,0 +1,261 @@
+"""The Ollama API on the same port (/api/...): parse, translate to the OpenAI body, run it through
+the same model checks and proxy as /v1, translate the answer back. Errors come in Ollama's shape,
+`{"error": "..."}` (gateway/errors.py picks it for /api/ paths; in a stream, as an NDJSON line).
+
+`keep_alive` is validated and otherwise ignored: Shoal's keep-alive is set per model at launch and
+the service has no public way to unload a model short of terminating it (docs/api-compat.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+
+from shoal import __version__
+from shoal.engines.base import context_tokens
+from shoal.errors import ModelNotFound
+from shoal.gateway import ollama_translate as tr
+from shoal.gateway.routes_openai import (
+    STREAM_HEADERS,
+    _check_size,
+    _count_tokens,
+    _parse,
+    body_schema,
+    check_model,
+)
+from shoal.protocol import ollama as protocol
+from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shoal.services.models import ModelService
+from shoal.services.proxy import Forwarded, forward
+from shoal.services.replicas import RunningModel
+
+router = APIRouter(prefix="/api", tags=["ollama"])
+NDJSON = "application/x-ndjson"
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.models  # type: ignore[no-any-return]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _runner_error(result: Forwarded) -> JSONResponse:
+    try:
+        return _error(result.status, tr.error_message(orjson.loads(result.body or b"{}")))
+    except orjson.JSONDecodeError:
+        return _error(result.status, (result.body or b"").decode("utf-8", "replace")[:1000])
+
+
+def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
+    """The translated body, held to the same bounds as a /v1 request."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def _context(model: RunningModel) -> int:
+    return context_tokens(model.engine, model.request.engine_options(), model.family.context_length)
+
+
+async def _checked(request: Request, name: str, ability: str) -> tuple[ModelService, str, int]:
+    """check_model for an Ollama name (autoloading it under --autoload): service, uid, ns spent loading."""
+    uid, start = tr.model_uid(name), time.perf_counter_ns()
+    service = await check_model(request, uid, ability)
+    return service, uid, time.perf_counter_ns() - start
+
+
+async def _turn(
+    request: Request,
+    uid: str,
+    name: str,
+    path: str,
+    body: BaseModel,
+    chat: bool,
+    stream: bool,
+    times: tuple[int, int],
+) -> Response:
+    """Forward (always streaming from the runner) and answer NDJSON lines or one whole JSON."""
+    service = _service(request)
+    _check_size(service, uid, body)
+    raw = body.model_dump_json(exclude_unset=True).encode()
+    turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
+    result = await forward(service, uid, path, raw, True, request.app.state.settings.request_timeout)
+    _count_tokens(uid, result)
+    if result.stream is None:  # the runner refused before answering
+        return _runner_error(result)
+    if not stream:
+        return await _whole(result, turn)
+    return StreamingResponse(
+        _lines(result, turn),
+        media_type=NDJSON,
+        headers={**STREAM_HEADERS, "x-shoal-replica": str(result.replica)},
+        background=BackgroundTask(result.close) if result.close else None,
+    )
+
+
+async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
+    assert result.stream is not None
+    events = tr.SseEvents()
+    try:
+        async for data in result.stream:
+            for chunk in events.feed(data):
+                turn.take(chunk)
+    finally:
+        if result.close:
+            await result.close()
+    if turn.error is not None:
+        return _error(turn.error_status, turn.error)
+    return JSONResponse(turn.whole(), headers={"x-shoal-replica": str(result.replica)})
+
+
+async def _lines(result: Forwarded, turn: tr.Turn) -> AsyncIterator[bytes]:
+    assert result.stream is not None
+    events = tr.SseEvents()
+    try:
+        async for data in result.stream:
+            for chunk in events.feed(data):
+                line = turn.take(chunk)
+                if turn.error is not None:  # headers are gone: Ollama reports it in-band
+                    yield orjson.dumps({"error": turn.error}) + b"\n"
+                    return
+                if line is not None:
+                    yield orjson.dumps(line) + b"\n"
+    finally:  # also when the client left mid-stream: the runner stops generating
+        if result.close:
+            await result.close()
+    if (calls := turn.calls_line()) is not None:
+        yield orjson.dumps(calls) + b"\n"
+    yield orjson.dumps(turn.last_line()) + b"\n"
+
+
+def _loaded(name: str, chat: bool, stream: bool) -> Response:
+    answer = tr.loaded(name, chat)
+    if stream:
+        return Response(orjson.dumps(answer) + b"\n", media_type=NDJSON)
+    return JSONResponse(answer)
+
+
+@router.post("/chat", openapi_extra=body_schema(protocol.OllamaChatRequest))
+async def chat(request: Request) -> Response:
+    body, _ = await _parse(request, protocol.OllamaChatRequest)
+    started = time.perf_counter_ns()
+    service, uid, load_ns = await _checked(request, body.model, "chat")
+    if not body.messages:
+        return _loaded(body.model, chat=True, stream=body.stream)
+    openai = _openai(ChatCompletionRequest, tr.chat_body(body, service.get(uid).engine))
+    return await _turn(
+        request, uid, body.model, "/v1/chat/completions", openai, True, body.stream, (started, load_ns)
+    )
+
+
+def _generate_ability(service: ModelService, uid: str, raw: bool) -> str:
+    """Through the chat template unless raw or the model has none (an unknown uid: checked next)."""
+    try:
+        abilities = service.get(uid).family.model_ability
+    except ModelNotFound:
+        return "generate" if raw else "chat"
+    return "chat" if not raw and "chat" in abilities else "generate"
+
+
+@router.post("/generate", openapi_extra=body_schema(protocol.OllamaGenerateRequest))
+async def generate(request: Request) -> Response:
+    body, _ = await _parse(request, protocol.OllamaGenerateRequest)
+    started = time.perf_counter_ns()
+    ability = _generate_ability(_service(request), tr.model_uid(body.model), body.raw)
+    service, uid, load_ns = await _checked(request, body.model, ability)
+    if not body.prompt:
+        return _loaded(body.model, chat=False, stream=body.stream)
+    ability = _generate_ability(service, uid, body.raw)  # now that it runs (autoload)
+    translated = tr.generate_body(body, service.get(uid).engine, templated=ability == "chat")
+    if ability == "chat":
+        openai = _openai(ChatCompletionRequest, translated)
+        path = "/v1/chat/completions"
+    else:
+        openai = _openai(CompletionRequest, translated)
+        path = "/v1/completions"
+    return await _turn(request, uid, body.model, path, openai, False, body.stream, (started, load_ns))
+
+
+async def _embed(
+    request: Request, body: protocol.OllamaEmbedRequest | protocol.OllamaEmbeddingsRequest
+) -> dict[str, Any] | JSONResponse:
+    started = time.perf_counter_ns()
+    service, uid, load_ns = await _checked(request, body.model, "embed")
+    openai = _openai(EmbeddingRequest, tr.embed_body(body))
+    _check_size(service, uid, openai)
+    raw = openai.model_dump_json(exclude_unset=True).encode()
+    result = await forward(
+        service, uid, "/v1/embeddings", raw, False, request.app.state.settings.request_timeout
+    )
+    if result.status != 200:
+        return _runner_error(result)
+    answer = orjson.loads(result.body or b"{}")
+    return tr.embed_answer(body.model, answer, time.perf_counter_ns() - started, load_ns)
+
+
+@router.post("/embed", openapi_extra=body_schema(protocol.OllamaEmbedRequest))
+async def embed(request: Request) -> Response:
+    body, _ = await _parse(request, protocol.OllamaEmbedRequest)
+    answer = await _embed(request, body)
+    if isinstance(answer, Response):
+        return answer
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
+@router.post("/embeddings", openapi_extra=body_schema(protocol.OllamaEmbeddingsRequest))
+async def embeddings(request: Request) -> Response:
+    """The legacy route: one prompt, one `embedding` (an empty prompt only loads the model)."""
+    body, _ = await _parse(request, protocol.OllamaEmbeddingsRequest)
+    if not body.prompt:
+        await _checked(request, body.model, "embed")
+        return JSONResponse({"embedding": []})
+    answer = await _embed(request, body)
+    if isinstance(answer, Response):
+        return answer
+    return Response(orjson.dumps({"embedding": answer["embeddings"][0]}), media_type="application/json")
+
+
+@router.get("/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    """The models Shoal runs (Ollama lists the ones downloaded)."""
+    return {"models": [tr.tag(m) for m in _service(request).running() if m.status != "failed"]}
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    """The models that hold memory now; size and size_vram from the ledger's reservations."""
+    now, monotonic = datetime.now(UTC), time.monotonic()
+    running = [m for m in _service(request).running() if any(r.reservation for r in m.replicas)]
+    return {"models": [tr.process(m, _context(m), now, monotonic) for m in running]}
+
+
+@router.post("/show", openapi_extra=body_schema(protocol.OllamaModelRequest))
+async def show(request: Request) -> dict[str, Any]:
+    body, _ = await _parse(request, protocol.OllamaModelRequest)
+    model = _service(request).get(tr.model_uid(body.target))
+    return tr.show(model, _context(model))
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": tr.OLLAMA_VERSION, "shoal_version": __version__}
+
+
+@router.delete("/delete", openapi_extra=body_schema(protocol.OllamaModelRequest))
+async def delete(request: Request) -> Response:
+    """Terminates the running model (Ollama deletes its files; Shoal's weights stay where they are)."""
+    body, _ = await _parse(request, protocol.OllamaModelRequest)
+    await _service(request).terminate(tr.model_uid(body.target))
+    return Response(status_code=200)
