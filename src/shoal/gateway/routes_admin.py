@@ -37,9 +37,16 @@ async def launch_model(
     return {"model_uid": model.uid, "status": model.status}
 
 
+def model_card(described: dict[str, Any]) -> dict[str, Any]:
+    """A running model as both APIs read it: Xinference's description (xinference-client's
+    describe_model and get_model) plus the fields of an OpenAI model object."""
+    return {**described, "object": "model", "owned_by": "shoal"}
+
+
 @router.get("/v1/models/{model_uid}")
 async def describe_model(request: Request, model_uid: str) -> dict[str, Any]:
-    return _service(request).get(model_uid).describe()
+    """Xinference's describe_model and OpenAI's models.retrieve read the same route."""
+    return model_card(_service(request).get(model_uid).describe())
 
 
 @router.get("/v1/models/{model_uid}/engine_metrics")

@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from shoal import metrics
 from shoal.engines.base import TRUNCATING_ENGINES, context_tokens
 from shoal.errors import InvalidRequest
+from shoal.gateway.routes_admin import model_card
 from shoal.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -126,10 +127,7 @@ def _count_tokens(uid: str, result: Forwarded) -> None:
 async def list_models(request: Request) -> dict[str, object]:
     return {
         "object": "list",
-        "data": [
-            {**m.describe(), "object": "model", "owned_by": "shoal"}
-            for m in request.app.state.models.running()
-        ],
+        "data": [model_card(m.describe()) for m in request.app.state.models.running()],
     }
 
 
