@@ -5,6 +5,7 @@ Field names follow Xinference's model JSON so its registrations load unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,6 +26,32 @@ DEFAULT_ENGINE_BY_FORMAT = {
     "piper": "piper", "hibari": "hibari", "rapidocr": "rapidocr", "cross_encoder": "cross_encoder",
     "diffusers": "diffusers",
 }  # fmt: skip
+
+
+def size_number(size: float | str) -> float | None:
+    """A size in billions as a number, in every spelling clients send: 7, 7.0, "7", "7.0", "7B",
+    and Xinference's "0_5" for 0.5 (xinference-client writes a float's point as "_": 0.135 → "0_135").
+    None for a size that is not a number ("8x7", "MoE")."""
+    if isinstance(size, bool):
+        return None
+    if isinstance(size, int | float):
+        return float(size) if math.isfinite(size) else None
+    text = size.strip().lower().removesuffix("b").replace("_", ".", 1)
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def same_size(spec_size: float | str | None, asked: float | str) -> bool:
+    """Whether a spec's size is the one asked for: equal as numbers when both are, else equal text."""
+    if spec_size is None:
+        return False
+    a, b = size_number(spec_size), size_number(asked)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return str(spec_size).strip().lower() == str(asked).strip().lower()
 
 
 def default_engine(model_type: str, model_format: str) -> str | None:
@@ -98,13 +125,14 @@ class ModelFamily(BaseModel):
     def pick_spec(
         self, model_format: str | None, quantization: str | None, size: float | str | None
     ) -> ModelSpec:
-        """The first spec matching every constraint given (None matches anything)."""
+        """The first spec matching every constraint given (None matches anything); sizes match as
+        numbers in any spelling (`same_size`)."""
         for spec in self.model_specs:
             if model_format and spec.model_format != model_format:
                 continue
             if quantization and spec.quantization.lower() != quantization.lower():
                 continue
-            if size is not None and str(spec.model_size_in_billions) != str(size):
+            if size is not None and not same_size(spec.model_size_in_billions, size):
                 continue
             return spec
         raise LookupError(

@@ -1,0 +1,110 @@
+"""The OpenAI details clients rely on (models.retrieve, completions, rerank in Cohere's shape, the
+SDK's voices) and Xinference's size spellings, each through the real client against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CHAT_MODEL, ShoalServer
+from shoal.catalog import Catalog
+from shoal.state import StateStore
+
+# ---- models.retrieve ------------------------------------------------------------------------------
+
+
+def test_models_retrieve_is_an_openai_model_and_a_xinference_description(
+    chat_server: ShoalServer, openai_client
+) -> None:
+    from xinference_client import RESTfulClient
+
+    model = openai_client.models.retrieve(CHAT_MODEL)
+    assert (model.id, model.object, model.owned_by) == (CHAT_MODEL, "model", "shoal")
+    assert model.created > 0
+    listed = next(m for m in openai_client.models.list().data if m.id == CHAT_MODEL)
+    assert (listed.object, listed.owned_by) == (model.object, model.owned_by)
+    client = RESTfulClient(chat_server.url)  # reads the same route
+    assert client.describe_model(CHAT_MODEL)["model_name"] == CHAT_MODEL
+    assert client.get_model(CHAT_MODEL).__class__.__name__.endswith("ChatModelHandle")
+
+
+# ---- size spellings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "picked"),
+    [
+        ("qwen2.5-instruct", "0_5", 0.5),
+        ("qwen2.5-instruct", "1_5", 1.5),
+        ("qwen2.5-instruct", 7, 7),
+        ("qwen2.5-instruct", "7", 7),
+        ("qwen2.5-instruct", "7.0", 7),
+        ("qwen2.5-instruct", 7.0, 7),
+        ("qwen2.5-instruct", "7B", 7),
+        ("llama-3.2-instruct", "3", 3),
+        ("smollm2-135m-instruct", "0_135", 0.135),
+        ("smollm2-135m-instruct", 0.135, 0.135),
+        ("all-MiniLM-L6-v2", "0_0227", 0.0227),
+    ],
+)
+def test_sizes_match_in_every_spelling(tmp_path, name: str, size: float | str, picked: float) -> None:
+    family = Catalog(StateStore(tmp_path / "state.db")).get(name)
+    assert family.pick_spec(None, None, size).model_size_in_billions == picked
+
+
+@pytest.mark.parametrize("size", ["0_135", "7x8", "nan", 3])
+def test_a_size_not_in_the_catalog_is_still_refused(tmp_path, size: float | str) -> None:
+    family = Catalog(StateStore(tmp_path / "state.db")).get("qwen2.5-instruct")
+    with pytest.raises(LookupError, match="has no spec"):
+        family.pick_spec(None, None, size)
+
+
+def test_xinference_client_launches_with_its_size_spelling(server: ShoalServer) -> None:
+    from xinference_client import RESTfulClient
+
+    client = RESTfulClient(server.url)
+    uid = client.launch_model(
+        model_name=CHAT_MODEL,
+        model_type="LLM",
+        model_size_in_billions="0_135",
+        model_format="ggufv2",
+        quantization="Q4_1",
+        model_uid="xinf-size",
+        n_parallel=1,
+        n_ctx=512,
+    )
+    try:
+        assert client.describe_model(uid)["model_size_in_billions"] == 0.135
+    finally:
+        client.terminate_model(uid)
+
+
+def test_readme_estimate_with_an_integer_size(server: ShoalServer) -> None:
+    env = {**os.environ, "SHOAL_ENDPOINT": server.url, "COLUMNS": "200"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "estimate",
+            "qwen2.5-instruct",
+            "-s",
+            "7",
+            "-c",
+            "8192",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"weights"' in result.stdout
+    body = server.http.post(
+        "/v1/models/estimate", json={"model_name": "qwen2.5-instruct", "model_size_in_billions": 7}
+    )
+    assert body.status_code == 200, body.text
