@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
-from conftest import CHAT_MODEL, ShoalServer
+from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
 from shoal.catalog import Catalog
 from shoal.state import StateStore
 
@@ -108,3 +109,59 @@ def test_readme_estimate_with_an_integer_size(server: ShoalServer) -> None:
         "/v1/models/estimate", json={"model_name": "qwen2.5-instruct", "model_size_in_billions": 7}
     )
     assert body.status_code == 200, body.text
+
+
+# ---- /v2/rerank in Cohere's shape -----------------------------------------------------------------
+
+RERANK = "minilm-rerank"
+DOCS = ["Bananas are yellow fruit.", "Paris is the capital of France.", "The Eiffel Tower is in Paris."]
+
+
+@pytest.fixture
+def reranker(server: ShoalServer) -> Iterator[ShoalServer]:
+    server.ensure(RERANK)
+    wait_until_ready(server, RERANK)
+    yield server
+    server.http.delete(f"/v1/models/{RERANK}")
+
+
+def test_cohere_v2_rerank(reranker: ShoalServer) -> None:
+    body = {"model": RERANK, "query": "What is the capital of France?", "documents": DOCS}
+    answer = reranker.http.post("/v2/rerank", json={**body, "top_n": 2, "max_tokens_per_doc": 512})
+    assert answer.status_code == 200, answer.text
+    cohere = answer.json()
+    assert set(cohere) == {"id", "results", "meta"} and cohere["id"]
+    assert [r["index"] for r in cohere["results"]][0] == 1 and len(cohere["results"]) == 2
+    assert all(set(r) == {"index", "relevance_score"} for r in cohere["results"])
+    assert cohere["results"][0]["relevance_score"] >= cohere["results"][1]["relevance_score"]
+    assert cohere["meta"]["api_version"]["version"] == "2"
+    assert cohere["meta"]["billed_units"]["search_units"] == 1
+    # the same scores as /v1/rerank, which serves it
+    v1 = reranker.http.post("/v1/rerank", json=body).json()["results"]
+    v2 = reranker.http.post("/v2/rerank", json=body).json()["results"]
+    assert [(r["index"], r["relevance_score"]) for r in v1] == [
+        (r["index"], r["relevance_score"]) for r in v2
+    ]
+    # v1's {"text"} documents, and the documents given back
+    objects = {**body, "documents": [{"text": d} for d in DOCS], "return_documents": True}
+    results = reranker.http.post("/v2/rerank", json=objects).json()["results"]
+    assert [r["document"]["text"] for r in results] == [DOCS[r["index"]] for r in results]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"documents": []}, "documents"),
+        ({"documents": [{"title": "no text"}]}, "documents"),
+        ({"query": ""}, "query"),
+        ({"top_n": 0}, "top_n"),
+        ({"max_tokens_per_doc": 0}, "max_tokens_per_doc"),
+        ({"model": CHAT_MODEL}, "cannot do rerank"),
+        ({"model": "ghost"}, "ghost"),
+    ],
+)
+def test_cohere_v2_rerank_refusals(chat_server: ShoalServer, change: dict, words: str) -> None:
+    body = {"model": RERANK, "query": "q", "documents": DOCS, **change}
+    answer = chat_server.http.post("/v2/rerank", json=body)
+    assert answer.status_code in (400, 404), answer.text
+    assert words in answer.json()["error"]["message"]

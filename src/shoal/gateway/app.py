@@ -17,6 +17,7 @@ from shoal.gateway import (
     errors,
     routes_admin,
     routes_anthropic,
+    routes_cohere,
     routes_media,
     routes_ollama,
     routes_openai,
@@ -76,7 +77,7 @@ def _document_raw_bodies(app: FastAPI) -> None:
     from fastapi.openapi.utils import get_openapi
     from pydantic.json_schema import models_json_schema
 
-    from shoal.protocol import anthropic, ollama, openai
+    from shoal.protocol import anthropic, cohere, ollama, openai
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -84,7 +85,12 @@ def _document_raw_bodies(app: FastAPI) -> None:
             _, defs = models_json_schema(
                 [
                     (m, "validation")
-                    for m in (*openai.REQUEST_MODELS, *anthropic.REQUEST_MODELS, *ollama.REQUEST_MODELS)
+                    for m in (
+                        *openai.REQUEST_MODELS,
+                        *anthropic.REQUEST_MODELS,
+                        *ollama.REQUEST_MODELS,
+                        *cohere.REQUEST_MODELS,
+                    )
                 ],
                 ref_template="#/components/schemas/{model}",
             )
@@ -145,6 +151,7 @@ def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:
     app.include_router(routes_media.router)
     app.include_router(routes_anthropic.router)
     app.include_router(routes_ollama.router)  # the Ollama API, /api/...
+    app.include_router(routes_cohere.router)
     routes_ui.mount_ui(app)  # the web UI at /ui (static files shipped in the package)
     # Outermost first: every answer gets a request id and a log line (499 when the client left), a
     # stalled body a 408, an unexpected error a 500 on a connection that stays open; then size and
