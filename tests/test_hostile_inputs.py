@@ -24,8 +24,8 @@ from shoal.catalog.weights import check_path, check_weights
 from shoal.engines.base import ESTIMATE_DEFAULTS, context_tokens
 from shoal.engines.llamacpp import bound_logprobs, drop_alternatives
 from shoal.engines.options import ENGINE_OPTIONS, OPTIONS, check_launch_options
-from shoal.engines.piper import speech_params
 from shoal.engines.registry import ENGINES
+from shoal.engines.speech import speech_params
 from shoal.errors import InvalidRequest
 from shoal.protocol.openai import (
     BATCH_CHARS,

@@ -165,3 +165,32 @@ def test_cohere_v2_rerank_refusals(chat_server: ShoalServer, change: dict, words
     answer = chat_server.http.post("/v2/rerank", json=body)
     assert answer.status_code in (400, 404), answer.text
     assert words in answer.json()["error"]["message"]
+
+
+# ---- the SDK's voices -----------------------------------------------------------------------------
+
+TTS_MODELS = ("piper-en-us-joe", "hibari")
+
+
+@pytest.fixture(scope="module")
+def speakers(server: ShoalServer) -> Iterator[ShoalServer]:
+    for name in TTS_MODELS:
+        server.ensure(name)
+    for name in TTS_MODELS:
+        wait_until_ready(server, name)
+    yield server
+    for name in TTS_MODELS:
+        server.http.delete(f"/v1/models/{name}")
+
+
+@pytest.mark.parametrize("model", TTS_MODELS)
+def test_speech_with_the_sdks_voices(speakers: ShoalServer, openai_client, model: str) -> None:
+    import openai
+
+    for voice in ("alloy", "onyx", "verse"):
+        audio = openai_client.audio.speech.create(
+            model=model, voice=voice, input="Hello.", response_format="wav"
+        )
+        assert audio.content[:4] == b"RIFF" and len(audio.content) > 4000
+    with pytest.raises(openai.BadRequestError, match="OpenAI's names are accepted"):
+        openai_client.audio.speech.create(model=model, voice="bogus", input="Hello.")

@@ -6,7 +6,8 @@ assets/hibari.onnx is the voice "heart") or a folder: every known voice file in 
 becomes one of the model's voices, e.g. a HIBARI_HOME cache holding downloaded voices. A file the
 voice registry does not know needs the launch option voice=<registry name> (for its G2P and language).
 
-Speech streams sentence by sentence through the same worker-thread pipeline as Piper.
+Speech streams sentence by sentence through the worker-thread pipeline of engines/speech.py, as
+Piper's does. OpenAI's voice names map to Hibari voices by OPENAI_VOICE_PREFERENCES below.
 """
 
 from __future__ import annotations
@@ -17,7 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from shoal.engines.base import Engine, SpeechStream
-from shoal.engines.piper import StreamStats, float_to_pcm16, speech_params, stream_from_thread
+from shoal.engines.speech import StreamStats, float_to_pcm16, speech_params, stream_from_thread
+
+# OpenAI's voice names → Hibari voices, best first, by the voices' usual character (male or female,
+# American or British); the first one the model has speaks. Only "heart" ships in the package, so the
+# demo model says every name in it (pick_voice's rule 3). Hibari's own "fable" answers "fable".
+OPENAI_VOICE_PREFERENCES: dict[str, tuple[str, ...]] = {
+    "alloy": ("heart",),
+    "ash": ("fenrir", "fable"),
+    "ballad": ("fable", "fenrir"),
+    "coral": ("kore", "heart"),
+    "echo": ("fenrir", "fable"),
+    "fable": ("fable", "fenrir"),
+    "onyx": ("fenrir", "fable"),
+    "nova": ("heart", "kore"),
+    "sage": ("emma", "kore"),
+    "shimmer": ("kore", "heart"),
+    "verse": ("fable", "fenrir"),
+}
 
 
 class HibariEngine(Engine):
@@ -106,7 +124,7 @@ class HibariEngine(Engine):
     async def speech(self, body: dict[str, Any]) -> SpeechStream:
         import numpy as np
 
-        text, voice, speed = speech_params(body, [v["id"] for v in self._voices])
+        text, voice, speed = speech_params(body, [v["id"] for v in self._voices], OPENAI_VOICE_PREFERENCES)
         tts = self._tts[voice]
         rng = np.random.default_rng(self._seed)
 
