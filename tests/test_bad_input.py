@@ -31,7 +31,8 @@ def assert_openai_error(response, status: int) -> dict:  # type: ignore[no-untyp
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": "many"}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": -1}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "temperature": 7}, 400),
-        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "n": 3}, 400),
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "n": 5}, 400),  # 4 slots
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "n": 129}, 400),
         ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": 10**9}, 400),
         ("/v1/chat/completions", {"model": 42, "messages": MSG}, 400),
         ("/v1/chat/completions", {"model": EMBED_MODEL, "messages": MSG}, 400),

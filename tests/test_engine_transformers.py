@@ -143,6 +143,15 @@ def test_max_tokens_beyond_context_is_refused(engine: TransformersEngine) -> Non
         asyncio.run(engine.complete({"model": "tiny", "prompt": "word " * CONTEXT}))
 
 
+def test_n_and_echo_are_refused_not_ignored(engine: TransformersEngine) -> None:
+    with pytest.raises(InvalidRequest, match="n > 1"):
+        asyncio.run(engine.chat(chat_body("hi", n=2)))
+    with pytest.raises(InvalidRequest, match="n > 1"):
+        asyncio.run(collect(engine.complete_stream({"model": "tiny", "prompt": "hi", "n": 2})))
+    with pytest.raises(InvalidRequest, match="echo"):
+        asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "echo": True}))
+
+
 def test_unknown_option_is_refused(tmp_path: Path) -> None:
     config = EngineConfig(tmp_path, "tiny", "pytorch", None, "cpu", 1, {"n_ctx": 64})
     with pytest.raises(ValueError, match="n_ctx"):

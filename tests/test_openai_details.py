@@ -194,3 +194,124 @@ def test_speech_with_the_sdks_voices(speakers: ShoalServer, openai_client, model
         assert audio.content[:4] == b"RIFF" and len(audio.content) > 4000
     with pytest.raises(openai.BadRequestError, match="OpenAI's names are accepted"):
         openai_client.audio.speech.create(model=model, voice="bogus", input="Hello.")
+
+
+# ---- completions ----------------------------------------------------------------------------------
+
+PROMPT = "The capital of France is"
+
+
+def complete(client, **fields):  # type: ignore[no-untyped-def]
+    return client.completions.create(model=CHAT_MODEL, prompt=PROMPT, max_tokens=4, temperature=0, **fields)
+
+
+def test_completions_ids_and_legacy_logprobs(chat_server: ShoalServer, openai_client) -> None:
+    answer = complete(openai_client, logprobs=2)
+    assert answer.id.startswith("cmpl-") and answer.object == "text_completion"
+    choice = answer.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == answer.usage.completion_tokens
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 2 and max(top.values()) <= 0 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == [
+        sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))
+    ]
+    chosen = complete(openai_client, logprobs=0).choices[0].logprobs  # the chosen tokens only
+    assert chosen.tokens == logprobs.tokens and chosen.top_logprobs == [{}] * len(chosen.tokens)
+    assert complete(openai_client).choices[0].logprobs is None
+
+
+def test_completions_stream_legacy_logprobs(chat_server: ShoalServer, openai_client) -> None:
+    chunks = list(complete(openai_client, logprobs=1, stream=True))
+    assert all(c.id.startswith("cmpl-") for c in chunks)
+    tokens, offsets, text = [], [], ""
+    for c in chunks:
+        for choice in c.choices:
+            text += choice.text
+            if choice.logprobs:
+                tokens += choice.logprobs.tokens
+                offsets += choice.logprobs.text_offset
+    assert "".join(tokens) == text and offsets == [
+        sum(len(t) for t in tokens[:i]) for i in range(len(tokens))
+    ]
+
+
+def test_completions_echo(chat_server: ShoalServer, openai_client) -> None:
+    plain = complete(openai_client).choices[0].text
+    assert complete(openai_client, echo=True).choices[0].text == PROMPT + plain
+    streamed = "".join(
+        c.choices[0].text for c in complete(openai_client, echo=True, stream=True) if c.choices
+    )
+    assert streamed == PROMPT + plain
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"echo": True, "logprobs": 1}, "echo with logprobs"),
+        ({"suffix": "return x"}, "fill-in-the-middle"),
+        ({"best_of": 2}, "best_of"),
+        ({"n": 5}, "n_parallel=5"),  # the demo model has 4 slots
+        ({"n": 129}, "n"),
+    ],
+)
+def test_completions_refusals(chat_server: ShoalServer, openai_client, fields: dict, words: str) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match=words):
+        complete(openai_client, **fields)
+
+
+def test_completions_accepted_defaults(chat_server: ShoalServer, openai_client) -> None:
+    assert complete(openai_client, best_of=1, suffix="", echo=False).choices[0].text
+
+
+def test_n_answers_with_summed_usage(chat_server: ShoalServer, openai_client) -> None:
+    def ask():  # type: ignore[no-untyped-def]
+        return openai_client.completions.create(
+            model=CHAT_MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=5, n=3
+        )
+
+    answer = ask()
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert len({c.text for c in answer.choices}) > 1  # seed, seed + 1, seed + 2
+    assert answer.usage.completion_tokens == 18 and answer.usage.prompt_tokens == 4
+    assert [c.text for c in ask().choices] == [c.text for c in answer.choices]  # the seed repeats
+    chat = openai_client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, n=2
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+
+
+def test_prompts_times_n(chat_server: ShoalServer, openai_client) -> None:
+    prompts = ["Once upon a time", PROMPT]
+    answer = openai_client.completions.create(
+        model=CHAT_MODEL, prompt=prompts, max_tokens=3, temperature=0, n=2
+    )
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]  # prompt × n + j
+    single = openai_client.completions.create(model=CHAT_MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert answer.choices[2].text == answer.choices[3].text == single.choices[0].text  # temperature 0
+    assert answer.usage.completion_tokens == 12  # every answer's tokens
+    assert answer.usage.prompt_tokens == 4 + single.usage.prompt_tokens  # each prompt once
+
+
+def test_n_streams_each_answer_and_one_usage(chat_server: ShoalServer, openai_client) -> None:
+    chunks = list(
+        openai_client.completions.create(
+            model=CHAT_MODEL,
+            prompt="Once upon a time",
+            max_tokens=4,
+            temperature=1.0,
+            seed=3,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert set(texts) == {0, 1} and all(texts.values())
+    usages = [c.usage for c in chunks if c.usage]
+    assert len(usages) == 1 and chunks[-1].choices == [] and usages[0].completion_tokens == 8

@@ -4,6 +4,11 @@ the model's chat template, stop strings, usage, and continuous batching over `n_
 Requests are handed to xllamacpp on worker threads (it releases the GIL); streamed chunks come back
 through a callback whose return value tells llama.cpp to stop, which is how a disconnected client
 cancels its generation.
+
+`n` answers (up to the n_parallel slots) and a list of prompts run as one llama.cpp request each,
+merged into one answer with the usage summed (engines/completions.py); completions come back in
+OpenAI's completions shape (cmpl- ids, legacy logprobs, echo). `suffix` is refused by the gateway:
+xllamacpp exposes no infill.
 """
 
 from __future__ import annotations
@@ -13,15 +18,28 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine, EngineConfig
+from shoal.engines.completions import LegacyLogprobs, Part, answer_id, fan_out, summed_usage
 from shoal.errors import InvalidRequest, ShoalError
 
 DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
 DEFAULT_CONTEXT: int = ESTIMATE_DEFAULTS["llama.cpp"]["context"]  # per slot, capped by the model's own
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's bound; llama.cpp has none and returns the vocabulary)
 _END = object()
+
+
+@dataclass
+class _Answer:
+    """What the answers of one request share while they are shaped into one."""
+
+    id: str
+    chosen_only: bool  # drop each token's alternatives (see bound_logprobs)
+    echo: bool  # completions: the prompt goes before each choice's text
+    logprobs: LegacyLogprobs = field(default_factory=LegacyLogprobs)
+    echoed: set[int] = field(default_factory=set)
 
 
 def _raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
@@ -116,51 +134,106 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest(
                 f"max_tokens={max_tokens} is more than this model's context of {self.slot_context} tokens"
             )
+        n = body.get("n") or 1
+        if isinstance(n, int) and n > self.n_parallel:
+            raise InvalidRequest(
+                f"n={n} is more than the {self.n_parallel} answers this model makes at once "
+                f"(launch it with n_parallel={n} or more)"
+            )
+        if not chat and body.get("echo") and body.get("logprobs") is not None:
+            raise InvalidRequest(
+                "echo with logprobs is not supported on llama.cpp: it gives no log probabilities "
+                "for the prompt's tokens; send one of them"
+            )
         body = dict(body)
         body.pop("model", None)
         return body, bound_logprobs(body, chat)
 
+    def _shape(self, chunk: dict[str, Any], part: Part, chat: bool, state: _Answer) -> dict[str, Any]:
+        """One answer's result or streamed chunk as part of the whole: its choice index, the answer's
+        id, the model's uid; completions: logprobs in their own shape and the echoed prompt."""
+        chunk.pop("timings", None)
+        chunk["id"], chunk["model"] = state.id, self.config.model_uid
+        if state.chosen_only:
+            drop_alternatives(chunk)
+        for choice in chunk.get("choices") or []:
+            choice["index"] = part.index
+            if not chat:
+                choice["logprobs"] = state.logprobs.convert(part.index, choice.get("logprobs"))
+                if state.echo and part.index not in state.echoed and part.prompt is not None:
+                    choice["text"] = part.prompt + (choice.get("text") or "")
+                    state.echoed.add(part.index)
+        return chunk
+
     async def _call(self, fn: Callable[..., Any], body: dict[str, Any], chat: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        body, chosen_only = self._check(body, chat)
-        try:
-            result = await loop.run_in_executor(self._pool, fn, body)
-        except (ValueError, RuntimeError) as exc:  # llama.cpp's own refusal of the request's content
-            raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
-        result = _raise_if_error(result)
-        result.pop("timings", None)
-        result["model"] = self.config.model_uid
-        if chosen_only:
-            drop_alternatives(result)
-        return result
+        checked, chosen_only = self._check(body, chat)
+        parts = fan_out(checked, chat)
+        state = _Answer(answer_id(chat), chosen_only, bool(body.get("echo")))
+
+        async def one(part: Part) -> dict[str, Any]:
+            try:
+                result = await loop.run_in_executor(self._pool, fn, part.body)
+            except (ValueError, RuntimeError) as exc:  # llama.cpp's own refusal of the request's content
+                raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
+            return self._shape(_raise_if_error(result), part, chat, state)
+
+        results = await asyncio.gather(*(one(part) for part in parts))
+        whole = results[0]
+        if len(results) > 1:
+            whole["choices"] = [c for r in results for c in r.get("choices") or []]
+            n = int(checked.get("n") or 1)
+            usages = [(p.index % n == 0, r.get("usage") or {}) for p, r in zip(parts, results, strict=True)]
+            whole["usage"] = summed_usage(usages)
+        return whole
 
     async def _stream(
         self, fn: Callable[..., Any], body: dict[str, Any], chat: bool
     ) -> AsyncIterator[dict[str, Any]]:
-        body, chosen_only = self._check(body, chat)
-        body["stream"] = True
+        checked, chosen_only = self._check(body, chat)
+        checked["stream"] = True
+        parts = fan_out(checked, chat)
+        state = _Answer(answer_id(chat), chosen_only, bool(body.get("echo")))
+        n = int(checked.get("n") or 1)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancelled = threading.Event()
 
-        def on_chunk(chunk: dict[str, Any]) -> bool:  # runs on a llama.cpp thread
-            loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            return cancelled.is_set()  # True tells llama.cpp to stop this generation
+        def on_chunk_of(part: Part) -> Callable[[dict[str, Any]], bool]:
+            def on_chunk(chunk: dict[str, Any]) -> bool:  # runs on a llama.cpp thread
+                loop.call_soon_threadsafe(queue.put_nowait, (part, chunk))
+                return cancelled.is_set()  # True tells llama.cpp to stop this generation
 
-        future = loop.run_in_executor(self._pool, fn, body, on_chunk)
-        future.add_done_callback(lambda _: queue.put_nowait(_END))
+            return on_chunk
+
+        futures = []
+        for part in parts:
+            future = loop.run_in_executor(self._pool, fn, part.body, on_chunk_of(part))
+            future.add_done_callback(lambda _: queue.put_nowait(_END))
+            futures.append(future)
+        usages: list[tuple[bool, dict[str, Any]]] = []
+        last: dict[str, Any] = {}
         try:
-            while (chunk := await queue.get()) is not _END:
-                chunk = _raise_if_error(chunk)
-                chunk.pop("timings", None)
-                chunk["model"] = self.config.model_uid
-                if chosen_only:
-                    drop_alternatives(chunk)
+            ended = 0
+            while ended < len(futures):
+                item = await queue.get()
+                if item is _END:
+                    ended += 1
+                    continue
+                part, chunk = item
+                chunk = self._shape(_raise_if_error(chunk), part, chat, state)
+                if len(parts) > 1 and "usage" in chunk:  # summed over the answers, sent once at the end
+                    usages.append((part.index % n == 0, chunk.pop("usage") or {}))
+                last = chunk
                 yield chunk
-            try:
-                future.result()
-            except (ValueError, RuntimeError) as exc:  # refused before the first chunk: a 400
-                raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
+            for future in futures:
+                try:
+                    future.result()
+                except (ValueError, RuntimeError) as exc:  # refused before the first chunk: a 400
+                    raise InvalidRequest(f"llama.cpp refused the request: {exc}") from exc
+            if usages:
+                head: dict[str, Any] = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+                yield {**head, "choices": [], "usage": summed_usage(usages)}
         finally:
             cancelled.set()
 

@@ -412,6 +412,10 @@ class TransformersEngine(Engine):
 
     async def _submit(self, body: dict[str, Any], chat: bool) -> tuple[list[_Request], asyncio.Queue[Any]]:
         """Check and queue the body's prompts; raises InvalidRequest before anything is queued."""
+        if (body.get("n") or 1) != 1:
+            raise InvalidRequest("n > 1 is not supported by the transformers engine; send n requests")
+        if not chat and body.get("echo"):
+            raise InvalidRequest("echo is not supported by the transformers engine")
         prompts = await asyncio.to_thread(
             lambda: [self._chat_prompt(body)] if chat else self._completion_prompts(body)
         )

@@ -21,6 +21,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on (legacy) completions' logprobs
 MAX_TOKEN_ID = 2**31 - 1  # past every vocabulary (the engine checks its own)
 MAX_INT32 = 2**31 - 1
+MAX_N = 128  # OpenAI's bound on n; each engine bounds it further (llama.cpp: its n_parallel slots)
 
 
 def _finite(value: Any, where: str) -> None:
@@ -85,7 +86,9 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(
+        1, ge=1, le=MAX_N, description="answers per prompt (llama.cpp: up to n_parallel; transformers: 1)"
+    )
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # Engine extras (llama.cpp's and vLLM's names), bounded where a value has no meaning past the bound.
@@ -126,6 +129,22 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token; 0: none"
     )
+    echo: bool = Field(False, description="the prompt before each answer's text")
+    suffix: str | None = Field(None, description="refused unless empty: no engine does fill-in-the-middle")
+    best_of: int | None = Field(None, ge=1, description="only 1 (best_of > 1 is refused)")
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError(
+                "suffix (fill-in-the-middle) is not supported: llama.cpp's infill is not exposed by the "
+                "binding Shoal uses, and the other engines have none"
+            )
+        if self.best_of is not None and self.best_of > 1:
+            raise ValueError(
+                "best_of > 1 is not supported; ask for n answers instead (they are all returned)"
+            )
+        return self
 
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
