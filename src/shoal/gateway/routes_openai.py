@@ -44,7 +44,7 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
+async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
     raw = await request.body()
     try:
         return model.model_validate_json(raw), raw
@@ -81,10 +81,10 @@ def render(result: Forwarded) -> Response:
 
 
 async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
-    body, raw = await parse_body(request, model)
+    body, raw = await _parse(request, model)
     uid: str = body.model  # type: ignore[attr-defined]
     service = await check_model(request, uid, ability)
-    check_size(service, uid, body)
+    _check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
     if ability in ("chat", "generate"):
@@ -92,7 +92,7 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
     return render(result)
 
 
-def check_size(service: ModelService, uid: str, body: BaseModel) -> None:
+def _check_size(service: ModelService, uid: str, body: BaseModel) -> None:
     """A prompt far beyond the model's context is refused here, before a runner tokenizes it."""
     running = service.get(uid)  # only its family, request and engine are read
     context = context_tokens(running.engine, running.request.engine_options(), running.family.context_length)
