@@ -12,6 +12,8 @@ import pytest
 
 from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
 from shoal.catalog import Catalog
+from shoal.engines.completions import LegacyLogprobs, fan_out, summed_usage
+from shoal.errors import InvalidRequest
 from shoal.state import StateStore
 
 # ---- models.retrieve ------------------------------------------------------------------------------
@@ -315,3 +317,45 @@ def test_n_streams_each_answer_and_one_usage(chat_server: ShoalServer, openai_cl
     assert set(texts) == {0, 1} and all(texts.values())
     usages = [c.usage for c in chunks if c.usage]
     assert len(usages) == 1 and chunks[-1].choices == [] and usages[0].completion_tokens == 8
+
+
+# ---- the completions helpers, without a model -----------------------------------------------------
+
+
+def test_fan_out_indexes_and_seeds() -> None:
+    parts = fan_out(
+        {"prompt": ["a", "b"], "n": 2, "seed": 2**32 - 1, "echo": True, "max_tokens": 3}, chat=False
+    )
+    assert [(p.index, p.prompt) for p in parts] == [(0, "a"), (1, "a"), (2, "b"), (3, "b")]
+    assert [p.body["seed"] for p in parts] == [2**32 - 1, 0, 2**32 - 1, 0]  # seed + j, in 32 bits
+    assert all("n" not in p.body and "echo" not in p.body and p.body["max_tokens"] == 3 for p in parts)
+    chat = fan_out({"messages": [], "n": 3}, chat=True)
+    assert [p.index for p in chat] == [0, 1, 2] and all("seed" not in p.body for p in chat)
+    with pytest.raises(InvalidRequest, match="empty"):
+        fan_out({"prompt": []}, chat=False)
+
+
+def test_summed_usage_counts_each_prompt_once() -> None:
+    usage = summed_usage(
+        [(True, {"prompt_tokens": 4, "completion_tokens": 3}), (False, {"prompt_tokens": 4})]
+    )
+    assert usage == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+def test_legacy_logprobs_keep_offsets_across_chunks() -> None:
+    convert = LegacyLogprobs().convert
+    alt = [
+        {"token": " Paris", "logprob": -0.1},
+        {"token": " the", "logprob": -2.0},
+        {"token": " the", "logprob": -3.0},
+    ]
+    first = convert(0, {"content": [{"token": " Paris", "logprob": -0.1, "top_logprobs": alt}]})
+    assert first == {
+        "tokens": [" Paris"],
+        "token_logprobs": [-0.1],
+        "top_logprobs": [{" Paris": -0.1, " the": -2.0}],  # a repeated spelling keeps its best
+        "text_offset": [0],
+    }
+    assert convert(0, {"content": [{"token": ".", "logprob": -0.5}]})["text_offset"] == [6]
+    assert convert(1, {"content": [{"token": "x", "logprob": -1.0}]})["text_offset"] == [0]  # per choice
+    assert convert(0, None) is None

@@ -17,6 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.errors import InvalidRequest
+
 SEED_SPACE = 2**32  # llama.cpp's seeds are 32-bit; answer j of n gets seed + j
 
 
@@ -47,6 +49,8 @@ def fan_out(body: dict[str, Any], chat: bool) -> list[Part]:
             if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 and j:
                 part["seed"] = (seed + j) % SEED_SPACE
             parts.append(Part(p * n + j, text, part))
+    if not parts:
+        raise InvalidRequest("prompt must not be empty")
     return parts
 
 
