@@ -25,11 +25,11 @@ from shoal.gateway import anthropic_translate as translate
 from shoal.gateway.errors import _describe_validation
 from shoal.gateway.routes_openai import (
     STREAM_HEADERS,
-    _check_size,
-    _count_tokens,
-    _parse,
     body_schema,
     check_model,
+    check_size,
+    parse_body,
+    record_tokens,
 )
 from shoal.protocol.anthropic import CountTokensRequest, MessagesRequest
 from shoal.protocol.openai import ChatCompletionRequest
@@ -83,12 +83,12 @@ def _check_chat_size(service: ModelService, chat: dict[str, Any]) -> None:
         openai_view = ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:  # a translation the OpenAI model refuses: still the client's input
         raise InvalidRequest(f"invalid request: {exc.errors(include_url=False)[0]['msg']}") from exc
-    _check_size(service, chat["model"], openai_view)
+    check_size(service, chat["model"], openai_view)
 
 
 async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[Any, ModelService, bool]:
     """The parsed body, the model service (the model exists and can chat), and whether it sees images."""
-    body, _ = await _parse(request, model)
+    body, _ = await parse_body(request, model)
     service = await check_model(request, body.model, "chat")
     vision = "vision" in service.get(body.model).family.model_ability
     return body, service, vision
@@ -162,7 +162,7 @@ async def messages(request: Request) -> Response:
         result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), True, timeout)
         if result.stream is None:
             raise _runner_failure(result)
-        _count_tokens(body.model, result)
+        record_tokens(body.model, result)
         events = _events(result, body, service, vision, timeout)
     close = result.close if result is not None else None
     headers = {"x-shoal-replica": str(result.replica)} if result is not None else {}

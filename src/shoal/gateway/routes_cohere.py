@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from shoal.gateway.routes_openai import _check_size, _parse, body_schema, check_model, render
+from shoal.gateway.routes_openai import body_schema, check_model, check_size, parse_body, render
 from shoal.protocol.cohere import CohereRerankRequest
 from shoal.protocol.openai import RerankRequest
 from shoal.services.proxy import forward
@@ -51,10 +51,10 @@ def as_cohere(answer: dict[str, Any], documents: int) -> dict[str, Any]:
 @router.post("/rerank", openapi_extra=body_schema(CohereRerankRequest))
 async def rerank(request: Request) -> Response:
     """Cohere's rerank (v2 request and answer); documents may also be v1's {"text"} objects."""
-    cohere, _ = await _parse(request, CohereRerankRequest)
+    cohere, _ = await parse_body(request, CohereRerankRequest)
     body = as_openai(cohere)
     service = await check_model(request, body.model, "rerank")
-    _check_size(service, body.model, body)
+    check_size(service, body.model, body)
     raw = body.model_dump_json(exclude_none=True).encode()
     result = await forward(
         service, body.model, "/v1/rerank", raw, False, request.app.state.settings.request_timeout

@@ -26,11 +26,11 @@ from shoal.errors import ModelNotFound
 from shoal.gateway import ollama_translate as tr
 from shoal.gateway.routes_openai import (
     STREAM_HEADERS,
-    _check_size,
-    _count_tokens,
-    _parse,
     body_schema,
     check_model,
+    check_size,
+    parse_body,
+    record_tokens,
 )
 from shoal.protocol import ollama as protocol
 from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -88,11 +88,11 @@ async def _turn(
 ) -> Response:
     """Forward (always streaming from the runner) and answer NDJSON lines or one whole JSON."""
     service = _service(request)
-    _check_size(service, uid, body)
+    check_size(service, uid, body)
     raw = body.model_dump_json(exclude_unset=True).encode()
     turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
     result = await forward(service, uid, path, raw, True, request.app.state.settings.request_timeout)
-    _count_tokens(uid, result)
+    record_tokens(uid, result)
     if result.stream is None:  # the runner refused before answering
         return _runner_error(result)
     if not stream:
@@ -149,7 +149,7 @@ def _loaded(name: str, chat: bool, stream: bool) -> Response:
 
 @router.post("/chat", openapi_extra=body_schema(protocol.OllamaChatRequest))
 async def chat(request: Request) -> Response:
-    body, _ = await _parse(request, protocol.OllamaChatRequest)
+    body, _ = await parse_body(request, protocol.OllamaChatRequest)
     started = time.perf_counter_ns()
     service, uid, load_ns = await _checked(request, body.model, "chat")
     if not body.messages:
@@ -171,7 +171,7 @@ def _generate_ability(service: ModelService, uid: str, raw: bool) -> str:
 
 @router.post("/generate", openapi_extra=body_schema(protocol.OllamaGenerateRequest))
 async def generate(request: Request) -> Response:
-    body, _ = await _parse(request, protocol.OllamaGenerateRequest)
+    body, _ = await parse_body(request, protocol.OllamaGenerateRequest)
     started = time.perf_counter_ns()
     ability = _generate_ability(_service(request), tr.model_uid(body.model), body.raw)
     service, uid, load_ns = await _checked(request, body.model, ability)
@@ -194,7 +194,7 @@ async def _embed(
     started = time.perf_counter_ns()
     service, uid, load_ns = await _checked(request, body.model, "embed")
     openai = _openai(EmbeddingRequest, tr.embed_body(body))
-    _check_size(service, uid, openai)
+    check_size(service, uid, openai)
     raw = openai.model_dump_json(exclude_unset=True).encode()
     result = await forward(
         service, uid, "/v1/embeddings", raw, False, request.app.state.settings.request_timeout
@@ -207,7 +207,7 @@ async def _embed(
 
 @router.post("/embed", openapi_extra=body_schema(protocol.OllamaEmbedRequest))
 async def embed(request: Request) -> Response:
-    body, _ = await _parse(request, protocol.OllamaEmbedRequest)
+    body, _ = await parse_body(request, protocol.OllamaEmbedRequest)
     answer = await _embed(request, body)
     if isinstance(answer, Response):
         return answer
@@ -217,7 +217,7 @@ async def embed(request: Request) -> Response:
 @router.post("/embeddings", openapi_extra=body_schema(protocol.OllamaEmbeddingsRequest))
 async def embeddings(request: Request) -> Response:
     """The legacy route: one prompt, one `embedding` (an empty prompt only loads the model)."""
-    body, _ = await _parse(request, protocol.OllamaEmbeddingsRequest)
+    body, _ = await parse_body(request, protocol.OllamaEmbeddingsRequest)
     if not body.prompt:
         await _checked(request, body.model, "embed")
         return JSONResponse({"embedding": []})
@@ -243,7 +243,7 @@ async def ps(request: Request) -> dict[str, Any]:
 
 @router.post("/show", openapi_extra=body_schema(protocol.OllamaModelRequest))
 async def show(request: Request) -> dict[str, Any]:
-    body, _ = await _parse(request, protocol.OllamaModelRequest)
+    body, _ = await parse_body(request, protocol.OllamaModelRequest)
     model = _service(request).get(tr.model_uid(body.target))
     return tr.show(model, _context(model))
 
@@ -256,6 +256,6 @@ async def version() -> dict[str, str]:
 @router.delete("/delete", openapi_extra=body_schema(protocol.OllamaModelRequest))
 async def delete(request: Request) -> Response:
     """Terminates the running model (Ollama deletes its files; Shoal's weights stay where they are)."""
-    body, _ = await _parse(request, protocol.OllamaModelRequest)
+    body, _ = await parse_body(request, protocol.OllamaModelRequest)
     await _service(request).terminate(tr.model_uid(body.target))
     return Response(status_code=200)

@@ -44,7 +44,7 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def _parse(request: Request, model: type[Body]) -> tuple[Body, bytes]:
+async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
     raw = await request.body()
     try:
         return model.model_validate_json(raw), raw
@@ -81,25 +81,25 @@ def render(result: Forwarded) -> Response:
 
 
 async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
-    body, raw = await _parse(request, model)
+    body, raw = await parse_body(request, model)
     uid: str = body.model  # type: ignore[attr-defined]
     service = await check_model(request, uid, ability)
-    _check_size(service, uid, body)
+    check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
     if ability in ("chat", "generate"):
-        _count_tokens(uid, result)
+        record_tokens(uid, result)
     return render(result)
 
 
-def _check_size(service: ModelService, uid: str, body: BaseModel) -> None:
+def check_size(service: ModelService, uid: str, body: BaseModel) -> None:
     """A prompt far beyond the model's context is refused here, before a runner tokenizes it."""
     running = service.get(uid)  # only its family, request and engine are read
     context = context_tokens(running.engine, running.request.engine_options(), running.family.context_length)
     check_prompt_size(body, context, truncates=running.engine in TRUNCATING_ENGINES)
 
 
-def _count_tokens(uid: str, result: Forwarded) -> None:
+def record_tokens(uid: str, result: Forwarded) -> None:
     """Tokens generated and time to first token, read from what passes through."""
     if result.stream is None:
         if result.status == 200 and result.body:
