@@ -288,3 +288,12 @@ def test_a_runner_error_mid_stream_ends_it_with_an_error_event() -> None:
     parts = asyncio.run(run())
     assert [p.split(b"\n")[0] for p in parts] == [b"event: content_block_delta"] * 2 + [b"event: error"]
     assert b'"overloaded_error"' in parts[-1] and b"the runner went away" in parts[-1]
+
+
+def test_the_runner_body_takes_integers_past_64_bits() -> None:
+    """A client's schema may hold an integer orjson cannot write (the fuzzer found this on /api/chat)."""
+    from shoal.gateway.routes_anthropic import _encode
+
+    assert json.loads(_encode({"response_format": {"maxLength": 10**30}})) == {
+        "response_format": {"maxLength": 10**30}
+    }

@@ -317,3 +317,21 @@ def test_ps_sizes_come_from_the_ledger() -> None:
     assert tr.process(model, 4096, now, 160.0)["expires_at"].startswith("2318")
     model.plan = LaunchPlan("cpu", 1, None, 5 * gib, {}, 2, False)
     assert tr.process(model, 4096, now, 160.0)["size_vram"] == 0
+
+
+def test_tool_call_arguments_with_huge_integers_translate() -> None:
+    """Found by the fuzzer: an integer past 64 bits in a replayed call's arguments was a 500."""
+    body = ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                *HELLO,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "f", "arguments": {"x": 10**30}}}],
+                },
+            ],
+        }
+    )
+    call = tr.chat_messages(body)[1]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) == {"x": 10**30}

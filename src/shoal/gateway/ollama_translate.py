@@ -10,6 +10,7 @@ for both. Running models are described in Ollama's shape for /api/tags, /api/ps 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -110,7 +111,8 @@ def chat_messages(body: ChatRequest) -> list[dict[str, Any]]:
                     "type": "function",
                     "function": {
                         "name": call.function.name,
-                        "arguments": orjson.dumps(call.function.arguments).decode(),
+                        # json, not orjson: a client's arguments may hold integers past 64 bits
+                        "arguments": json.dumps(call.function.arguments, ensure_ascii=False),
                     },
                 }
                 for call_id, call in zip(pending, message.tool_calls, strict=True)

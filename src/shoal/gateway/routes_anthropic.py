@@ -8,6 +8,7 @@ Errors on these routes leave in Anthropic's shape, `{"type": "error", "error": {
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -100,7 +101,7 @@ async def _prompt_tokens(
     """The prompt's length in the model's own tokens, chat template included: a one-token generation."""
     chat = translate.count_body(body, vision)
     _check_chat_size(service, chat)
-    result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), False, timeout)
+    result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), False, timeout)
     if result.status != 200:
         raise _runner_failure(result)
     return int(orjson.loads(result.body or b"{}")["usage"]["prompt_tokens"])
@@ -148,6 +149,12 @@ async def _prompt_only(
         yield event
 
 
+def _encode(chat: dict[str, Any]) -> bytes:
+    """The runner's body. json, not orjson: a client's values (a schema, say) may hold integers
+    past 64 bits, which orjson refuses."""
+    return json.dumps(chat, ensure_ascii=False).encode()
+
+
 @router.post("/messages", openapi_extra=body_schema(MessagesRequest))
 async def messages(request: Request) -> Response:
     """Anthropic's Messages API: text in, text out; streamed with `stream: true`."""
@@ -159,7 +166,7 @@ async def messages(request: Request) -> Response:
         events = _prompt_only(body, service, vision, timeout)
     else:
         _check_chat_size(service, chat)
-        result = await forward(service, body.model, "/v1/chat/completions", orjson.dumps(chat), True, timeout)
+        result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), True, timeout)
         if result.stream is None:
             raise _runner_failure(result)
         record_tokens(body.model, result)
