@@ -3,9 +3,12 @@ demo models, plus the pure translation it rests on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import ollama
@@ -15,6 +18,7 @@ from conftest import CHAT_MODEL, EMBED_MODEL
 from shoal.errors import InvalidRequest
 from shoal.gateway import ollama_translate as tr
 from shoal.gateway.middleware import _needed_scope
+from shoal.gateway.upstream import sse_chunks
 from shoal.protocol.ollama import OllamaChatRequest as ChatRequest
 from shoal.protocol.ollama import OllamaGenerateRequest as GenerateRequest
 
@@ -243,12 +247,19 @@ def test_tool_calls_translate_both_ways() -> None:
 
 
 def test_sse_split_anywhere_and_errors_in_band() -> None:
-    events = tr.SseEvents()
     data = (
         b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
         b'data: {"error": {"message": "boom", "code": "timeout"}}\n\ndata: [DONE]\n\n'
     )
-    chunks = [c for i in range(0, len(data), 7) for c in events.feed(data[i : i + 7])]
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 7):
+            yield data[i : i + 7]
+
+    async def read() -> list[dict[str, Any]]:
+        return [chunk async for chunk in sse_chunks(pieces())]
+
+    chunks = asyncio.run(read())
     assert len(chunks) == 2
     turn = tr.Turn("m", chat=False, started=0, load_ns=0)
     assert turn.take(chunks[0])["response"] == "a"

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.errors import InvalidRequest, ModelUnavailable, RequestTimeout, ShoalError
+from shoal.errors import InvalidRequest
+from shoal.gateway.upstream import sse_chunks, upstream_error
 from shoal.protocol.anthropic import CountTokensRequest, ImageBlock, MessagesRequest, TextBlock
 
 NO_TOOLS = (
@@ -116,34 +117,12 @@ def count_body(body: CountTokensRequest, vision: bool) -> dict[str, Any]:
 
 
 # ---- answer --------------------------------------------------------------------------------------
-def _upstream_error(error: dict[str, Any]) -> ShoalError:
-    message = str(error.get("message", error))
-    if error.get("code") == "model_unavailable":
-        return ModelUnavailable(message)
-    if error.get("code") == "timeout":
-        return RequestTimeout(message)
-    if error.get("type") == "invalid_request_error":
-        return InvalidRequest(message)
-    return ShoalError(message)
-
-
 async def parse_sse(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """The runner's OpenAI SSE as chunk dicts, up to `[DONE]`; an in-band error raises ShoalError."""
-    buffer = b""
-    async for piece in stream:
-        buffer += piece
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.splitlines():
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                chunk = json.loads(data)
-                if isinstance(chunk.get("error"), dict):
-                    raise _upstream_error(chunk["error"])
-                yield chunk
+    async for chunk in sse_chunks(stream):
+        if isinstance(chunk.get("error"), dict):
+            raise upstream_error(chunk["error"])
+        yield chunk
 
 
 class StopMatcher:

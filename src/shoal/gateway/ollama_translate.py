@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from shoal.errors import InvalidRequest
+from shoal.gateway.upstream import upstream_error
 from shoal.protocol.ollama import Format
 from shoal.protocol.ollama import OllamaChatRequest as ChatRequest
 from shoal.protocol.ollama import OllamaEmbeddingsRequest as EmbeddingsRequest
@@ -158,43 +159,6 @@ def embed_body(body: EmbedRequest | EmbeddingsRequest) -> dict[str, Any]:
 
 
 # ---- answers -------------------------------------------------------------------------------------
-class SseEvents:
-    """The JSON payloads of an SSE byte stream's data lines, however its chunks are cut."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buffer += data
-        *events, self._buffer = self._buffer.split(b"\n\n")
-        payloads = []
-        for event in events:
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:") and (payload := line[5:].strip()) != b"[DONE]":
-                    payloads.append(orjson.loads(payload))
-        return payloads
-
-
-IN_BAND_STATUS = {"model_unavailable": 503, "timeout": 504}  # an SSE error's code → a whole answer's status
-
-
-def error_message(answer: dict[str, Any]) -> str:
-    """The message of an OpenAI error answer (or of an SSE error event)."""
-    error = answer.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error or answer)
-
-
-def error_status(answer: dict[str, Any]) -> int:
-    """The status an SSE error event would have had as a whole answer."""
-    error = answer.get("error")
-    error = error if isinstance(error, dict) else {}
-    if error.get("code") in IN_BAND_STATUS:
-        return IN_BAND_STATUS[error["code"]]
-    return 400 if error.get("type") == "invalid_request_error" else 500
-
-
 class Turn:
     """One answer being folded from OpenAI chunks into Ollama's shape (chat: `message`; generate:
     `response`). Durations are nanoseconds from `clock`, as Ollama reports them."""
@@ -235,7 +199,8 @@ class Turn:
     def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """Fold one OpenAI chunk; the Ollama line to stream for it, if it carries text."""
         if "error" in chunk:
-            self.error, self.error_status = error_message(chunk), error_status(chunk)
+            error = upstream_error(chunk["error"])
+            self.error, self.error_status = error.message, error.status
             return None
         if chunk.get("usage"):
             self.usage = chunk["usage"]

@@ -53,8 +53,7 @@ async def describe_model(request: Request, model_uid: str) -> dict[str, Any]:
 async def engine_metrics(request: Request, model_uid: str) -> Response:
     """The engine's own counters from one ready replica (llama.cpp: tokens predicted, decode calls...)."""
     service = _service(request)
-    timeout = request.app.state.settings.request_timeout
-    result = await forward(service, model_uid, "/metrics", b"", False, timeout, method="GET")
+    result = await forward(service, model_uid, "/metrics", b"", False, method="GET")
     return Response(result.body, status_code=result.status, media_type=result.media_type)
 
 

@@ -32,6 +32,7 @@ from shoal.gateway.routes_openai import (
     parse_body,
     record_tokens,
 )
+from shoal.gateway.upstream import runner_error
 from shoal.protocol.anthropic import CountTokensRequest, MessagesRequest
 from shoal.protocol.openai import ChatCompletionRequest
 from shoal.services.models import ModelService
@@ -65,19 +66,6 @@ class AnthropicRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["anthropic"], route_class=AnthropicRoute)
 
 
-def _runner_failure(result: Forwarded) -> ShoalError:
-    """A runner's OpenAI-shaped refusal as an error with the same status (answered in Anthropic's shape)."""
-    try:
-        message = str(orjson.loads(result.body or b"{}")["error"]["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = (result.body or b"").decode(errors="replace")[
-            :1000
-        ] or f"the runner answered {result.status}"
-    error = ShoalError(message)
-    error.status = result.status
-    return error
-
-
 def _check_chat_size(service: ModelService, chat: dict[str, Any]) -> None:
     """The OpenAI route's prompt-size check, on the translated body (read as that route reads it)."""
     try:
@@ -95,20 +83,18 @@ async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[A
     return body, service, vision
 
 
-async def _prompt_tokens(
-    service: ModelService, body: CountTokensRequest, vision: bool, timeout: float
-) -> int:
+async def _prompt_tokens(service: ModelService, body: CountTokensRequest, vision: bool) -> int:
     """The prompt's length in the model's own tokens, chat template included: a one-token generation."""
     chat = translate.count_body(body, vision)
     _check_chat_size(service, chat)
-    result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), False, timeout)
+    result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), False)
     if result.status != 200:
-        raise _runner_failure(result)
+        raise runner_error(result)
     return int(orjson.loads(result.body or b"{}")["usage"]["prompt_tokens"])
 
 
 async def _events(
-    result: Forwarded, body: MessagesRequest, service: ModelService, vision: bool, timeout: float
+    result: Forwarded, body: MessagesRequest, service: ModelService, vision: bool
 ) -> AsyncIterator[dict[str, Any]]:
     """Anthropic's events for the runner's stream."""
     assert result.stream is not None
@@ -123,7 +109,7 @@ async def _events(
         if result.close is not None:
             await result.close()
         try:
-            outcome.input_tokens = await _prompt_tokens(service, body, vision, timeout)
+            outcome.input_tokens = await _prompt_tokens(service, body, vision)
         except ShoalError as exc:
             log.warning("could not count the prompt's tokens after a stop sequence: %s", exc.message)
     for event in translate.closing_events(outcome):
@@ -139,11 +125,11 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
 
 
 async def _prompt_only(
-    body: MessagesRequest, service: ModelService, vision: bool, timeout: float
+    body: MessagesRequest, service: ModelService, vision: bool
 ) -> AsyncIterator[dict[str, Any]]:
     """max_tokens 0: no text; the prompt is read once (which warms llama.cpp's prompt cache)."""
     outcome = translate.Outcome(stop_reason="max_tokens")
-    outcome.input_tokens = await _prompt_tokens(service, body, vision, timeout)
+    outcome.input_tokens = await _prompt_tokens(service, body, vision)
     yield translate.message_start(translate.new_message_id(), body.model)
     for event in [*translate.opening_events(), *translate.closing_events(outcome)]:
         yield event
@@ -160,17 +146,16 @@ async def messages(request: Request) -> Response:
     """Anthropic's Messages API: text in, text out; streamed with `stream: true`."""
     body, service, vision = await _prepare(request, MessagesRequest)
     chat = translate.chat_body(body, vision)
-    timeout = request.app.state.settings.request_timeout
     result: Forwarded | None = None
     if body.max_tokens == 0:
-        events = _prompt_only(body, service, vision, timeout)
+        events = _prompt_only(body, service, vision)
     else:
         _check_chat_size(service, chat)
-        result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), True, timeout)
+        result = await forward(service, body.model, "/v1/chat/completions", _encode(chat), True)
         if result.stream is None:
-            raise _runner_failure(result)
+            raise runner_error(result)
         record_tokens(body.model, result)
-        events = _events(result, body, service, vision, timeout)
+        events = _events(result, body, service, vision)
     close = result.close if result is not None else None
     headers = {"x-shoal-replica": str(result.replica)} if result is not None else {}
     if body.stream:
@@ -193,5 +178,4 @@ async def count_tokens(request: Request) -> Response:
     """The prompt's length in the model's own tokens (its tokenizer and chat template), measured by a
     one-token generation on the model: exact, at the cost of reading the prompt once."""
     body, service, vision = await _prepare(request, CountTokensRequest)
-    timeout = request.app.state.settings.request_timeout
-    return JSONResponse({"input_tokens": await _prompt_tokens(service, body, vision, timeout)})
+    return JSONResponse({"input_tokens": await _prompt_tokens(service, body, vision)})

@@ -56,9 +56,7 @@ async def rerank(request: Request) -> Response:
     service = await check_model(request, body.model, "rerank")
     check_size(service, body.model, body)
     raw = body.model_dump_json(exclude_none=True).encode()
-    result = await forward(
-        service, body.model, "/v1/rerank", raw, False, request.app.state.settings.request_timeout
-    )
+    result = await forward(service, body.model, "/v1/rerank", raw, False)
     if result.status != 200 or result.body is None:
         return render(result)  # the engine's error, in the OpenAI error shape every route uses
     answer = as_cohere(orjson.loads(result.body), len(body.documents))

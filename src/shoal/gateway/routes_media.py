@@ -68,8 +68,7 @@ async def _transcription(request: Request, path: str, task: str) -> Response:
     service = await check_model(request, params.model, "audio2text")
     header = json.dumps({**params.model_dump(exclude={"model"}), "task": task})
     headers = {"content-type": "application/octet-stream", "x-shoal-params": header}
-    timeout = request.app.state.settings.request_timeout
-    return render(await forward(service, params.model, path, audio, False, timeout, headers=headers))
+    return render(await forward(service, params.model, path, audio, False, headers=headers))
 
 
 FILE_FIELDS = (
@@ -97,8 +96,7 @@ async def translations(request: Request) -> Response:
 async def voices(request: Request, model: str) -> Response:
     """The voices a text-to-speech model offers."""
     service = await check_model(request, model, "text2audio")
-    timeout = request.app.state.settings.request_timeout
-    return render(await forward(service, model, "/v1/audio/voices", b"", False, timeout, method="GET"))
+    return render(await forward(service, model, "/v1/audio/voices", b"", False, method="GET"))
 
 
 @router.post(
@@ -117,5 +115,4 @@ async def ocr(request: Request) -> Response:
     except json.JSONDecodeError as exc:
         raise InvalidRequest("`kwargs` must be a JSON object") from exc
     headers = {"content-type": "application/octet-stream", "x-shoal-params": json.dumps(params)}
-    timeout = request.app.state.settings.request_timeout
-    return render(await forward(service, model, "/v1/images/ocr", image, False, timeout, headers=headers))
+    return render(await forward(service, model, "/v1/images/ocr", image, False, headers=headers))

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal import __version__
-from shoal.engines.base import context_tokens
 from shoal.errors import ModelNotFound
 from shoal.gateway import ollama_translate as tr
 from shoal.gateway.routes_openai import (
@@ -32,11 +31,11 @@ from shoal.gateway.routes_openai import (
     parse_body,
     record_tokens,
 )
+from shoal.gateway.upstream import runner_error, sse_chunks
 from shoal.protocol import ollama as protocol
 from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
-from shoal.services.replicas import RunningModel
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 NDJSON = "application/x-ndjson"
@@ -51,10 +50,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _runner_error(result: Forwarded) -> JSONResponse:
-    try:
-        return _error(result.status, tr.error_message(orjson.loads(result.body or b"{}")))
-    except orjson.JSONDecodeError:
-        return _error(result.status, (result.body or b"").decode("utf-8", "replace")[:1000])
+    error = runner_error(result)
+    return _error(error.status, error.message)
 
 
 def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
@@ -63,10 +60,6 @@ def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
         return model.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
-
-
-def _context(model: RunningModel) -> int:
-    return context_tokens(model.engine, model.request.engine_options(), model.family.context_length)
 
 
 async def _checked(request: Request, name: str, ability: str) -> tuple[ModelService, str, int]:
@@ -91,7 +84,7 @@ async def _turn(
     check_size(service, uid, body)
     raw = body.model_dump_json(exclude_unset=True).encode()
     turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
-    result = await forward(service, uid, path, raw, True, request.app.state.settings.request_timeout)
+    result = await forward(service, uid, path, raw, True)
     record_tokens(uid, result)
     if result.stream is None:  # the runner refused before answering
         return _runner_error(result)
@@ -107,11 +100,9 @@ async def _turn(
 
 async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
     assert result.stream is not None
-    events = tr.SseEvents()
     try:
-        async for data in result.stream:
-            for chunk in events.feed(data):
-                turn.take(chunk)
+        async for chunk in sse_chunks(result.stream):
+            turn.take(chunk)
     finally:
         if result.close:
             await result.close()
@@ -122,16 +113,14 @@ async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
 
 async def _lines(result: Forwarded, turn: tr.Turn) -> AsyncIterator[bytes]:
     assert result.stream is not None
-    events = tr.SseEvents()
     try:
-        async for data in result.stream:
-            for chunk in events.feed(data):
-                line = turn.take(chunk)
-                if turn.error is not None:  # headers are gone: Ollama reports it in-band
-                    yield orjson.dumps({"error": turn.error}) + b"\n"
-                    return
-                if line is not None:
-                    yield orjson.dumps(line) + b"\n"
+        async for chunk in sse_chunks(result.stream):
+            line = turn.take(chunk)
+            if turn.error is not None:  # headers are gone: Ollama reports it in-band
+                yield orjson.dumps({"error": turn.error}) + b"\n"
+                return
+            if line is not None:
+                yield orjson.dumps(line) + b"\n"
     finally:  # also when the client left mid-stream: the runner stops generating
         if result.close:
             await result.close()
@@ -196,9 +185,7 @@ async def _embed(
     openai = _openai(EmbeddingRequest, tr.embed_body(body))
     check_size(service, uid, openai)
     raw = openai.model_dump_json(exclude_unset=True).encode()
-    result = await forward(
-        service, uid, "/v1/embeddings", raw, False, request.app.state.settings.request_timeout
-    )
+    result = await forward(service, uid, "/v1/embeddings", raw, False)
     if result.status != 200:
         return _runner_error(result)
     answer = orjson.loads(result.body or b"{}")
@@ -238,14 +225,14 @@ async def ps(request: Request) -> dict[str, Any]:
     """The models that hold memory now; size and size_vram from the ledger's reservations."""
     now, monotonic = datetime.now(UTC), time.monotonic()
     running = [m for m in _service(request).running() if any(r.reservation for r in m.replicas)]
-    return {"models": [tr.process(m, _context(m), now, monotonic) for m in running]}
+    return {"models": [tr.process(m, m.context, now, monotonic) for m in running]}
 
 
 @router.post("/show", openapi_extra=body_schema(protocol.OllamaModelRequest))
 async def show(request: Request) -> dict[str, Any]:
     body, _ = await parse_body(request, protocol.OllamaModelRequest)
     model = _service(request).get(tr.model_uid(body.target))
-    return tr.show(model, _context(model))
+    return tr.show(model, model.context)
 
 
 @router.get("/version")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal import metrics
-from shoal.engines.base import TRUNCATING_ENGINES, context_tokens
+from shoal.engines.base import TRUNCATING_ENGINES
 from shoal.errors import InvalidRequest
 from shoal.gateway.routes_admin import model_card
 from shoal.protocol.openai import (
@@ -86,7 +86,7 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
     service = await check_model(request, uid, ability)
     check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
-    result = await forward(service, uid, path, raw, stream, request.app.state.settings.request_timeout)
+    result = await forward(service, uid, path, raw, stream)
     if ability in ("chat", "generate"):
         record_tokens(uid, result)
     return render(result)
@@ -95,8 +95,7 @@ async def _run(request: Request, model: type[BaseModel], ability: str, path: str
 def check_size(service: ModelService, uid: str, body: BaseModel) -> None:
     """A prompt far beyond the model's context is refused here, before a runner tokenizes it."""
     running = service.get(uid)  # only its family, request and engine are read
-    context = context_tokens(running.engine, running.request.engine_options(), running.family.context_length)
-    check_prompt_size(body, context, truncates=running.engine in TRUNCATING_ENGINES)
+    check_prompt_size(body, running.context, truncates=running.engine in TRUNCATING_ENGINES)
 
 
 def record_tokens(uid: str, result: Forwarded) -> None:

@@ -51,12 +51,13 @@ async def forward(
     path: str,
     body: bytes,
     stream: bool,
-    timeout: float,
     method: str = "POST",
     headers: dict[str, str] | None = None,
 ) -> Forwarded:
     """Send `body` to a ready replica of `uid`. JSON by default; binary uploads pass their own
-    content type and their fields as a JSON `x-shoal-params` header."""
+    content type and their fields as a JSON `x-shoal-params` header. Bounded by the server's
+    request timeout (the whole answer) and first-byte timeout (each wait for bytes)."""
+    timeout = service.settings.request_timeout
     first_byte = min(timeout, service.settings.first_byte_timeout)
     async with AsyncExitStack() as held:
         replica = await held.enter_async_context(service.router.lease(uid))

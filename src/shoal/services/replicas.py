@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
+from shoal.engines.base import context_tokens
 from shoal.errors import IllegalTransition
 from shoal.protocol.admin import LaunchRequest
 from shoal.scheduler import node_of
@@ -125,6 +126,11 @@ class RunningModel:
     def __post_init__(self) -> None:
         if self.request.request_limits:
             self.limiter = asyncio.Semaphore(self.request.request_limits)
+
+    @property
+    def context(self) -> int:
+        """Tokens one request may fill, as the engine reads this launch (engines.base.context_tokens)."""
+        return context_tokens(self.engine, self.request.engine_options(), self.family.context_length)
 
     @property
     def status(self) -> str:
