@@ -34,6 +34,11 @@ class Engine:
     """Base class: an engine overrides what its model kind can do; the rest answers 400."""
 
     name = "base"
+    # Tool calling (engines/tools.py): whether the model's chat template renders a `tools` list, so
+    # the model is told about tools natively; and whether the engine parses tool calls itself (vLLM
+    # launched with a tool parser), so Shoal's tool layer passes the request through.
+    template_tools: bool = False
+    native_tools: bool = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config

@@ -84,9 +84,12 @@ def drop_alternatives(result: dict[str, Any]) -> None:
             token["top_logprobs"] = []
 
 
-def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, int]:
+def start_server(
+    config: EngineConfig, opts: dict[str, Any], api_key: str | None = None
+) -> tuple[Any, int, int]:
     """llama.cpp's server for `config` with the launch options llama.cpp engines share:
-    (server, slots, context per slot). Also used by the LLM reranker."""
+    (server, slots, context per slot). Also used by the LLM reranker. The model's own chat template
+    is rendered with Jinja (as `llama-server --jinja`), which is what renders a request's tools."""
     import xllamacpp as xl
 
     n_parallel = int(opts.get("n_parallel", DEFAULT_PARALLEL))
@@ -98,6 +101,7 @@ def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, 
     params.n_gpu_layers = int(opts.get("n_gpu_layers", -1 if config.device == "cuda" else 0))
     if "n_batch" in opts:
         params.n_batch = int(opts["n_batch"])
+    params.use_jinja = True
     if "chat_template" in opts:
         params.chat_template = str(opts["chat_template"])
     if config.n_threads:
@@ -105,7 +109,7 @@ def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, 
         params.cpuparams_batch.n_threads = config.n_threads
     # llama.cpp's embedded HTTP server also listens on a loopback port; a random key keeps
     # anything but this process out of it (Shoal serves the runner on its own socket).
-    params.api_keys = [secrets.token_hex(16)]
+    params.api_keys = [api_key or secrets.token_hex(16)]
     params.verbosity = 0
     params.endpoint_metrics = True  # llama.cpp's counters, served by metrics()
     try:
@@ -114,12 +118,26 @@ def start_server(config: EngineConfig, opts: dict[str, Any]) -> tuple[Any, int, 
         raise RuntimeError(f"llama.cpp could not load {config.model_path}: {exc}") from exc
 
 
+def template_renders_tools(server: Any, api_key: str) -> bool:
+    """Whether the model's chat template renders tools: llama.cpp tells by rendering it with and
+    without a probe tool (its /props `chat_template_caps`), which the in-process API does not expose."""
+    import httpx
+
+    props = httpx.get(
+        f"{server.listening_address}/props", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    )
+    props.raise_for_status()
+    return bool(props.json().get("chat_template_caps", {}).get("supports_tools"))
+
+
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
 
     def load(self) -> None:
         opts = self.pop_options()
-        self._server, self.n_parallel, self.slot_context = start_server(self.config, opts)
+        key = secrets.token_hex(16)
+        self._server, self.n_parallel, self.slot_context = start_server(self.config, opts, key)
+        self.template_tools = template_renders_tools(self._server, key)
         # One thread per slot plus room for requests waiting on a slot.
         self._pool = ThreadPoolExecutor(max_workers=self.n_parallel * 4, thread_name_prefix="llama")
 

@@ -54,18 +54,33 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class CalledFunction(_Body):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="the arguments object, as a JSON string")
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="an assistant's calls, answered by tool messages"
+    )
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
         """OpenAI's rule: only an assistant message with tool_calls may leave out its content."""
-        if self.content is None and not (
-            self.role == "assistant" and (self.model_extra or {}).get("tool_calls")
-        ):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         if isinstance(self.content, list):
             for part in self.content:
                 if part.type == "text" and part.text is None:
@@ -109,6 +124,63 @@ class _Sampling(_Body):
         return value
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and json_schema names
+
+
+class _Strict(BaseModel):
+    """A typed part of a body: unknown fields are refused, so a misspelt field is not ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of type object")
+        return value
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer must match")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_named(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format type "json_schema" needs json_schema: {"name", "schema"}')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema is only read with type "json_schema", not {self.type!r}')
+        return self
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -116,11 +188,36 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token (needs logprobs)"
     )
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) to -100..100")
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("two tools have the same name")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        calls = self.tools and self.tool_choice != "none"
+        if calls and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(
+                "response_format json with tools is not supported: the answer is constrained to a tool "
+                "call or to the schema, not both; send one (or tool_choice none)"
+            )
+        if len(self.logit_bias or {}) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values run from -100 to 100, not {bias}")
         return self
 
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from shoal.engines import tools
 from shoal.engines.base import Engine
 from shoal.errors import ShoalError
 
@@ -61,15 +62,24 @@ def _guarded(handler: Callable[[Engine, Request], Awaitable[Response]], engine: 
     return endpoint
 
 
-def _openai(call_name: str, stream_name: str | None) -> Callable[[Engine, Request], Awaitable[Response]]:
+Call = Callable[[Engine, dict[str, Any]], Awaitable[dict[str, Any]]]
+Stream = Callable[[Engine, dict[str, Any]], AsyncIterator[dict[str, Any]]]
+
+
+def _method(name: str) -> Any:
+    """The engine's own method of that name, as a call of (engine, body)."""
+    return lambda engine, body: getattr(engine, name)(body)
+
+
+def _openai(call: Call, stream: Stream | None) -> Callable[[Engine, Request], Awaitable[Response]]:
     async def handler(engine: Engine, request: Request) -> Response:
         body = orjson.loads(await request.body())
-        if body.get("stream") and stream_name is not None:
-            chunks = getattr(engine, stream_name)(body)
+        if body.get("stream") and stream is not None:
+            chunks = stream(engine, body)
             # Pull the first chunk before answering, so an error still gets a real status.
             first = await anext(chunks, None)
             return StreamingResponse(_sse(chunks, first), media_type="text/event-stream")
-        return _json(await getattr(engine, call_name)(body))
+        return _json(await call(engine, body))
 
     return handler
 
@@ -134,15 +144,25 @@ def build_runner_app(engine: Engine) -> Starlette:
         routes=[
             Route("/health", health),
             Route("/metrics", _guarded(_metrics, engine)),
-            Route("/v1/chat/completions", _guarded(_openai("chat", "chat_stream"), engine), methods=post),
-            Route("/v1/completions", _guarded(_openai("complete", "complete_stream"), engine), methods=post),
-            Route("/v1/embeddings", _guarded(_openai("embed", None), engine), methods=post),
-            Route("/v1/rerank", _guarded(_openai("rerank", None), engine), methods=post),
+            Route(
+                "/v1/chat/completions", _guarded(_openai(tools.chat, tools.chat_stream), engine), methods=post
+            ),
+            Route(
+                "/v1/completions",
+                _guarded(_openai(_method("complete"), _method("complete_stream")), engine),
+                methods=post,
+            ),
+            Route("/v1/embeddings", _guarded(_openai(_method("embed"), None), engine), methods=post),
+            Route("/v1/rerank", _guarded(_openai(_method("rerank"), None), engine), methods=post),
             Route("/v1/audio/transcriptions", _guarded(_transcribe, engine), methods=post),
             Route("/v1/audio/translations", _guarded(_transcribe, engine), methods=post),
             Route("/v1/audio/speech", _guarded(_speech, engine), methods=post),
             Route("/v1/audio/voices", _guarded(_voices, engine)),
             Route("/v1/images/ocr", _guarded(_ocr, engine), methods=post),
-            Route("/v1/images/generations", _guarded(_openai("generate_images", None), engine), methods=post),
+            Route(
+                "/v1/images/generations",
+                _guarded(_openai(_method("generate_images"), None), engine),
+                methods=post,
+            ),
         ]
     )
