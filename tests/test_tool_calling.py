@@ -219,9 +219,8 @@ def test_auto_on_a_template_without_tools_is_refused_and_forced_calls_are_constr
 
 
 def test_parallel_tool_calls_false_keeps_one_call() -> None:
-    two = [
-        '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call><tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
-    ]
+    call = '<tool_call>{"name": "get_time", "arguments": {"zone": "%s"}}</tool_call>'
+    two = [call % "UTC" + call % "CET"]
     body = {"messages": ASK, "tools": [TIME]}
     assert len((_chat(_Engine(two), body))["choices"][0]["message"]["tool_calls"]) == 2  # type: ignore[arg-type]
     one = _chat(_Engine(two), {**body, "parallel_tool_calls": False})  # type: ignore[arg-type]

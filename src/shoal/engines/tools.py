@@ -56,7 +56,7 @@ class ToolRequest:
 def tool_request(body: dict[str, Any]) -> ToolRequest | None:
     """The request's tools and tool_choice (validated by the gateway), or None for no calls."""
     tools = body.get("tools") or []
-    choice = body.get("tool_choice") or "auto"
+    choice: Any = body.get("tool_choice") or "auto"
     if not tools or choice == "none":
         return None
     forced = None if choice == "auto" else "*" if choice == "required" else choice["function"]["name"]
@@ -308,10 +308,10 @@ async def chat_stream(engine: ChatEngine, body: dict[str, Any]) -> AsyncIterator
             # each choice's deltas in order; a chunk carries at most one delta per choice
             rows: list[list[dict[str, Any]]] = []
             for choice in chunk["choices"]:
-                for row, part in enumerate(_pass_or_hold(choice, held, request)):
-                    if row == len(rows):
+                for i, part in enumerate(_pass_or_hold(choice, held, request)):
+                    if i == len(rows):
                         rows.append([])
-                    rows[row].append(part)
+                    rows[i].append(part)
             for row in rows:
                 yield {**chunk, "choices": row}
     finally:
