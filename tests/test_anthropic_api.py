@@ -121,7 +121,8 @@ def test_stream_speaks_anthropics_event_types(server: ShoalServer) -> None:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event:")]
-    assert events[:3] == ["message_start", "content_block_start", "ping"]
+    # the text block opens at the first text (an answer may be only tool_use blocks)
+    assert events[:3] == ["message_start", "ping", "content_block_start"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(events[3:-3]) <= {"content_block_delta"}
 
@@ -191,32 +192,74 @@ def test_bad_bodies_are_invalid_requests(server: ShoalServer, client: anthropic.
     assert too_long.status_code == 400 and "max_tokens" in too_long.json()["error"]["message"]
 
 
-def test_tools_are_refused_clearly(client: anthropic.Anthropic) -> None:
-    tool = {
-        "name": "get_weather",
-        "description": "Weather",
-        "input_schema": {"type": "object", "properties": {}},
-    }
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=COUNT, tools=[tool])  # type: ignore[list-item]
-    assert "tool calling is not available" in caught.value.message
-    history: list[anthropic.types.MessageParam] = [
-        {"role": "user", "content": "Weather?"},
-        {
-            "role": "assistant",
-            "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}],
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
         },
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
+        "required": ["city", "unit"],
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_comes_back_as_a_tool_use_block(client: anthropic.Anthropic, stream: bool) -> None:
+    choice = {"type": "tool", "name": "get_weather"}
+    args: dict[str, Any] = {"model": CHAT_MODEL, "max_tokens": 60, "messages": ASK_WEATHER,
+                            "tools": [WEATHER_TOOL], "tool_choice": choice, "extra_body": T0}  # fmt: skip
+    if stream:
+        with client.messages.stream(**args) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**args)
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and set(use.input) == {"city", "unit"}  # type: ignore[arg-type]
+    assert use.input["unit"] in ("celsius", "fahrenheit")  # type: ignore[index]
+    assert not [b for b in message.content if b.type == "text" and not b.text]  # no empty text block
+    # the call and its result go back to the model
+    history: list[anthropic.types.MessageParam] = [
+        *ASK_WEATHER,  # type: ignore[list-item]
+        {"role": "assistant", "content": [use.model_dump()]},  # type: ignore[list-item]
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}],
+        },
     ]
-    with pytest.raises(anthropic.BadRequestError, match="tool calling is not available"):
-        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=history)
+    answer = client.messages.create(model=CHAT_MODEL, max_tokens=16, messages=history, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                                    tool_choice={"type": "none"}, extra_body=T0)  # fmt: skip
+    assert answer.content[0].type == "text" and answer.content[0].text
+    counted = client.messages.count_tokens(model=CHAT_MODEL, messages=history, tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    assert counted.input_tokens > answer.usage.input_tokens - 1  # the tools are described too
+
+
+def test_tool_use_errors_are_clear(client: anthropic.Anthropic) -> None:
+    # SmolLM2's template has no tools: it cannot decide, so auto is refused with the reason
+    with pytest.raises(anthropic.BadRequestError, match="cannot express tools"):
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=COUNT, tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    with pytest.raises(anthropic.BadRequestError, match="server tools"):
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=COUNT,
+                               tools=[{"type": "web_search_20250305", "name": "web_search"}])  # type: ignore[list-item]  # fmt: skip
+    with pytest.raises(anthropic.BadRequestError, match="needs the name"):
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=COUNT, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                               tool_choice={"type": "tool"})  # type: ignore[typeddict-item]  # fmt: skip
+    misplaced: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}
+    ]
+    with pytest.raises(anthropic.BadRequestError, match="cannot hold a tool_use"):
+        client.messages.create(model=CHAT_MODEL, max_tokens=8, messages=misplaced)
     # tool_choice none: the tools are never offered, so the request is served
     served = client.messages.create(
         model=CHAT_MODEL,
         max_tokens=4,
         messages=COUNT,
-        tools=[tool],
-        tool_choice={"type": "none"},  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "none"},
     )
     assert served.content[0].text
 

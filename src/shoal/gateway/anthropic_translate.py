@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.errors import InvalidRequest
 from shoal.gateway.upstream import sse_chunks, upstream_error
-from shoal.protocol.anthropic import CountTokensRequest, ImageBlock, MessagesRequest, TextBlock
-
-NO_TOOLS = (
-    "tool calling is not available in Shoal yet: send the request without `tools` "
-    "(or with tool_choice {'type': 'none'})"
+from shoal.protocol.anthropic import (
+    CountTokensRequest,
+    ImageBlock,
+    MessagesRequest,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
 )
+
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -55,28 +58,96 @@ def _image_part(block: ImageBlock) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _content(content: str | list[Any], vision: bool) -> str | list[dict[str, Any]]:
-    """A message's content: a string when it is all text (blocks joined by a blank line), else
-    OpenAI content parts."""
-    if isinstance(content, str):
-        return content
-    if any(block.type in ("tool_use", "tool_result") for block in content):
-        raise InvalidRequest(f"tool_use and tool_result blocks need tool calling; {NO_TOOLS}")
-    if any(block.type == "image" for block in content):
+def _content(blocks: list[Any], vision: bool) -> str | list[dict[str, Any]]:
+    """Text and image blocks as a message's content: a string when it is all text (blocks joined by
+    a blank line), else OpenAI content parts."""
+    if any(block.type == "image" for block in blocks):
         if not vision:
             raise InvalidRequest("this model cannot read images (it has no vision ability): send text only")
         return [
-            {"type": "text", "text": b.text} if isinstance(b, TextBlock) else _image_part(b) for b in content
+            {"type": "text", "text": b.text} if isinstance(b, TextBlock) else _image_part(b) for b in blocks
         ]
-    return "\n\n".join(block.text for block in content)
+    return "\n\n".join(block.text for block in blocks)
+
+
+def _tool_result(block: ToolResultBlock) -> dict[str, Any]:
+    content = block.content
+    if isinstance(content, list):
+        if any(b.type == "image" for b in content):
+            raise InvalidRequest("a tool_result with an image is not supported: send its text")
+        content = "\n\n".join(b.text for b in content if isinstance(b, TextBlock))
+    text = content or ""
+    return {
+        "role": "tool",
+        "tool_call_id": block.tool_use_id,
+        "content": f"Error: {text}" if block.is_error else text,
+    }
+
+
+def _message(role: str, content: str | list[Any], vision: bool) -> list[dict[str, Any]]:
+    """One Anthropic message as OpenAI ones: an assistant's tool_use blocks become its tool_calls;
+    a user's tool_result blocks become tool messages (first, as OpenAI orders them), its other
+    blocks the user message after them."""
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    uses = [b for b in content if isinstance(b, ToolUseBlock)]
+    results = [b for b in content if isinstance(b, ToolResultBlock)]
+    rest = [b for b in content if not isinstance(b, ToolUseBlock | ToolResultBlock)]
+    if role == "user" and uses or role == "assistant" and results:
+        kind = "tool_use" if uses else "tool_result"
+        raise InvalidRequest(f"a {role} message cannot hold a {kind} block")
+    out = [_tool_result(b) for b in results]
+    if uses:
+        calls = [
+            {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+            for b in uses
+        ]
+        out.append(
+            {"role": "assistant", "content": _content(rest, vision) if rest else None, "tool_calls": calls}
+        )
+    elif rest or not results:
+        out.append({"role": role, "content": _content(rest, vision)})
+    return out
+
+
+def _tools(body: CountTokensRequest) -> dict[str, Any]:
+    """The OpenAI tools and tool_choice for Anthropic's."""
+    out: dict[str, Any] = {}
+    choice = body.tool_choice
+    if body.tools:
+        for tool in body.tools:
+            kind = (tool.model_extra or {}).get("type")
+            if kind not in (None, "custom"):
+                raise InvalidRequest(f"tool {tool.name!r}: server tools ({kind}) are not available in Shoal")
+        out["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    **({"description": tool.description} if tool.description else {}),
+                    "parameters": tool.input_schema or {"type": "object"},
+                },
+            }
+            for tool in body.tools
+        ]
+    if choice is not None:
+        if not body.tools:
+            if choice.type != "none":
+                raise InvalidRequest("tool_choice needs tools")
+            return out
+        if choice.type == "tool":
+            if not choice.name:
+                raise InvalidRequest('tool_choice {"type": "tool"} needs the name of the tool')
+            out["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+        if choice.disable_parallel_tool_use:
+            out["parallel_tool_calls"] = False
+    return out
 
 
 def chat_messages(body: CountTokensRequest, vision: bool) -> list[dict[str, Any]]:
     """The conversation as OpenAI chat messages, the system prompt first."""
-    if body.tools and (body.tool_choice is None or body.tool_choice.type != "none"):
-        raise InvalidRequest(NO_TOOLS)
-    if body.tool_choice is not None and body.tool_choice.type != "none":
-        raise InvalidRequest(NO_TOOLS)
     if body.thinking is not None and body.thinking.type not in ("disabled", "adaptive"):
         raise InvalidRequest(
             f"thinking {body.thinking.type!r} is not available in Shoal: no model here thinks"
@@ -86,7 +157,7 @@ def chat_messages(body: CountTokensRequest, vision: bool) -> list[dict[str, Any]
     if system:
         messages.append({"role": "system", "content": system})
     for message in body.messages:
-        messages.append({"role": message.role, "content": _content(message.content, vision)})
+        messages.extend(_message(message.role, message.content, vision))
     return messages
 
 
@@ -95,6 +166,7 @@ def chat_body(body: MessagesRequest, vision: bool) -> dict[str, Any]:
     chat: dict[str, Any] = {
         "model": body.model,
         "messages": chat_messages(body, vision),
+        **_tools(body),
         "max_tokens": body.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -113,7 +185,16 @@ def chat_body(body: MessagesRequest, vision: bool) -> dict[str, Any]:
 def count_body(body: CountTokensRequest, vision: bool) -> dict[str, Any]:
     """A one-token chat request whose usage.prompt_tokens is the prompt's length in the model's own
     tokens, chat template included (the runners have no tokenize-only route)."""
-    return {"model": body.model, "messages": chat_messages(body, vision), "max_tokens": 1, "temperature": 0}
+    tools = _tools(body)
+    if tools.get("tools") and tools.get("tool_choice") != "none":  # the same prompt; never refused
+        tools["tool_choice"] = "required"
+    return {
+        "model": body.model,
+        "messages": chat_messages(body, vision),
+        **tools,
+        "max_tokens": 1,
+        "temperature": 0,
+    }
 
 
 # ---- answer --------------------------------------------------------------------------------------
@@ -164,6 +245,14 @@ class Outcome:
     input_tokens: int | None = None
     output_tokens: int = 0
     streamed_tokens: int = 0  # content chunks seen: one token each from the chat engines
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)  # tool calls: id, name, arguments
+
+    def add_call(self, delta: dict[str, Any]) -> None:
+        call = self.calls.setdefault(int(delta.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+        call["id"] = delta.get("id") or call["id"]
+        function = delta.get("function") or {}
+        call["name"] += function.get("name") or ""
+        call["arguments"] += function.get("arguments") or ""
 
 
 async def texts(
@@ -177,6 +266,8 @@ async def texts(
             outcome.input_tokens = usage.get("prompt_tokens")
             outcome.output_tokens = usage.get("completion_tokens") or 0
         for choice in chunk.get("choices") or []:
+            for call in (choice.get("delta") or {}).get("tool_calls") or []:
+                outcome.add_call(call)
             content = (choice.get("delta") or {}).get("content")
             if content:
                 outcome.streamed_tokens += 1
@@ -214,22 +305,41 @@ def message_start(message_id: str, model: str) -> dict[str, Any]:
     return {"type": "message_start", "message": message}
 
 
-def opening_events() -> list[dict[str, Any]]:
-    return [
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "ping"},
-    ]
+TEXT_START = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+PING = {"type": "ping"}
 
 
 def text_delta(text: str) -> dict[str, Any]:
     return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
 
 
-def closing_events(outcome: Outcome) -> list[dict[str, Any]]:
+def tool_use_events(outcome: Outcome, first: int) -> list[dict[str, Any]]:
+    """Each tool call as a tool_use block, from index `first`: its start, its input as one
+    input_json_delta, its stop."""
+    events: list[dict[str, Any]] = []
+    for index, (_, call) in enumerate(sorted(outcome.calls.items()), start=first):
+        block_id = call["id"] or f"toolu_{uuid.uuid4().hex[:24]}"
+        block = {"type": "tool_use", "id": block_id, "name": call["name"], "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": call["arguments"] or "{}"}
+        events += [
+            {"type": "content_block_start", "index": index, "content_block": block},
+            {"type": "content_block_delta", "index": index, "delta": delta},
+            {"type": "content_block_stop", "index": index},
+        ]
+    return events
+
+
+def closing_events(outcome: Outcome, text_open: bool) -> list[dict[str, Any]]:
+    """The end of the message: the text block's stop (the text block is opened at the first text;
+    an answer with neither text nor calls still has an empty one), the tool_use blocks after it."""
     usage = {"input_tokens": outcome.input_tokens or 0, "output_tokens": outcome.output_tokens}
     delta = {"stop_reason": outcome.stop_reason, "stop_sequence": outcome.stop_sequence}
+    text = [] if text_open or outcome.calls else [TEXT_START]
+    if text_open or not outcome.calls:
+        text.append({"type": "content_block_stop", "index": 0})
     return [
-        {"type": "content_block_stop", "index": 0},
+        *text,
+        *tool_use_events(outcome, first=1 if text_open else 0),
         {"type": "message_delta", "delta": delta, "usage": usage},
         {"type": "message_stop"},
     ]
@@ -242,14 +352,26 @@ def encode_sse(event: dict[str, Any]) -> bytes:
 async def collect(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     """One message from a stream of events (a non-streamed answer)."""
     message: dict[str, Any] = {}
-    parts: list[str] = []
+    blocks: dict[int, dict[str, Any]] = {}
+    inputs: dict[int, list[str]] = {}
     async for event in events:
         if event["type"] == "message_start":
             message = dict(event["message"])
+        elif event["type"] == "content_block_start":
+            blocks[event["index"]] = dict(event["content_block"])
         elif event["type"] == "content_block_delta":
-            parts.append(event["delta"]["text"])
+            delta = event["delta"]
+            if delta["type"] == "text_delta":
+                blocks[event["index"]]["text"] += delta["text"]
+            else:
+                inputs.setdefault(event["index"], []).append(delta["partial_json"])
         elif event["type"] == "message_delta":
             message.update(event["delta"])
             message["usage"] = event["usage"]
-    message["content"] = [{"type": "text", "text": "".join(parts)}]
+    for index, parts in inputs.items():
+        try:
+            blocks[index]["input"] = json.loads("".join(parts))
+        except ValueError:
+            blocks[index]["input"] = {"arguments": "".join(parts)}  # not JSON: kept, not lost
+    message["content"] = [blocks[i] for i in sorted(blocks)]
     return message

@@ -100,10 +100,13 @@ async def _events(
     assert result.stream is not None
     outcome = translate.Outcome()
     yield translate.message_start(translate.new_message_id(), body.model)
-    for event in translate.opening_events():
-        yield event
+    yield translate.PING
     chunks = translate.parse_sse(result.stream)
+    text_open = False
     async for text in translate.texts(chunks, body.stop_sequences or (), outcome):
+        if not text_open:
+            yield translate.TEXT_START
+            text_open = True
         yield translate.text_delta(text)
     if outcome.stop_sequence is not None:  # the runner's stream was cut here: its usage never came
         if result.close is not None:
@@ -112,7 +115,7 @@ async def _events(
             outcome.input_tokens = await _prompt_tokens(service, body, vision)
         except ShoalError as exc:
             log.warning("could not count the prompt's tokens after a stop sequence: %s", exc.message)
-    for event in translate.closing_events(outcome):
+    for event in translate.closing_events(outcome, text_open):
         yield event
 
 
@@ -131,7 +134,7 @@ async def _prompt_only(
     outcome = translate.Outcome(stop_reason="max_tokens")
     outcome.input_tokens = await _prompt_tokens(service, body, vision)
     yield translate.message_start(translate.new_message_id(), body.model)
-    for event in [*translate.opening_events(), *translate.closing_events(outcome)]:
+    for event in [translate.PING, *translate.closing_events(outcome, text_open=False)]:
         yield event
 
 
