@@ -440,3 +440,34 @@ def test_langchain_bind_tools_and_structured_output(chat_server: ShoalServer) ->
     assert forced.tool_calls and forced.tool_calls[0]["name"] == "Weather"
     structured = llm.with_structured_output(Weather, method="function_calling").invoke("Weather in Paris?")
     assert isinstance(structured, Weather) and structured.city
+
+
+# ---- the Ollama client ---------------------------------------------------------------------------
+
+
+def test_ollama_client_gets_tool_calls_and_sends_results(qwen: str, chat_server: ShoalServer) -> None:
+    import ollama
+
+    client = ollama.Client(host=chat_server.url)
+    response = client.chat(model=qwen, messages=ASK, tools=[WEATHER], options={"temperature": 0})
+    (call,) = response.message.tool_calls or []
+    assert call.function.name == "get_weather" and call.function.arguments["city"] == "Paris"
+    streamed = [
+        c
+        for part in client.chat(
+            model=qwen, messages=ASK, tools=[WEATHER], options={"temperature": 0}, stream=True
+        )
+        for c in part.message.tool_calls or []
+    ]
+    assert [c.function.name for c in streamed] == ["get_weather"]
+    follow_up = [
+        *ASK,
+        response.message,
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"},
+    ]
+    again = client.chat(
+        model=qwen, messages=follow_up, tools=[WEATHER], options={"temperature": 0, "num_predict": 30}
+    )
+    assert again.prompt_eval_count > response.prompt_eval_count  # type: ignore[operator]
+    with pytest.raises(ollama.ResponseError, match="cannot express tools"):
+        client.chat(model=CHAT_MODEL, messages=ASK, tools=[WEATHER])
