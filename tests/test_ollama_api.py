@@ -101,18 +101,25 @@ def test_num_predict_bounds_tokens_and_seed_repeats(client: ollama.Client) -> No
 
 
 def test_format_json_and_schema_give_parseable_json(client: ollama.Client) -> None:
-    ask = [{"role": "user", "content": "Give the name and age of a person as JSON."}]
+    ask = [
+        {"role": "system", "content": "Answer with a short JSON object."},
+        {"role": "user", "content": "Give the name and age of a person as JSON."},
+    ]
     answer = client.chat(
-        model=CHAT_MODEL, messages=ask, format="json", options={"num_predict": 60, "seed": 1}
+        model=CHAT_MODEL, messages=ask, format="json", options={"num_predict": 60, "temperature": 0}
     )
     assert isinstance(json.loads(answer.message.content), dict)
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
         "required": ["name", "age"],
+        "additionalProperties": False,  # else a schema allows more properties, and a small model rambles
     }
     answer = client.generate(
-        model=CHAT_MODEL, prompt="A person as JSON.", format=schema, options={"num_predict": 60}
+        model=CHAT_MODEL,
+        prompt="A person as JSON.",
+        format=schema,
+        options={"num_predict": 60, "temperature": 0},
     )
     data = json.loads(answer.response)
     assert set(data) == {"name", "age"} and isinstance(data["age"], int)

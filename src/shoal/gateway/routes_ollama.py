@@ -82,7 +82,7 @@ async def _turn(
     """Forward (always streaming from the runner) and answer NDJSON lines or one whole JSON."""
     service = _service(request)
     check_size(service, uid, body)
-    raw = body.model_dump_json(exclude_unset=True).encode()
+    raw = body.model_dump_json(exclude_unset=True, by_alias=True).encode()
     turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
     result = await forward(service, uid, path, raw, True)
     record_tokens(uid, result)
@@ -184,7 +184,7 @@ async def _embed(
     service, uid, load_ns = await _checked(request, body.model, "embed")
     openai = _openai(EmbeddingRequest, tr.embed_body(body))
     check_size(service, uid, openai)
-    raw = openai.model_dump_json(exclude_unset=True).encode()
+    raw = openai.model_dump_json(exclude_unset=True, by_alias=True).encode()
     result = await forward(service, uid, "/v1/embeddings", raw, False)
     if result.status != 200:
         return _runner_error(result)
