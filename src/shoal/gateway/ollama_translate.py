@@ -150,9 +150,15 @@ def generate_body(body: GenerateRequest, engine: str, templated: bool) -> dict[s
 
 
 def embed_body(body: EmbedRequest | EmbeddingsRequest) -> dict[str, Any]:
+    """Ollama truncates an over-long input unless /api/embed says `truncate: false` (the legacy
+    /api/embeddings has no such field)."""
     if isinstance(body, EmbeddingsRequest):
-        return {"model": model_uid(body.model), "input": body.prompt}
-    out: dict[str, Any] = {"model": model_uid(body.model), "input": body.input}
+        return {"model": model_uid(body.model), "input": body.prompt, "truncate": True}
+    out: dict[str, Any] = {
+        "model": model_uid(body.model),
+        "input": body.input,
+        "truncate": body.truncate is not False,
+    }
     if body.dimensions is not None:
         out["dimensions"] = body.dimensions
     return out
