@@ -283,10 +283,11 @@ class Turn:
         return {**answer, **self._stats()}
 
 
-def loaded(name: str, chat: bool) -> dict[str, Any]:
-    """The answer to a chat or generate with nothing to say: Ollama's way to load a model."""
+def loaded(name: str, chat: bool, reason: str = "load") -> dict[str, Any]:
+    """The answer to a chat or generate with nothing to say: Ollama's way to load a model (or, with
+    keep_alive 0, to unload it: reason "unload")."""
     text = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-    return {"model": name, "created_at": now_iso(), **text, "done": True, "done_reason": "load"}
+    return {"model": name, "created_at": now_iso(), **text, "done": True, "done_reason": reason}
 
 
 def embed_answer(name: str, answer: dict[str, Any], total_ns: int, load_ns: int) -> dict[str, Any]:
