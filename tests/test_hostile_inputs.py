@@ -86,11 +86,14 @@ def test_prompt_size_bound() -> None:
     prompts = CompletionRequest(model="m", prompt=["short", "b" * 5000])
     with pytest.raises(InvalidRequest, match="the prompt has 5,000"):
         check_prompt_size(prompts, 128, truncates=False)
-    # an encoder that truncates takes long documents, up to a generous bound
-    check_prompt_size(EmbeddingRequest(model="m", input="c" * TRUNCATED_INPUT_CHARS), 256, truncates=True)
+    # an encoder that truncates takes long documents, up to a generous bound; embeddings only when asked
+    long = "c" * TRUNCATED_INPUT_CHARS
+    check_prompt_size(EmbeddingRequest(model="m", input=long, truncate=True), 256, truncates=True)
+    with pytest.raises(InvalidRequest, match="context of 256 tokens.*truncate: true"):
+        check_prompt_size(EmbeddingRequest(model="m", input=long), 256, truncates=True)
     with pytest.raises(InvalidRequest, match="per input"):
-        check_prompt_size(EmbeddingRequest(model="m", input="c" * (TRUNCATED_INPUT_CHARS + 1)), 256, True)
-    many = EmbeddingRequest(model="m", input=["d" * 900_000] * (BATCH_CHARS // 900_000 + 1))
+        check_prompt_size(EmbeddingRequest(model="m", input=long + "c", truncate=True), 256, True)
+    many = EmbeddingRequest(model="m", input=["d" * 900_000] * (BATCH_CHARS // 900_000 + 1), truncate=True)
     with pytest.raises(InvalidRequest, match="split them"):
         check_prompt_size(many, 256, truncates=True)
     rerank = RerankRequest(model="m", query="q" * 10, documents=["ok", "e" * TRUNCATED_INPUT_CHARS])
@@ -297,17 +300,23 @@ def test_sampling_extras_in_bounds_still_work(client: httpx.Client) -> None:
         ([[101, 7592], [5, -3]], "not a token id"),
         ([10**9], "not in this model's vocabulary"),
         ([[101, 10**6, 102]], "not in this model's vocabulary"),
+        ([15339, 1917], "check_embedding_ctx_length=False"),  # LangChain's cl100k ids for "hello world"
         ("x" * (TRUNCATED_INPUT_CHARS + 1), "per input"),
+        ("long document " * 200, "has 402 tokens; this model embeds at most 256"),  # not cut silently
     ],
 )
 def test_embedding_inputs_bounded(client: httpx.Client, value: Any, words: str) -> None:
-    refused(client, "/v1/embeddings", {"model": EMBED_MODEL, "input": value}, words)
+    truncate = {"truncate": True} if words == "per input" else {}
+    refused(client, "/v1/embeddings", {"model": EMBED_MODEL, "input": value, **truncate}, words)
 
 
 def test_embedding_inputs_in_bounds_still_work(client: httpx.Client) -> None:
-    for value in ([[101, 7592, 102]], "long document " * 20_000):  # 280,000 characters, truncated
-        response = client.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": value})
+    # the model's own ids ([CLS] hello [SEP]); 280,000 characters, of which 256 tokens are embedded
+    for value, tokens in (([[101, 7592, 102]], 3), ("long document " * 20_000, 256)):
+        body = {"model": EMBED_MODEL, "input": value, "truncate": True}
+        response = client.post("/v1/embeddings", json=body)
         assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == tokens  # what was embedded
     nan = b'{"model": "%s", "input": "x", "extra": NaN}' % EMBED_MODEL.encode()
     refused(client, "/v1/embeddings", nan, "finite")
 

@@ -7,14 +7,15 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import ollama
 import pytest
 
-from conftest import CHAT_MODEL, EMBED_MODEL
+from conftest import CHAT_MODEL, EMBED_MODEL, ShoalServer, alive, pids_of
 from shoal.errors import InvalidRequest
 from shoal.gateway import ollama_translate as tr
 from shoal.gateway.middleware import _needed_scope
@@ -146,6 +147,72 @@ def test_embed_both_routes(client: ollama.Client) -> None:
     assert many.embeddings[0] == pytest.approx(one.embeddings[0], abs=1e-5)
     legacy = client.embeddings(model=EMBED_MODEL, prompt="hello world")
     assert legacy.embedding == pytest.approx(one.embeddings[0], abs=1e-5)
+
+
+def test_embed_truncates_unless_told_not_to(client: ollama.Client) -> None:
+    long = "word " * 300  # 302 tokens; MiniLM embeds 256
+    cut = client.embed(model=EMBED_MODEL, input=long)  # Ollama's default: truncate
+    assert cut.prompt_eval_count == 256
+    assert cut.embeddings == client.embed(model=EMBED_MODEL, input=long, truncate=True).embeddings
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.embed(model=EMBED_MODEL, input=long, truncate=False)
+    assert refused.value.status_code == 400 and "has 302 tokens" in refused.value.error
+
+
+# ---- keep_alive: on copies of the demo models under their own uids, so the others stay loaded ------
+@pytest.fixture
+def copies(server: ShoalServer) -> Iterator[tuple[str, str]]:
+    uids = ("ka-chat", "ka-embed")
+    for uid, name in zip(uids, (CHAT_MODEL, EMBED_MODEL), strict=True):
+        body = {"model_name": name, "model_uid": uid, "keep_alive": "1h"}
+        assert server.http.post("/v1/models", json=body).status_code == 200
+    yield uids
+    for uid in uids:
+        server.http.delete(f"/v1/models/{uid}")
+
+
+def expiry(client: ollama.Client, uid: str) -> float | None:
+    """Seconds from now to the model's expires_at in /api/ps; None when it is not loaded."""
+    loaded = {m.model: m for m in client.ps().models}
+    if f"{uid}:latest" not in loaded:
+        return None
+    expires = loaded[f"{uid}:latest"].expires_at
+    assert expires is not None
+    return (expires - datetime.now(UTC)).total_seconds()
+
+
+def test_keep_alive_zero_unloads_and_other_values_set_the_keep_alive(
+    client: ollama.Client, server: ShoalServer, copies: tuple[str, str]
+) -> None:
+    chat, embed = copies
+    assert 3500 < (expiry(client, chat) or 0) <= 3600  # the launch's 1h
+    pid = pids_of(server, chat)[0]
+    answer = client.chat(model=chat, messages=HELLO, options=GREEDY, keep_alive=0)
+    assert answer.message.content.strip()  # answered, then unloaded
+    assert expiry(client, chat) is None and not alive(pid)
+    assert server.http.get(f"/v1/models/{chat}").json()["status"] == "evicted"
+    # the next request loads it again (no --autoload here); its keep_alive is the model's now
+    parts = list(client.chat(model=chat, messages=HELLO, options=GREEDY, stream=True, keep_alive="5m"))
+    assert "".join(p.message.content for p in parts) == answer.message.content
+    assert 240 < (expiry(client, chat) or 0) <= 300
+    client.generate(model=chat, prompt="Hi", options=GREEDY, keep_alive=-1)
+    assert (expiry(client, chat) or 0) > 100 * 365 * 86400  # forever: Ollama's year 2318
+    client.generate(model=chat, prompt="Hi", options=GREEDY)  # none: the launch's again
+    assert 3500 < (expiry(client, chat) or 0) <= 3600
+    streamed = list(client.generate(model=chat, prompt="Hi", options=GREEDY, stream=True, keep_alive="0s"))
+    assert streamed[-1].done and expiry(client, chat) is None  # unloaded before the last line
+    # what `ollama stop` sends: an empty prompt with keep_alive 0 unloads without loading first
+    client.chat(model=chat, messages=[], keep_alive="1m")  # loads it again
+    assert expiry(client, chat) is not None
+    assert client.generate(model=chat, prompt="", keep_alive=0).done_reason == "unload"
+    assert expiry(client, chat) is None
+    assert client.generate(model=chat, prompt="", keep_alive="0").done_reason == "unload"
+    assert server.http.get(f"/v1/models/{chat}").json()["status"] == "evicted"  # still not loaded
+
+    vector = client.embed(model=embed, input="hello world", keep_alive=0).embeddings[0]
+    assert expiry(client, embed) is None
+    assert client.embed(model=embed, input="hello world").embeddings[0] == pytest.approx(vector, abs=1e-6)
+    assert expiry(client, embed) is not None
 
 
 def test_tags_ps_show_version(client: ollama.Client) -> None:

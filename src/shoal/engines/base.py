@@ -149,8 +149,9 @@ for _engine in ("faster_whisper", "piper", "hibari", "rapidocr"):  # no KV cache
     ESTIMATE_DEFAULTS[_engine] = {**ESTIMATE_DEFAULTS["sentence_transformers"], "context": 448,
                                   "cpu_runtime_bytes": 200 * 1024**2}  # fmt: skip
 
-# Engines that cut an input at the model's own length instead of refusing it: the encoders, and the
-# LLM reranker, which shortens a document until it fits.
+# Engines that can cut an input at the model's own length instead of refusing it: the encoders (a
+# rerank document always; an embedding input only when the request says truncate: true, else it is
+# refused with its token count), and the LLM reranker, which shortens a document until it fits.
 TRUNCATING_ENGINES = frozenset({"sentence_transformers", "cross_encoder", "embedding_rerank", "llm_rerank"})
 
 

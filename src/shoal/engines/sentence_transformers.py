@@ -10,6 +10,13 @@ from typing import Any
 from shoal.engines.base import Engine
 from shoal.errors import InvalidRequest
 
+# Who sends another tokenizer's ids, and the fix: LangChain's OpenAIEmbeddings at its defaults
+# tokenizes with tiktoken's cl100k_base for any model name.
+FOREIGN_IDS = (
+    "LangChain's OpenAIEmbeddings sends OpenAI's tiktoken ids unless it is created with "
+    "check_embedding_ctx_length=False (then it sends the text)"
+)
+
 
 class SentenceTransformersEngine(Engine):
     name = "sentence_transformers"
@@ -41,28 +48,67 @@ class SentenceTransformersEngine(Engine):
         if isinstance(raw, str):
             return [raw]
         if raw and all(isinstance(x, int) for x in raw):
-            return [self._decode(raw)]
+            return [self._own_text(raw, 0)]
         if raw and all(isinstance(x, list) for x in raw):
-            return [self._decode(ids) for ids in raw]
+            return [self._own_text(ids, i) for i, ids in enumerate(raw)]
         if not all(isinstance(x, str) for x in raw):
             raise InvalidRequest("input must be a string, a list of strings, or token ids")
         return list(raw)
 
-    def _decode(self, ids: list[Any]) -> str:
-        """Token ids back to text; an id outside the vocabulary is a 400 (the tokenizer would raise
-        OverflowError on a negative one and skip one past the end silently)."""
-        vocabulary = len(self._model.tokenizer)
+    def _own_text(self, ids: list[Any], index: int) -> str:
+        """The text that token ids stand for, when they are this model's own tokens: exactly what its
+        tokenizer makes of that text, special tokens included. Anything else is a 400, because ids
+        from another tokenizer (LangChain sends OpenAI's tiktoken ids) mostly fall inside the
+        vocabulary too and would embed as some other text. Since the tokenizer gives back these very
+        ids for the text, embedding the text reads exactly them."""
+        tokenizer = self._model.tokenizer
+        vocabulary = len(tokenizer)
         bad = next(
             (i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary), None
         )
-        if bad is not None:
+        if bad is not None:  # the tokenizer would raise OverflowError on a negative id, skip a large one
             raise InvalidRequest(
-                f"token id {bad!r} is not in this model's vocabulary (0 to {vocabulary - 1})"
+                f"input {index}: token id {bad!r} is not in this model's vocabulary (0 to {vocabulary - 1}). "
+                + FOREIGN_IDS
             )
-        return str(self._model.tokenizer.decode(ids))
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
+        own = list(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if own != list(ids):
+            shown = own if len(own) <= 12 else [*own[:12], "..."]
+            raise InvalidRequest(
+                f"input {index}: these token ids are not this model's own tokenization of a text (its "
+                f"tokenizer makes {shown} of the text they decode to, special tokens included). "
+                + FOREIGN_IDS
+            )
+        return text
 
-    def _encode(self, texts: list[str], dimensions: int | None) -> tuple[Any, int]:
+    def _lengths(self, texts: list[str]) -> list[int]:
+        """Each input's tokens as the model would read it whole (special tokens included)."""
+        encoded = self._model.tokenizer(
+            [t.strip() for t in texts], truncation=False, verbose=False, return_attention_mask=False
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def _check_length(self, texts: list[str], truncate: bool) -> list[int]:
+        """Tokens each input will be embedded with; over the model's limit is a 400 unless the request
+        asked for truncation (then the model reads the first `limit` tokens, and usage says so)."""
+        lengths = self._lengths(texts)
+        limit = self._model.get_max_seq_length()
+        if limit is None:
+            return lengths
+        if not truncate:
+            over = next(((i, n) for i, n in enumerate(lengths) if n > limit), None)
+            if over is not None:
+                raise InvalidRequest(
+                    f"input {over[0]} has {over[1]:,} tokens; this model embeds at most {limit:,} "
+                    "(its max_seq_length). Send a shorter input, or truncate: true to embed its first "
+                    f"{limit:,} tokens"
+                )
+        return [min(n, limit) for n in lengths]
+
+    def _encode(self, texts: list[str], dimensions: int | None, truncate: bool) -> tuple[Any, int]:
         with self._lock:
+            tokens = sum(self._check_length(texts, truncate))
             vectors = self._model.encode(
                 texts,
                 batch_size=self._batch_size,
@@ -70,7 +116,6 @@ class SentenceTransformersEngine(Engine):
                 truncate_dim=dimensions,
                 normalize_embeddings=dimensions is not None,
             )
-            tokens = int(self._model.preprocess(texts)["attention_mask"].sum())
         return vectors, tokens
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +123,8 @@ class SentenceTransformersEngine(Engine):
         dimensions = body.get("dimensions")
         if dimensions is not None and not 0 < dimensions <= self.dimensions:
             raise InvalidRequest(f"dimensions must be between 1 and {self.dimensions}")
-        vectors, tokens = await asyncio.to_thread(self._encode, texts, dimensions)
+        truncate = body.get("truncate") is True
+        vectors, tokens = await asyncio.to_thread(self._encode, texts, dimensions, truncate)
         as_base64 = body.get("encoding_format") == "base64"
         data = [
             {

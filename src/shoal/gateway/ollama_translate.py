@@ -150,9 +150,15 @@ def generate_body(body: GenerateRequest, engine: str, templated: bool) -> dict[s
 
 
 def embed_body(body: EmbedRequest | EmbeddingsRequest) -> dict[str, Any]:
+    """Ollama truncates an over-long input unless /api/embed says `truncate: false` (the legacy
+    /api/embeddings has no such field)."""
     if isinstance(body, EmbeddingsRequest):
-        return {"model": model_uid(body.model), "input": body.prompt}
-    out: dict[str, Any] = {"model": model_uid(body.model), "input": body.input}
+        return {"model": model_uid(body.model), "input": body.prompt, "truncate": True}
+    out: dict[str, Any] = {
+        "model": model_uid(body.model),
+        "input": body.input,
+        "truncate": body.truncate is not False,
+    }
     if body.dimensions is not None:
         out["dimensions"] = body.dimensions
     return out
@@ -277,10 +283,11 @@ class Turn:
         return {**answer, **self._stats()}
 
 
-def loaded(name: str, chat: bool) -> dict[str, Any]:
-    """The answer to a chat or generate with nothing to say: Ollama's way to load a model."""
+def loaded(name: str, chat: bool, reason: str = "load") -> dict[str, Any]:
+    """The answer to a chat or generate with nothing to say: Ollama's way to load a model (or, with
+    keep_alive 0, to unload it: reason "unload")."""
     text = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-    return {"model": name, "created_at": now_iso(), **text, "done": True, "done_reason": "load"}
+    return {"model": name, "created_at": now_iso(), **text, "done": True, "done_reason": reason}
 
 
 def embed_answer(name: str, answer: dict[str, Any], total_ns: int, load_ns: int) -> dict[str, Any]:

@@ -2,14 +2,15 @@
 the same model checks and proxy as /v1, translate the answer back. Errors come in Ollama's shape,
 `{"error": "..."}` (gateway/errors.py picks it for /api/ paths; in a stream, as an NDJSON line).
 
-`keep_alive` is validated and otherwise ignored: Shoal's keep-alive is set per model at launch and
-the service has no public way to unload a model short of terminating it (docs/api-compat.md).
+`keep_alive` is Ollama's: `0` unloads the model once it has answered (it stays known and its next
+request loads it again), any other value becomes the model's keep-alive (idle that long, it may be
+evicted; negative: never), and a request without one puts back the launch's (docs/api-compat.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,7 @@ from shoal.protocol import ollama as protocol
 from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
+from shoal.units import parse_duration
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 NDJSON = "application/x-ndjson"
@@ -69,6 +71,30 @@ async def _checked(request: Request, name: str, ability: str) -> tuple[ModelServ
     return service, uid, time.perf_counter_ns() - start
 
 
+def _unloads(keep_alive: protocol.KeepAlive) -> bool:
+    return keep_alive is not None and parse_duration(keep_alive) == 0
+
+
+def _keep_alive(
+    service: ModelService, uid: str, keep_alive: protocol.KeepAlive
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Apply a request's keep_alive; returns what to do once the model has answered (unload it, for 0)."""
+    service.set_keep_alive(uid, None if keep_alive is None else parse_duration(keep_alive))
+
+    async def after() -> None:
+        if _unloads(keep_alive):
+            await service.unload(uid)
+
+    return after
+
+
+async def _unload_only(request: Request, name: str, chat: bool, stream: bool) -> Response:
+    """An empty chat or prompt with keep_alive 0 (what `ollama stop` sends): unload, load nothing."""
+    service = _service(request)
+    await service.unload(service.get(tr.model_uid(name)).uid)
+    return _answer(tr.loaded(name, chat, reason="unload"), stream)
+
+
 async def _turn(
     request: Request,
     uid: str,
@@ -78,27 +104,31 @@ async def _turn(
     chat: bool,
     stream: bool,
     times: tuple[int, int],
+    keep_alive: protocol.KeepAlive,
 ) -> Response:
     """Forward (always streaming from the runner) and answer NDJSON lines or one whole JSON."""
     service = _service(request)
     check_size(service, uid, body)
     raw = body.model_dump_json(exclude_unset=True, by_alias=True).encode()
+    after = _keep_alive(service, uid, keep_alive)
     turn = tr.Turn(name, chat, *times)  # before forward: the runner answers once it has a first token
     result = await forward(service, uid, path, raw, True)
     record_tokens(uid, result)
     if result.stream is None:  # the runner refused before answering
         return _runner_error(result)
     if not stream:
-        return await _whole(result, turn)
+        return await _whole(result, turn, after)
     return StreamingResponse(
-        _lines(result, turn),
+        _lines(result, turn, after, service),
         media_type=NDJSON,
         headers={**STREAM_HEADERS, "x-shoal-replica": str(result.replica)},
         background=BackgroundTask(result.close) if result.close else None,
     )
 
 
-async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
+async def _whole(
+    result: Forwarded, turn: tr.Turn, after: Callable[[], Coroutine[Any, Any, None]]
+) -> Response:
     assert result.stream is not None
     try:
         async for chunk in sse_chunks(result.stream):
@@ -106,31 +136,44 @@ async def _whole(result: Forwarded, turn: tr.Turn) -> Response:
     finally:
         if result.close:
             await result.close()
+    await after()  # before the answer goes: a client that then asks /api/ps sees the model gone
     if turn.error is not None:
         return _error(turn.error_status, turn.error)
     return JSONResponse(turn.whole(), headers={"x-shoal-replica": str(result.replica)})
 
 
-async def _lines(result: Forwarded, turn: tr.Turn) -> AsyncIterator[bytes]:
+async def _lines(
+    result: Forwarded, turn: tr.Turn, after: Callable[[], Coroutine[Any, Any, None]], service: ModelService
+) -> AsyncIterator[bytes]:
     assert result.stream is not None
+    read = False
     try:
         async for chunk in sse_chunks(result.stream):
             line = turn.take(chunk)
             if turn.error is not None:  # headers are gone: Ollama reports it in-band
-                yield orjson.dumps({"error": turn.error}) + b"\n"
-                return
+                break
             if line is not None:
                 yield orjson.dumps(line) + b"\n"
+        read = True
     finally:  # also when the client left mid-stream: the runner stops generating
         if result.close:
             await result.close()
+        if not read:  # the client left: keep_alive still applies, without holding up the close
+            service.supervisor.spawn(after())
+    await after()  # before the last line: a client that then asks /api/ps sees the model gone
+    if turn.error is not None:
+        yield orjson.dumps({"error": turn.error}) + b"\n"
+        return
     if (calls := turn.calls_line()) is not None:
         yield orjson.dumps(calls) + b"\n"
     yield orjson.dumps(turn.last_line()) + b"\n"
 
 
 def _loaded(name: str, chat: bool, stream: bool) -> Response:
-    answer = tr.loaded(name, chat)
+    return _answer(tr.loaded(name, chat), stream)
+
+
+def _answer(answer: dict[str, Any], stream: bool) -> Response:
     if stream:
         return Response(orjson.dumps(answer) + b"\n", media_type=NDJSON)
     return JSONResponse(answer)
@@ -140,12 +183,16 @@ def _loaded(name: str, chat: bool, stream: bool) -> Response:
 async def chat(request: Request) -> Response:
     body, _ = await parse_body(request, protocol.OllamaChatRequest)
     started = time.perf_counter_ns()
+    if not body.messages and _unloads(body.keep_alive):
+        return await _unload_only(request, body.model, chat=True, stream=body.stream)
     service, uid, load_ns = await _checked(request, body.model, "chat")
     if not body.messages:
+        _keep_alive(service, uid, body.keep_alive)
         return _loaded(body.model, chat=True, stream=body.stream)
     openai = _openai(ChatCompletionRequest, tr.chat_body(body, service.get(uid).engine))
+    times = (started, load_ns)
     return await _turn(
-        request, uid, body.model, "/v1/chat/completions", openai, True, body.stream, (started, load_ns)
+        request, uid, body.model, "/v1/chat/completions", openai, True, body.stream, times, body.keep_alive
     )
 
 
@@ -162,9 +209,12 @@ def _generate_ability(service: ModelService, uid: str, raw: bool) -> str:
 async def generate(request: Request) -> Response:
     body, _ = await parse_body(request, protocol.OllamaGenerateRequest)
     started = time.perf_counter_ns()
+    if not body.prompt and _unloads(body.keep_alive):
+        return await _unload_only(request, body.model, chat=False, stream=body.stream)
     ability = _generate_ability(_service(request), tr.model_uid(body.model), body.raw)
     service, uid, load_ns = await _checked(request, body.model, ability)
     if not body.prompt:
+        _keep_alive(service, uid, body.keep_alive)
         return _loaded(body.model, chat=False, stream=body.stream)
     ability = _generate_ability(service, uid, body.raw)  # now that it runs (autoload)
     translated = tr.generate_body(body, service.get(uid).engine, templated=ability == "chat")
@@ -174,7 +224,8 @@ async def generate(request: Request) -> Response:
     else:
         openai = _openai(CompletionRequest, translated)
         path = "/v1/completions"
-    return await _turn(request, uid, body.model, path, openai, False, body.stream, (started, load_ns))
+    times = (started, load_ns)
+    return await _turn(request, uid, body.model, path, openai, False, body.stream, times, body.keep_alive)
 
 
 async def _embed(
@@ -185,7 +236,9 @@ async def _embed(
     openai = _openai(EmbeddingRequest, tr.embed_body(body))
     check_size(service, uid, openai)
     raw = openai.model_dump_json(exclude_unset=True, by_alias=True).encode()
+    after = _keep_alive(service, uid, body.keep_alive)
     result = await forward(service, uid, "/v1/embeddings", raw, False)
+    await after()
     if result.status != 200:
         return _runner_error(result)
     answer = orjson.loads(result.body or b"{}")

@@ -53,10 +53,11 @@ async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
 
 
 async def check_model(request: Request, uid: str, ability: str) -> ModelService:
-    """The model exists (loading it first under --autoload) and can do this."""
+    """The model exists (loading it first under --autoload, or when a client unloaded it) and can
+    do this."""
     service: ModelService = request.app.state.models
     request.state.model_requested = uid  # logged (clipped) if it turns out unknown
-    if service.settings.autoload:
+    if service.settings.autoload or service.parked(uid):
         await service.ensure_ready(uid)
     running = service.get(uid)
     request.state.model = uid  # a model that exists: the metrics' and access log's model label

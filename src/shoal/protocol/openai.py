@@ -253,6 +253,12 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate: bool = Field(
+        False,
+        strict=True,  # the engine reads the body as sent: "true" as a string would mean two things
+        description="TEI's field: embed the first max_seq_length tokens of a longer input instead of "
+        "refusing it (sentence-transformers engine)",
+    )
 
     @field_validator("input")
     @classmethod
@@ -358,12 +364,16 @@ def _sizes(body: BaseModel) -> tuple[str, list[int]]:
 
 def check_prompt_size(body: BaseModel, context_tokens: int, truncates: bool) -> None:
     """Refuse (InvalidRequest) a prompt far beyond the model's context before any engine tokenizes it:
-    more than `context_tokens` × CHARS_PER_TOKEN characters. A model that truncates its inputs (an
-    embedding or rerank encoder) reads only its context's worth and drops the rest, so its bound is
-    generous: TRUNCATED_INPUT_CHARS per input at least, and BATCH_CHARS for the whole request."""
+    more than `context_tokens` × CHARS_PER_TOKEN characters. A model that truncates its inputs (a
+    rerank encoder; an embedding encoder when the request says `truncate: true`) reads only its
+    context's worth and drops the rest, so its bound is generous: TRUNCATED_INPUT_CHARS per input at
+    least, and BATCH_CHARS for the whole request."""
     what, sizes = _sizes(body)
     if not sizes:
         return
+    hint = ""
+    if truncates and isinstance(body, EmbeddingRequest) and not body.truncate:  # only when asked to
+        truncates, hint = False, " (or send truncate: true to embed its first tokens)"
     limit = context_tokens * CHARS_PER_TOKEN
     if truncates:
         limit = max(limit, TRUNCATED_INPUT_CHARS)
@@ -376,7 +386,7 @@ def check_prompt_size(body: BaseModel, context_tokens: int, truncates: bool) -> 
     if longest > limit:
         raise InvalidRequest(
             f"{what} has {longest:,} characters, far more than this model's context of {context_tokens:,} "
-            f"tokens holds (at most {limit:,} characters are accepted: {CHARS_PER_TOKEN} per token)"
+            f"tokens holds (at most {limit:,} characters are accepted: {CHARS_PER_TOKEN} per token){hint}"
         )
     if truncates and sum(sizes) > BATCH_CHARS:
         raise InvalidRequest(

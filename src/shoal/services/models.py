@@ -273,12 +273,46 @@ class ModelService:
                 pass  # launched by a concurrent request
         elif model.status == "evicted":
             evicted = [r for r in model.replicas if r.state is ReplicaState.EVICTED]
+            for replica in evicted:  # at once: a request that comes meanwhile waits for these
+                move(replica, ReplicaState.STARTING, self.clock())
             await self._bring_up(model, evicted, forget_on_failure=False)
+            model.parked = False
         deadline = time.monotonic() + self.settings.launch_timeout
         while (model := self._models.get(uid)) is not None and model.status == "loading":
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
+
+    def parked(self, uid: str) -> bool:
+        """Unloaded at a client's request (`unload`): its next request loads it again."""
+        model = self._models.get(uid)
+        return model is not None and model.parked and model.status == "evicted"
+
+    def set_keep_alive(self, uid: str, seconds: float | None) -> None:
+        """A client's keep-alive for this model (Ollama's per-request keep_alive): idle that long, it
+        may be evicted; negative: never. None puts back the launch's keep-alive."""
+        model = self.get(uid)
+        if seconds is None:
+            seconds = keep_alive_seconds(model.request.keep_alive, self.settings.keep_alive)
+        model.keep_alive = seconds
+
+    async def unload(self, uid: str) -> bool:
+        """Stop the model's idle replicas at a client's request (Ollama's keep_alive 0). The model
+        stays known, parked: its next request loads it again, with or without --autoload. A pinned
+        model stays; a replica still answering another request stays (its keep-alive is 0, so it is
+        the first to go when room is needed). True when a replica was stopped."""
+        model = self.get(uid)
+        if model.request.pinned:
+            return False
+        async with self._placing:
+            idle = [r for r in model.replicas if r.state is ReplicaState.READY and r.in_flight == 0]
+            if not idle:
+                return False
+            if len(idle) == sum(r.state is ReplicaState.READY for r in model.replicas):
+                model.parked = True
+            await self._evict(tuple(f"{uid}/{r.index}" for r in idle), "at the client's request")
+        self._freed.set()
+        return True
 
     async def terminate(self, uid: str) -> None:
         model = self.get(uid)
@@ -349,7 +383,7 @@ class ModelService:
             async with self._placing:
                 decision, snapshot = await self._decide(model, replica)
                 if isinstance(decision, Evict):
-                    await self._evict(decision.victims, for_uid=model.uid)
+                    await self._evict(decision.victims, f"to make room for {model.uid}")
                     continue
                 if isinstance(decision, Place):
                     totals = [d.total_bytes for d in snapshot.devices if d.id in decision.devices]
@@ -378,18 +412,13 @@ class ModelService:
             except TimeoutError:
                 pass
 
-    async def _evict(self, victims: tuple[str, ...], for_uid: str) -> None:
+    async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         """Stop these replicas and wait until their memory is really back."""
         stopped = []
         for key in victims:
             uid, _, index = key.rpartition("/")
             replica = self._models[uid].replicas[int(index)]
-            log.info(
-                "evicting %s (idle %.0f s) to make room for %s",
-                key,
-                time.monotonic() - replica.last_used,
-                for_uid,
-            )
+            log.info("evicting %s (idle %.0f s) %s", key, time.monotonic() - replica.last_used, why)
             stopped.extend(self._runner_ids(replica))
             move(replica, ReplicaState.EVICTED, self.clock())
             metrics.EVICTIONS.labels(uid).inc()

@@ -122,6 +122,7 @@ class RunningModel:
     waiting: int = 0  # requests queued for a free slot under request_limits
     limiter: asyncio.Semaphore | None = None
     turn: Iterator[int] = field(default_factory=itertools.count)
+    parked: bool = False  # unloaded at a client's request (Ollama's keep_alive 0): a request reloads it
 
     def __post_init__(self) -> None:
         if self.request.request_limits:
