@@ -231,6 +231,7 @@ def test_schemas_that_cannot_be_enforced_are_refused(engine: TransformersEngine)
     refused("json", "must be an object")
     refused({"type": "json_schema"}, "json_schema must be an object")
     refused({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "JSON schema object")
+    refused({"type": "json_schema", "json_schema": {"name": "x", "schema_": {}}}, "JSON schema object")
     # not strict: a keyword that cannot be enforced is ignored, the rest still holds
     loose = {"type": "object", "properties": {"color": {"enum": ["red"]}}, "required": ["color"],
              "additionalProperties": False, "if": {"type": "object"}, "then": {}}  # fmt: skip
@@ -298,3 +299,22 @@ def test_template_without_tools_is_not_told(tmp_path: Path) -> None:
         assert eng._chat_prompt({**body, "tools": tools}) == eng._chat_prompt(body)
     finally:
         eng.close()
+
+
+def test_forced_tool_call_through_the_tool_layer(engine: TransformersEngine) -> None:
+    """engines/tools.py around this engine: the tools reach the template, the call is constrained by
+    response_format, and even random weights answer with a well-formed call."""
+    from shoal.engines import tools as tool_layer
+
+    city = {"type": "string", "enum": ["Oslo", "Lima"]}
+    parameters = {"type": "object", "properties": {"city": city}, "required": ["city"]}
+    function = {"name": "get_weather", "parameters": {**parameters, "additionalProperties": False}}
+    tools = [{"type": "function", "function": function}]
+    body = chat_body("weather?", temperature=0, max_tokens=40, tools=tools, tool_choice="required")
+    sent, _ = tool_layer.prepare(engine, body)
+    assert "get_weather" in engine._decode(engine._chat_prompt(sent))  # rendered by the model's template
+    choice = asyncio.run(tool_layer.chat(engine, body))["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Oslo", "Lima")

@@ -1,6 +1,6 @@
 """Structured output for engines that decode token by token themselves (transformers): a request's
-`response_format` becomes a JSON-schema grammar (llguidance, the library llama.cpp and vLLM's
-`guidance` backend use), and each step's logits are masked to the tokens the grammar allows.
+`response_format` becomes a JSON-schema grammar (llguidance: vLLM's `guidance` backend, a build
+option of llama.cpp), and each step's logits are masked to the tokens the grammar allows.
 
 `{"type": "json_object"}` is any JSON object; `{"type": "json_schema", "json_schema": {"schema",
 "strict"}}` is that schema. With `strict: true` a keyword llguidance cannot enforce is refused (400);
@@ -58,7 +58,7 @@ def constraint(body: dict[str, Any]) -> Constraint | None:
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise InvalidRequest("response_format.json_schema must be an object with a schema")
-    schema = spec.get("schema", {})
+    schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object")
     return Constraint(schema, strict=spec.get("strict") is True)
