@@ -318,3 +318,57 @@ def test_forced_tool_call_through_the_tool_layer(engine: TransformersEngine) -> 
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Oslo", "Lima")
+
+
+def test_through_the_server(server: Any, openai_client: Any, tmp_path: Path) -> None:
+    """The OpenAI SDK → gateway → runner → this engine: json_schema whole and streamed, a forced
+    tool call, and a schema that cannot be compiled as a 400."""
+    import openai
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    build_tiny_bpe_llama(folder, 64, CONTEXT, chat_template=TOOLS_TEMPLATE, initializer_range=0.2)
+    spec = {"model_format": "pytorch", "model_uri": str(folder)}
+    model = {
+        "model_name": "tiny-bpe",
+        "model_ability": ["chat"],
+        "context_length": CONTEXT,
+        "model_specs": [spec],
+    }
+    assert server.http.post("/v1/model_registrations/LLM", json={"model": model}).status_code == 200
+    launched = server.http.post("/v1/models", json={"model_name": "tiny-bpe", "model_engine": "transformers"})
+    assert launched.status_code == 200, launched.text
+    try:
+        ask = [{"role": "user", "content": "json please"}]
+        fmt = schema_format(SCHEMA)
+        got = openai_client.chat.completions.create(
+            model="tiny-bpe", messages=ask, max_tokens=60, temperature=0, response_format=fmt
+        )
+        assert got.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(got.choices[0].message.content), SCHEMA)
+        stream = openai_client.chat.completions.create(
+            model="tiny-bpe", messages=ask, max_tokens=60, temperature=0, response_format=fmt, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == got.choices[0].message.content
+        size = {"type": "object", "properties": {"size": {"enum": ["S", "L"]}}, "required": ["size"]}
+        # closed (no other properties): free keys are strings a random model never ends
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": "pick", "parameters": {**size, "additionalProperties": False}},
+            }
+        ]
+        called = openai_client.chat.completions.create(
+            model="tiny-bpe", messages=ask, max_tokens=40, temperature=0, tools=tools, tool_choice="required"
+        )
+        assert called.choices[0].finish_reason == "tool_calls"
+        assert json.loads(called.choices[0].message.tool_calls[0].function.arguments)["size"] in ("S", "L")
+        with pytest.raises(openai.BadRequestError, match="look-around"):
+            openai_client.chat.completions.create(
+                model="tiny-bpe", messages=ask, max_tokens=5,
+                response_format=schema_format({"type": "string", "pattern": "(?=a)b"}),
+            )  # fmt: skip
+    finally:
+        server.http.delete("/v1/models/tiny-bpe")
+        server.http.delete("/v1/model_registrations/LLM/tiny-bpe")
