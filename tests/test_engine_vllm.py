@@ -77,6 +77,8 @@ def test_command_with_every_option() -> None:
         "quantization": "awq",
         "trust_remote_code": "true",  # launch options may arrive as text (xinference-client, -o k=v)
         "start_timeout": 120,
+        "tool_call_parser": "llama3_json",
+        "chat_template": "/tmp/t.jinja",  # what load() passes: the file it wrote the text to
     }
     argv = vllm_command(Path("/m/llama"), "llama", 40001, options)
     assert argv == [
@@ -103,6 +105,11 @@ def test_command_with_every_option() -> None:
         "awq",
         "--enforce-eager",
         "--trust-remote-code",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "llama3_json",
+        "--chat-template",
+        "/tmp/t.jinja",
     ]
 
 
@@ -124,6 +131,8 @@ def test_command_flags_off_and_text_numbers() -> None:
     assert argv[argv.index("--dtype") + 1] == "half"
     assert "--enforce-eager" not in argv and "--trust-remote-code" not in argv
     assert "--quantization" not in argv
+    assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
+    assert "--chat-template" not in argv
 
 
 @pytest.mark.parametrize(
@@ -159,6 +168,11 @@ def test_missing_fraction_refused() -> None:
         ({"quantization": ""}, "quantization must be"),
         ({"quantization": "--enforce-eager"}, "quantization must be"),
         ({"start_timeout": 0}, "start_timeout must be a positive number"),
+        ({"tool_call_parser": "--enforce-eager"}, "tool_call_parser must be a vLLM parser name"),
+        ({"tool_call_parser": "hermes --trust-remote-code"}, "tool_call_parser must be"),
+        ({"tool_call_parser": ""}, "tool_call_parser must be"),
+        ({"tool_call_parser": 3}, "tool_call_parser must be"),
+        ({"chat_template": " \n"}, "chat_template must be a Jinja chat template"),
         ({"gpu_memory_utilization": 0.9}, "unknown option.*gpu_memory_utilization"),
         ({"n_ctx": 2048, "tp": 2}, "unknown option.*n_ctx, tp"),
     ],
@@ -217,6 +231,46 @@ def test_load_reports_the_servers_last_lines_when_it_exits(
     assert [p.name for p in tmp_path.iterdir()] == ["start.lock"]  # the log file is gone
     with start_lock(tmp_path / "start.lock", timeout=0.1):  # and the lock is free
         pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_load_passes_tool_options_and_removes_its_template_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As above, with tool_call_parser and chat_template: vLLM is told to parse tool calls, gets the
+    template as a file holding the text exactly (backslashes too), and the file is gone after."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return real("json") if name == "vllm" else real(name, *args)
+
+    spawned: list[tuple[list[str], str]] = []
+    real_command = vllm_module.vllm_command
+
+    def command(*args: Any) -> list[str]:
+        argv = real_command(*args)
+        if "--chat-template" in argv and args[2]:  # the real start, not the check with port 0
+            spawned.append((argv, Path(argv[argv.index("--chat-template") + 1]).read_text()))
+        return argv
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(vllm_module, "vllm_command", command)
+    monkeypatch.setattr(vllm_module, "START_LOCK", tmp_path / "start.lock")
+    monkeypatch.setattr(vllm_module.tempfile, "tempdir", str(tmp_path))
+    template = "{% for m in messages %}{{ m['content'] }}\\n{% endfor %}"
+    engine = _engine(
+        "cuda", memory_fraction=0.5, start_timeout=60, tool_call_parser="hermes", chat_template=template
+    )
+    assert not engine.native_tools
+    with pytest.raises(RuntimeError, match="vLLM exited with code 1"):
+        engine.load()
+    assert engine.native_tools
+    argv, text = spawned[0]
+    assert argv[argv.index("--tool-call-parser") - 1 : argv.index("--tool-call-parser") + 2] == [
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    ]  # fmt: skip
+    assert text == template
+    assert [p.name for p in tmp_path.iterdir()] == ["start.lock"]  # log and template removed
 
 
 def test_engine_is_named_vllm() -> None:

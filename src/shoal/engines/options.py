@@ -76,7 +76,8 @@ OPTIONS: dict[str, Option] = {
     "enforce_eager": Option("bool", help="vLLM: no CUDA graphs"),
     "quantization": Option("str", help="vLLM: quantization method"),
     "start_timeout": Option("float", 0, 86_400, low_open=True, help="vLLM: seconds to wait for its start"),
-    "chat_template": Option("str", help="llama.cpp: a Jinja chat template instead of the model's"),
+    "chat_template": Option("str", help="llama.cpp, vLLM: a Jinja chat template instead of the model's"),
+    "tool_call_parser": Option("str", help="vLLM: its tool-call parser (hermes, llama3_json, ...)"),
     # rerank
     "instruction": Option("str", help="LLM rerank: the task instruction"),
     "system_prompt": Option("str", help="LLM rerank: the system prompt"),
@@ -114,7 +115,8 @@ ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
     ),
     "vllm": (
         "memory_fraction", "context_length", "max_num_seqs", "dtype", "tensor_parallel_size",
-        "enforce_eager", "quantization", "trust_remote_code", "start_timeout",
+        "enforce_eager", "quantization", "trust_remote_code", "start_timeout", "chat_template",
+        "tool_call_parser",
     ),
     "sentence_transformers": _TORCH,
     "embedding_rerank": (*_TORCH, "query_prompt", "document_prompt", "score"),

@@ -5,6 +5,10 @@ One worker thread owns the model. It takes every request waiting when it is free
 over a shared KV cache; a row that finishes, hits a stop string or whose client went away is cut out
 of the batch (and its cache) at the next step. Requests arriving meanwhile wait for the next batch.
 
+A request with a JSON `response_format` carries a grammar matcher (engines/structured.py): its row's
+logits are masked to the tokens the grammar allows before the pick, the picked token is fed to the
+matcher, and the request ends with finish_reason "stop" when the grammar is complete.
+
 Results cross to the event loop with `loop.call_soon_threadsafe` into one asyncio queue per call, so
 the loop never waits on torch.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import secrets
 import threading
 import time
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
+from shoal.engines.structured import Grammars, Matcher, constraint, llg_tokenizer, mask_logits
 from shoal.errors import InvalidRequest, ModelUnavailable, ShoalError
 
 # The memory estimate assumes these when a launch names no max_batch_size / context_length.
@@ -102,6 +108,7 @@ class _Request:
     detok: _Detokenizer
     emit: Emit
     generator: torch.Generator | None = None
+    grammar: Matcher | None = None  # response_format's constraint
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
 
@@ -120,8 +127,14 @@ class _Request:
         if token in eos:
             self.finish("stop")
             return True
+        if self.grammar is not None:
+            try:
+                self.grammar.accept(token)
+            except ShoalError as exc:  # this request only: the rest of the batch goes on
+                self.send("error", exc)
+                return True
         delta, stopped = self.detok.add(token)
-        if stopped:
+        if stopped or (self.grammar is not None and self.grammar.done):
             if delta:
                 self.send("text", delta)
             self.finish("stop")
@@ -164,6 +177,31 @@ def _flat_content(content: Any) -> str:
     return "".join(parts)
 
 
+def _tool_call(call: Any) -> Any:
+    """An OpenAI tool call as chat templates read it: `arguments` a dict (Hugging Face's convention)
+    when the JSON string holds an object; anything else is left as it came."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return call
+        if isinstance(parsed, dict):
+            return {**call, "function": {**call["function"], "arguments": parsed}}
+    return call
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message for the template: content as text; an assistant's `tool_calls` with their
+    arguments parsed; `tool` messages (with `tool_call_id`) pass as they are."""
+    out = {**message, "content": _flat_content(message.get("content"))}
+    if isinstance(message.get("tool_calls"), list):
+        out["tool_calls"] = [_tool_call(c) for c in message["tool_calls"]]
+    return out
+
+
 class TransformersEngine(Engine):
     name = "transformers"
 
@@ -188,6 +226,8 @@ class TransformersEngine(Engine):
         self.peak_batch_size = 0  # most requests decoded together
         self.requests_cancelled = 0  # requests dropped because their caller went away
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe across threads
+        self._grammars = Grammars(self._llg_tokenizer)
+        self.template_tools = self._renders_tools()
         self._cond = threading.Condition()
         self._waiting: list[_Request] = []
         self._closed = False
@@ -209,6 +249,33 @@ class TransformersEngine(Engine):
         # .to() rather than device_map=, which needs accelerate (not a dependency here)
         self._model = model.to(self.config.device).eval()
         self._device = self._model.device
+
+    def _llg_tokenizer(self) -> Any:
+        vocab = int(self._model.get_output_embeddings().weight.shape[0])  # the logits' width
+        with self._tokenizer_lock:
+            return llg_tokenizer(self._tokenizer, vocab, sorted(self._eos))
+
+    def _renders_tools(self) -> bool:
+        """Whether the chat template writes a `tools` list: a probe rendered with and without one."""
+        if not self._tokenizer.chat_template:
+            return False
+        probe = [{"role": "user", "content": "hi"}]
+        parameters = {"type": "object", "properties": {}}
+        tool: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": "probe_tool", "parameters": parameters},
+        }
+
+        def render(tools: Any) -> Any:
+            return self._tokenizer.apply_chat_template(
+                probe, tools=tools, add_generation_prompt=True, tokenize=False
+            )
+
+        try:
+            plain, told = render(None), render([tool])
+        except Exception:  # a template that refuses tools (raise_exception), or this probe
+            return False
+        return bool(plain != told)
 
     @staticmethod
     def _dtype(name: Any, cuda: bool) -> Any:
@@ -298,6 +365,7 @@ class TransformersEngine(Engine):
         return logits, mask, pos[:, -1] + 1
 
     def _pick(self, logits: torch.Tensor, batch: list[_Request]) -> list[int]:
+        mask_logits(logits, [(row, r.grammar) for row, r in enumerate(batch) if r.grammar is not None])
         greedy = logits.argmax(-1).tolist()
         return [
             greedy[row] if r.sampling.temperature <= 0 else _sample(logits[row], r.sampling, r.generator)
@@ -343,7 +411,7 @@ class TransformersEngine(Engine):
             return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
-        messages = [{**m, "content": _flat_content(m.get("content"))} for m in body["messages"]]
+        messages = [_template_message(m) for m in body["messages"]]
         if not self._tokenizer.chat_template:
             # No chat template in this tokenizer: a plain "role: content" transcript, which any
             # causal LM can continue, with the usual special tokens (BOS) added by the tokenizer.
@@ -351,12 +419,12 @@ class TransformersEngine(Engine):
             return self._encode("\n".join([*lines, "assistant:"]), special=True)
         from jinja2 import TemplateError
 
+        kwargs = dict(body.get("chat_template_kwargs") or {})
+        if self.template_tools and body.get("tools"):
+            kwargs["tools"] = body["tools"]
         try:
             text = self._tokenizer.apply_chat_template(  # renders text only: no tokenizer state
-                messages,
-                add_generation_prompt=True,
-                tokenize=False,
-                **(body.get("chat_template_kwargs") or {}),
+                messages, add_generation_prompt=True, tokenize=False, **kwargs
             )
         except TemplateError as exc:
             raise InvalidRequest(f"the model's chat template refused these messages: {exc}") from exc
@@ -416,12 +484,18 @@ class TransformersEngine(Engine):
             raise InvalidRequest("n > 1 is not supported by the transformers engine; send n requests")
         if not chat and body.get("echo"):
             raise InvalidRequest("echo is not supported by the transformers engine")
-        prompts = await asyncio.to_thread(
-            lambda: [self._chat_prompt(body)] if chat else self._completion_prompts(body)
-        )
+        want = constraint(body)
+
+        def prepare() -> tuple[list[list[int]], list[Matcher | None]]:  # tokenizing and compiling block
+            prompts = [self._chat_prompt(body)] if chat else self._completion_prompts(body)
+            return prompts, [None if want is None else self._grammars.matcher(want) for _ in prompts]
+
+        prompts, grammars = await asyncio.to_thread(prepare)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         requests = self._requests(prompts, body, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        for request, grammar in zip(requests, grammars, strict=True):
+            request.grammar = grammar
         with self._cond:
             if self._closed:
                 raise ModelUnavailable("the model is shutting down")

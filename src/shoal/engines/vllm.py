@@ -16,6 +16,12 @@ parallelism, and those hold the GPU memory) and gets PR_SET_PDEATHSIG=SIGKILL, s
 runner; a small watcher process kills the rest of the group when the runner dies, and close() ends
 the whole group. If vLLM dies while the runner serves, the runner exits too, so the supervisor sees
 a crashed replica and restarts it instead of routing requests to a dead backend.
+
+Tool calling: with the launch option `tool_call_parser` (a vLLM parser name: hermes, llama3_json,
+mistral, pythonic, ...) vLLM is started with --enable-auto-tool-choice and parses tool calls itself,
+and the engine says so (`native_tools`), so Shoal's tool layer passes tools through. `chat_template`
+(the template's text) is written to a file the engine owns and passed as --chat-template, because
+vLLM decodes backslash escapes in a template given inline.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import ctypes
 import fcntl
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +62,7 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _PR_SET_PDEATHSIG = 1
 _TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL in close(); the gateway SIGKILLs a runner after 5
 _LOG_TAIL_LINES = 20
+_PARSER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -153,6 +161,18 @@ def vllm_command(model_path: str | Path, served_name: str, port: int, options: d
         argv.append("--enforce-eager")
     if _flag(options, "trust_remote_code"):
         argv.append("--trust-remote-code")
+    parser = options.get("tool_call_parser")
+    if parser is not None:
+        if not isinstance(parser, str) or not _PARSER_NAME.match(parser):
+            raise ValueError(
+                f"tool_call_parser must be a vLLM parser name such as hermes or llama3_json, not {parser!r}"
+            )
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    template = options.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("chat_template must be a Jinja chat template (its text), not empty")
+        argv += ["--chat-template", template]
     _positive_float(options, "start_timeout", DEFAULT_START_TIMEOUT)  # the runner's, not vLLM's: checked here
     return argv
 
@@ -388,8 +408,10 @@ class VllmEngine(Engine):
         opts.setdefault("tensor_parallel_size", _visible_gpus())
         timeout = _positive_float(opts, "start_timeout", DEFAULT_START_TIMEOUT)
         vllm_command(self.config.model_path, self.config.model_uid, 0, opts)  # refuse bad options first
+        self.native_tools = opts.get("tool_call_parser") is not None
 
         self._closing = False
+        self._template: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._guard: subprocess.Popen[bytes] | None = None
         fd, log_name = tempfile.mkstemp(prefix=f"shoal-vllm-{os.getpid()}-", suffix=".log")
@@ -397,6 +419,8 @@ class VllmEngine(Engine):
         self._log = _LogFollower(Path(log_name))
         self._log.start()
         try:
+            if opts.get("chat_template") is not None:
+                opts = {**opts, "chat_template": str(self._write_template(str(opts["chat_template"])))}
             with start_lock(START_LOCK, timeout=timeout, waiting=f"vllm {self.config.model_uid}"):
                 try:
                     self._start(opts, timeout)
@@ -413,6 +437,13 @@ class VllmEngine(Engine):
             trust_env=False,  # never send loopback traffic through a proxy from the environment
         )
         threading.Thread(target=self._watch, name="vllm-watch", daemon=True).start()
+
+    def _write_template(self, text: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f"shoal-vllm-{os.getpid()}-", suffix=".jinja")
+        self._template = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        return self._template
 
     def _start(self, opts: dict[str, Any], timeout: float) -> None:
         for attempt in range(3):  # the free port can be taken between choosing it and vLLM's bind
@@ -517,6 +548,9 @@ class VllmEngine(Engine):
         if log is not None:
             log.stop()
             log.path.unlink(missing_ok=True)  # its content is in the runner's log by now
+        template = getattr(self, "_template", None)
+        if template is not None:
+            template.unlink(missing_ok=True)
 
     # ---- requests --------------------------------------------------------------------------------
     def _body(self, body: dict[str, Any], stream: bool | None = None) -> dict[str, Any]:
