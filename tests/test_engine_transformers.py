@@ -74,6 +74,21 @@ def test_seed_repeats_sampling(engine: TransformersEngine) -> None:
     assert sample(7) != sample(8)
 
 
+def test_logit_bias_bans_and_forces_tokens(engine: TransformersEngine) -> None:
+    def tokens(**extra: Any) -> list[int]:
+        body = chat_body("pick words", temperature=0, max_tokens=8, **extra)
+        text = asyncio.run(engine.chat(body))["choices"][0]["message"]["content"]
+        return engine._encode(text, special=False)
+
+    greedy = tokens()
+    banned = tokens(logit_bias={str(greedy[0]): -100})
+    assert banned[0] != greedy[0]
+    forced_id = engine._encode("river", special=False)[0]
+    assert set(tokens(logit_bias={str(forced_id): 100})) == {forced_id}
+    with pytest.raises(InvalidRequest, match="past this model"):
+        asyncio.run(engine.chat(chat_body("hi", logit_bias={"9999999": 5})))
+
+
 def test_stop_string_cuts_the_answer(engine: TransformersEngine) -> None:
     body = chat_body("say something", temperature=0, max_tokens=30)
     full = asyncio.run(engine.chat(body))["choices"][0]["message"]["content"]

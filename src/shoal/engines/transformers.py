@@ -43,6 +43,7 @@ class _Sampling:
     top_p: float
     seed: int | None
     stops: tuple[str, ...]
+    bias: tuple[tuple[int, float], ...] = ()  # OpenAI's logit_bias: (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,9 @@ class TransformersEngine(Engine):
         return logits, mask, pos[:, -1] + 1
 
     def _pick(self, logits: torch.Tensor, batch: list[_Request]) -> list[int]:
+        for row, request in enumerate(batch):
+            for token, value in request.sampling.bias:  # -100 bans a token, +100 all but forces it
+                logits[row, token] += value
         mask_logits(logits, [(row, r.grammar) for row, r in enumerate(batch) if r.grammar is not None])
         greedy = logits.argmax(-1).tolist()
         return [
@@ -443,11 +447,16 @@ class TransformersEngine(Engine):
         top_p = body.get("top_p")
         if top_p is None:
             top_p = (gen.top_p or 1.0) if gen.do_sample else 1.0
+        vocabulary = int(self._model.config.vocab_size)
+        bias = tuple((int(token), float(value)) for token, value in (body.get("logit_bias") or {}).items())
+        if bad := [token for token, _ in bias if token >= vocabulary]:
+            raise InvalidRequest(f"logit_bias: token {bad[0]} is past this model's {vocabulary} tokens")
         return _Sampling(
             temperature=default_t if temperature is None else float(temperature),
             top_p=float(top_p),
             seed=body.get("seed"),
             stops=stops,
+            bias=bias,
         )
 
     def _max_new(self, body: dict[str, Any], prompt: list[int]) -> int:

@@ -116,6 +116,20 @@ class _Sampling(_Body):
     mirostat: int | None = Field(None, ge=0, le=2)
     n_probs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="llama.cpp's top_logprobs")
 
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) to -100..100")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if len(value or {}) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values run from -100 to 100, not {bias}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -192,7 +206,6 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
     response_format: ResponseFormat | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) to -100..100")
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -211,13 +224,6 @@ class ChatCompletionRequest(_Sampling):
                 "response_format json with tools is not supported: the answer is constrained to a tool "
                 "call or to the schema, not both; send one (or tool_choice none)"
             )
-        if len(self.logit_bias or {}) > 300:
-            raise ValueError("logit_bias takes at most 300 tokens")
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) > MAX_TOKEN_ID:
-                raise ValueError(f"logit_bias keys are token ids, not {key[:40]!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values run from -100 to 100, not {bias}")
         return self
 
 
