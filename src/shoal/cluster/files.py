@@ -123,7 +123,8 @@ def listing(cache: Path) -> list[dict[str, object]]:
         complete = (folder / DONE).exists()
         try:
             about = json.loads((folder / SOURCE).read_text()) if complete else {}
-            on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            marks = (folder / DONE, folder / SOURCE)
+            on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p not in marks)
             copy = next((p for p in folder.iterdir() if p.name not in (DONE, SOURCE, ".partial")), None)
         except (OSError, ValueError):  # a copy being moved into place, or removed, meanwhile
             continue

@@ -440,7 +440,6 @@ class RayHost:
         """The path `node` loads a local-path model from; copies the files there when it lacks them."""
         m = await asyncio.to_thread(files.manifest, path)
         async with self._copies.setdefault((node.name, m.key), asyncio.Lock()):
-
             found = await self.call(node, node.agent.find_files.remote(m), timeout=60)
             if found is not None:
                 return str(found)
