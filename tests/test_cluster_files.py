@@ -87,3 +87,18 @@ def test_the_cache_listing_shows_finished_and_unfinished_copies(tmp_path: Path) 
     }  # fmt: skip
     assert listed[o.key]["complete"] is False and listed[o.key]["source"] is None
     assert listed[o.key]["bytes"] == 10 and listed[o.key]["path"] is None
+
+
+def test_a_new_copy_of_changed_files_removes_the_old_one_unless_in_use(tmp_path: Path) -> None:
+    cache, model = tmp_path / "cache", tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(100))
+    first = files.manifest(model)
+    old = send(cache, first)
+    model.write_bytes(b"GGUF" + os.urandom(200))  # the file changed: a new copy
+    second = files.manifest(model)
+    assert second.key != first.key
+    new = send(cache, second)
+    assert files.prune(cache, second, in_use={old}) == []  # a runner still loads the old one
+    assert files.prune(cache, second, in_use=set()) == [old]
+    assert [entry["path"] for entry in files.listing(cache)] == [new]
+    assert files.find(cache, second) == str(model)  # this host sees the files in place

@@ -67,6 +67,7 @@ class NodeAgent:
         self._status: dict[int, str] = {}
         self._logs: dict[int, Path] = {}
         self._tags: dict[int, str] = {}  # runner pid → the gateway's tag for it (spawn's `tag`)
+        self._sources: dict[int, str] = {}  # runner pid → the model path it loads (copies in use)
         self._lock = threading.Lock()
         self._n = 0
         self._env = runner_environment()
@@ -130,6 +131,7 @@ class NodeAgent:
         self._status[proc.pid] = str(status)
         self._logs[proc.pid] = log_path
         self._tags[proc.pid] = tag
+        self._sources[proc.pid] = str(config.source.path or "")
         return proc.pid, listen
 
     def failure_reason(self, pid: int) -> str:
@@ -142,6 +144,7 @@ class NodeAgent:
     def stop(self, pid: int, grace: float = 5.0) -> None:
         proc = self._procs.pop(pid, None)
         self._tags.pop(pid, None)
+        self._sources.pop(pid, None)
         if proc is None:
             return
         if proc.poll() is None:
@@ -166,7 +169,11 @@ class NodeAgent:
         files.write_chunk(self.cache, m, rel, offset, data)
 
     def finish_files(self, m: files.Manifest) -> str:
-        return files.finish(self.cache, m)
+        """Complete the copy; older copies of the same source that no live runner uses are removed."""
+        final = files.finish(self.cache, m)
+        live = {self._sources.get(pid, "") for pid, proc in list(self._procs.items()) if proc.poll() is None}
+        files.prune(self.cache, m, live)
+        return final
 
     def cached(self) -> list[dict[str, Any]]:
         """The copies in this node's model cache (GET /v1/workers shows them)."""

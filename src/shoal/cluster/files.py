@@ -113,6 +113,18 @@ def finish(cache: Path, m: Manifest) -> str:
     return str(final)
 
 
+def prune(cache: Path, m: Manifest, in_use: set[str]) -> list[str]:
+    """Remove the older finished copies of the same source (its files changed since: `m` replaces
+    them), except those a live runner loads from (`in_use`: paths). Returns what was removed."""
+    removed = []
+    for entry in listing(cache):
+        path = entry["path"]
+        if entry["complete"] and entry["source"] == m.root and entry["key"] != m.key and path not in in_use:
+            shutil.rmtree(cache / str(entry["key"]), ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
 def listing(cache: Path) -> list[dict[str, object]]:
     """Every copy in this node's cache: finished ones, and any copy still arriving (or left
     unfinished by a copy that failed)."""
