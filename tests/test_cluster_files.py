@@ -68,3 +68,37 @@ def test_an_incomplete_copy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="incomplete"):
         files.finish(tmp_path / "cache", m)
     assert files.find(tmp_path / "cache", files.Manifest("/nonexistent/model", m.files, m.key)) is None
+
+
+def test_the_cache_listing_shows_finished_and_unfinished_copies(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert files.listing(cache) == []  # no cache folder yet
+    folder = make_model(tmp_path)
+    m = files.manifest(folder)
+    copied = send(cache, m)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + os.urandom(1000))
+    o = files.manifest(other)
+    rel, offset, data = next(files.chunks(o))
+    files.write_chunk(cache, o, rel, offset, data[:10])  # a copy still arriving
+    listed = {entry["key"]: entry for entry in files.listing(cache)}
+    assert listed[m.key] == {
+        "key": m.key, "source": str(folder), "path": copied, "bytes": m.total_bytes, "complete": True,
+    }  # fmt: skip
+    assert listed[o.key]["complete"] is False and listed[o.key]["source"] is None
+    assert listed[o.key]["bytes"] == 10 and listed[o.key]["path"] is None
+
+
+def test_a_new_copy_of_changed_files_removes_the_old_one_unless_in_use(tmp_path: Path) -> None:
+    cache, model = tmp_path / "cache", tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(100))
+    first = files.manifest(model)
+    old = send(cache, first)
+    model.write_bytes(b"GGUF" + os.urandom(200))  # the file changed: a new copy
+    second = files.manifest(model)
+    assert second.key != first.key
+    new = send(cache, second)
+    assert files.prune(cache, second, in_use={old}) == []  # a runner still loads the old one
+    assert files.prune(cache, second, in_use=set()) == [old]
+    assert [entry["path"] for entry in files.listing(cache)] == [new]
+    assert files.find(cache, second) == str(model)  # this host sees the files in place

@@ -66,26 +66,34 @@ class NodeAgent:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._status: dict[int, str] = {}
         self._logs: dict[int, Path] = {}
+        self._tags: dict[int, str] = {}  # runner pid → the gateway's tag for it (spawn's `tag`)
+        self._sources: dict[int, str] = {}  # runner pid → the model path it loads (copies in use)
         self._lock = threading.Lock()
         self._n = 0
         self._env = runner_environment()
 
     def poll(self) -> dict[str, Any]:
-        """The node now: devices, per-pid GPU use (NVML), each runner's RSS, and which runners exited."""
+        """The node now: devices, per-pid GPU use (NVML), each runner's RSS, which runners exited,
+        and the live ones with their tags. Runs in its own concurrency group (the gateway sets it up),
+        so a runner's stop or a file copy on this node does not hold it back."""
         fake = settings.FAKE_GPUS.get()
-        live = [pid for pid, proc in self._procs.items() if proc.poll() is None]
+        procs = list(self._procs.items())  # spawn and stop may change the dict meanwhile
+        codes = {pid: proc.poll() for pid, proc in procs}
+        live = [pid for pid, code in codes.items() if code is None]
         return {
             "devices": [d.to_dict() for d in all_devices(fake)],
             "gpu": [] if fake else [[dev, pid, used] for (dev, pid), used in gpu_process_usage().items()],
             "rss": {pid: rss for pid in live if (rss := rss_bytes(pid)) is not None},
-            "exited": {pid: proc.poll() for pid, proc in self._procs.items()},
+            "exited": codes,
+            "live": {pid: self._tags.get(pid, "") for pid in live},
         }
 
     def spawn(
-        self, config_json: str, env: dict[str, str], log_name: str, cores: list[int]
+        self, config_json: str, env: dict[str, str], log_name: str, cores: list[int], tag: str = ""
     ) -> tuple[int, str]:
         """Start a runner on a TCP port bound here and handed over (no race for a free port);
-        returns (pid, "host:port")."""
+        returns (pid, "host:port"). `tag` comes back with the pid in every poll: the gateway stops
+        the live runners whose tags it no longer knows (left behind by a partition)."""
         with self._lock:
             self._n += 1
             n = self._n
@@ -122,6 +130,8 @@ class NodeAgent:
         self._procs[proc.pid] = proc
         self._status[proc.pid] = str(status)
         self._logs[proc.pid] = log_path
+        self._tags[proc.pid] = tag
+        self._sources[proc.pid] = str(config.source.path or "")
         return proc.pid, listen
 
     def failure_reason(self, pid: int) -> str:
@@ -133,6 +143,8 @@ class NodeAgent:
 
     def stop(self, pid: int, grace: float = 5.0) -> None:
         proc = self._procs.pop(pid, None)
+        self._tags.pop(pid, None)
+        self._sources.pop(pid, None)
         if proc is None:
             return
         if proc.poll() is None:
@@ -157,4 +169,12 @@ class NodeAgent:
         files.write_chunk(self.cache, m, rel, offset, data)
 
     def finish_files(self, m: files.Manifest) -> str:
-        return files.finish(self.cache, m)
+        """Complete the copy; older copies of the same source that no live runner uses are removed."""
+        final = files.finish(self.cache, m)
+        live = {self._sources.get(pid, "") for pid, proc in list(self._procs.items()) if proc.poll() is None}
+        files.prune(self.cache, m, live)
+        return final
+
+    def cached(self) -> list[dict[str, Any]]:
+        """The copies in this node's model cache (GET /v1/workers shows them)."""
+        return files.listing(self.cache)

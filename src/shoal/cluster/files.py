@@ -18,6 +18,7 @@ from pathlib import Path
 
 CHUNK = 32 * 1024 * 1024  # bytes per object-store chunk: bounds the memory a copy holds
 DONE = ".complete"  # marks a finished copy
+SOURCE = "source.json"  # what a finished copy is a copy of (GET /v1/workers lists it)
 
 
 @dataclass(frozen=True)
@@ -105,5 +106,45 @@ def finish(cache: Path, m: Manifest) -> str:
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     partial.rename(final)
     shutil.rmtree(folder / ".partial", ignore_errors=True)
+    (folder / SOURCE).write_text(
+        json.dumps({"source": m.root, "bytes": m.total_bytes, "files": len(m.files)})
+    )
     (folder / DONE).touch()
     return str(final)
+
+
+def prune(cache: Path, m: Manifest, in_use: set[str]) -> list[str]:
+    """Remove the older finished copies of the same source (its files changed since: `m` replaces
+    them), except those a live runner loads from (`in_use`: paths). Returns what was removed."""
+    removed = []
+    for entry in listing(cache):
+        path = entry["path"]
+        if entry["complete"] and entry["source"] == m.root and entry["key"] != m.key and path not in in_use:
+            shutil.rmtree(cache / str(entry["key"]), ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def listing(cache: Path) -> list[dict[str, object]]:
+    """Every copy in this node's cache: finished ones, and any copy still arriving (or left
+    unfinished by a copy that failed)."""
+    found: list[dict[str, object]] = []
+    for folder in sorted(cache.iterdir()) if cache.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        complete = (folder / DONE).exists()
+        try:
+            about = json.loads((folder / SOURCE).read_text()) if complete else {}
+            marks = (folder / DONE, folder / SOURCE)
+            on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p not in marks)
+            copy = next((p for p in folder.iterdir() if p.name not in (DONE, SOURCE, ".partial")), None)
+        except (OSError, ValueError):  # a copy being moved into place, or removed, meanwhile
+            continue
+        found.append({
+            "key": folder.name,
+            "source": about.get("source"),
+            "path": str(copy) if copy is not None else None,
+            "bytes": on_disk,
+            "complete": complete,
+        })  # fmt: skip
+    return found

