@@ -272,8 +272,10 @@ async def bench_infinity(args: argparse.Namespace) -> dict[str, Any] | str:
                 result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
                 result.update(await phases(embed_call(client, "/embeddings", model), args.seconds,
                                            tuple(p[0] for p in PHASES)))  # fmt: skip
-                version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env)
-                result["version"] = (version.stdout or version.stderr).strip()[-200:]
+                python = str(binary.parent / "python")
+                code = "import importlib.metadata as m; print(m.version('infinity-emb'))"
+                version = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
+                result["version"] = version.stdout.strip() or version.stderr.strip()[-200:]
     return result
 
 
