@@ -224,7 +224,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
         with process(command, log_path, env) as proc:
             async with http(port) as client:
                 await wait_for(client, "/health", proc, log_path)
-                launch = {"model_name": EMBED_MODEL, "n_threads": os.cpu_count(), **options}
+                launch = {"model_name": EMBED_MODEL, "n_threads": args.threads or os.cpu_count(), **options}
                 started = time.monotonic()
                 response = await client.post("/v1/models", json=launch)
                 launch_s = time.monotonic() - started
@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8, help="seconds per phase (default 8)")
     parser.add_argument("--sides", default="inprocess,shoal,unbatched,infinity",
                         help="comma-separated: inprocess, shoal, unbatched, infinity")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="n_threads of Shoal's runner (default: all cores)")
     parser.add_argument("--shoal-src", help="the src/ folder of another Shoal tree to serve from")
     parser.add_argument("--infinity-venv", help="a virtual environment with infinity-emb installed")
     args = parser.parse_args()
