@@ -361,3 +361,35 @@ def test_bad_input_is_refused(engine_fixture: str, request: pytest.FixtureReques
         engine.rerank({"query": FRANCE, "documents": [{"text": "Paris"}, "Lyon"], "top_n": 9})
     )
     assert len(result["results"]) == 2
+
+
+# --- batching across requests (engines/batching.py) -----------------------------------------------
+
+CONCURRENT = [
+    {"query": FRANCE, "documents": FRANCE_DOCS, "return_documents": True},
+    {"query": "How do I bake bread?", "documents": [t[1] for t in TRAIN] + [t[2] for t in TRAIN], "top_n": 2},
+    {"query": "What do cats eat?", "documents": ["Cats eat meat such as fish and chicken."]},
+]
+
+
+@pytest.mark.parametrize("engine_fixture", ["embedding_engine", "cross_engine"])
+def test_concurrent_rerank_requests_get_what_one_at_a_time_requests_get(
+    engine_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    engine: Engine = request.getfixturevalue(engine_fixture)
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*[engine.rerank(body) for body in CONCURRENT])
+
+    alone = [asyncio.run(engine.rerank(body)) for body in CONCURRENT]
+    before = engine.metrics()["batches"]
+    shared = asyncio.run(together())  # all three are queued before the batcher's worker first runs
+    assert engine.metrics()["batches"] == before + 1
+    for single, batched in zip(alone, shared, strict=True):
+        assert batched["usage"] == single["usage"]
+        assert [r["index"] for r in batched["results"]] == [r["index"] for r in single["results"]]
+        assert [r.get("document") for r in batched["results"]] == [
+            r.get("document") for r in single["results"]
+        ]
+        scores = [r["relevance_score"] for r in batched["results"]]
+        assert scores == pytest.approx([r["relevance_score"] for r in single["results"]], abs=1e-5)

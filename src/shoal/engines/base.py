@@ -86,6 +86,28 @@ class Engine:
         """[{"id", "name", "language"?}] for speech models."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) has no voices")
 
+    async def warm_up(self) -> None:
+        """One real inference before the runner reports ready, so the first user request finds the
+        model's lazy parts (kernels, allocator, caches) already set up. By default: one token of chat
+        if the engine chats, else one sentence embedded, else one pair reranked; an ability that the
+        model turns out not to have (a 400) is passed over. Other engines override or keep this."""
+        attempts = (
+            ("chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}),
+            ("embed", {"input": "Shoal warms the model up."}),
+            (
+                "rerank",
+                {"query": "What warms a model up?", "documents": ["One inference before it is ready."]},
+            ),
+        )
+        for ability, body in attempts:
+            if getattr(type(self), ability) is getattr(Engine, ability):
+                continue
+            try:
+                await getattr(self, ability)(body)
+            except InvalidRequest:
+                continue
+            return
+
     def metrics(self) -> dict[str, float]:
         """The engine's own counters (e.g. llama.cpp's tokens predicted), for diagnostics and tests."""
         return {}

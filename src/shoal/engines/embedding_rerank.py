@@ -10,12 +10,11 @@ and its scores are not probabilities: related but unhelpful documents often scor
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 from shoal.engines.base import Engine
-from shoal.engines.cross_encoder import parse_rerank, rerank_response
+from shoal.engines.batching import Batcher, BatchSettings
+from shoal.engines.cross_encoder import WARM_UP, parse_rerank, rerank_response, rough_tokens
 
 SCORES = ("unit", "cosine")
 
@@ -45,33 +44,50 @@ class EmbeddingRerankEngine(Engine):
             trust_remote_code=bool(opts.get("trust_remote_code", False)),
             local_files_only=True,
         )
-        self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
+        # Items of a batch: ("query", text) or ("document", text), from many requests.
+        self._batcher: Batcher[tuple[str, str], tuple[Any, int]] = Batcher(
+            self._embed_batch, BatchSettings.from_options(opts)
+        )
 
     def close(self) -> None:
+        self._batcher.close()
         del self._model
 
-    def _scores(self, query: str, documents: list[str]) -> tuple[list[float], int]:
-        with self._lock:
-            q = self._model.encode_query(
-                [query],
-                prompt=self._query_prompt,
-                batch_size=self._batch_size,
-                convert_to_tensor=True,
+    def metrics(self) -> dict[str, float]:
+        return {**self._batcher.counters}
+
+    async def warm_up(self) -> None:
+        await self.rerank(WARM_UP)
+
+    def _embed_batch(self, items: list[tuple[str, str]]) -> list[tuple[Any, int]]:
+        """(unit vector, tokens) of each item: the queries with the query prompt, the documents with
+        the document prompt, each kind in one call."""
+        out: list[tuple[Any, int]] = [(None, 0)] * len(items)
+        for kind, encode, prompt in (
+            ("query", self._model.encode_query, self._query_prompt),
+            ("document", self._model.encode_document, self._document_prompt),
+        ):
+            where = [i for i, (k, _) in enumerate(items) if k == kind]
+            if not where:
+                continue
+            texts = [items[i][1] for i in where]
+            vectors = encode(
+                texts, prompt=prompt, batch_size=self._batch_size, convert_to_tensor=True,
                 normalize_embeddings=True,
-            )
-            d = self._model.encode_document(
-                documents,
-                prompt=self._document_prompt,
-                batch_size=self._batch_size,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-            )
-            tokens = int(self._model.preprocess([query, *documents])["attention_mask"].sum())
-        cosine = (d.float() @ q.float()[0]).clamp(-1.0, 1.0).cpu()
-        scores = cosine if self._score == "cosine" else (cosine + 1.0) / 2.0
-        return scores.tolist(), tokens
+            )  # fmt: skip
+            tokens = self._model.preprocess(texts)["attention_mask"].sum(dim=1).tolist()
+            for i, vector, n in zip(where, vectors.float().cpu(), tokens, strict=True):
+                out[i] = (vector, int(n))
+        return out
 
     async def rerank(self, body: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
         request = parse_rerank(body)
-        scores, tokens = await asyncio.to_thread(self._scores, request.query, request.documents)
-        return rerank_response(request, scores, tokens)
+        items = [("query", request.query), *(("document", doc) for doc in request.documents)]
+        embedded = await self._batcher.submit(items, [rough_tokens(text) for _, text in items])
+        q = embedded[0][0]
+        d = torch.stack([vector for vector, _ in embedded[1:]])
+        cosine = (d @ q).clamp(-1.0, 1.0)
+        scores = cosine if self._score == "cosine" else (cosine + 1.0) / 2.0
+        return rerank_response(request, scores.tolist(), sum(n for _, n in embedded))

@@ -60,7 +60,11 @@ OPTIONS: dict[str, Option] = {
     "n_ctx": _int(MIN_CONTEXT, MAX_CONTEXT, "llama.cpp: tokens of context per slot"),
     "context_length": _int(MIN_CONTEXT, MAX_CONTEXT, "transformers, vLLM: tokens per sequence"),
     "n_parallel": _int(1, MAX_SEQUENCES, "llama.cpp: slots (sequences decoded at once)"),
-    "max_batch_size": _int(1, MAX_SEQUENCES, "transformers: requests decoded together"),
+    "max_batch_size": _int(
+        1, MAX_SEQUENCES, "transformers: requests decoded together; encoders: inputs per dynamic batch"
+    ),
+    "max_batch_tokens": _int(1, MAX_CONTEXT, "encoders: tokens per dynamic batch (inputs' lengths summed)"),
+    "batch_wait_ms": Option("float", 0, 1000, help="encoders: wait for a dynamic batch to fill (ms)"),
     "max_num_seqs": _int(1, MAX_SEQUENCES, "vLLM: sequences decoded together"),
     "n_batch": _int(1, MAX_CONTEXT, "llama.cpp: tokens per prompt-processing batch"),
     "n_gpu_layers": _int(-1, 100_000, "llama.cpp: layers on the GPU; -1 all"),
@@ -106,7 +110,15 @@ OPTIONS: dict[str, Option] = {
 }
 
 _LLAMA = ("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template")
-_TORCH = ("batch_size", "trust_remote_code", "memory_fraction")
+# Encoders batch across requests (engines/batching.py); batch_size cuts each forward pass.
+_TORCH = (
+    "batch_size",
+    "trust_remote_code",
+    "memory_fraction",
+    "max_batch_size",
+    "max_batch_tokens",
+    "batch_wait_ms",
+)
 ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "llama.cpp": _LLAMA,
     "llm_rerank": (*_LLAMA, "instruction", "system_prompt"),

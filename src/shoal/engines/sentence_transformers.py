@@ -1,13 +1,23 @@
-"""sentence-transformers for embedding models (CPU or CUDA, torch)."""
+"""sentence-transformers for embedding models (CPU or CUDA, torch).
+
+Requests are checked one by one (token ids, lengths) on a thread of their own with a copy of the
+model's tokenizer, then batched across requests (engines/batching.py): the model embeds the inputs of
+many requests in one call, and each request shapes its own vectors (dimensions, normalisation,
+encoding) and usage.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import threading
+import copy
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from shoal.engines.base import Engine
+from shoal.engines.batching import Batcher, BatchSettings
 from shoal.errors import InvalidRequest
 
 # Who sends another tokenizer's ids, and the fix: LangChain's OpenAIEmbeddings at its defaults
@@ -39,10 +49,28 @@ class SentenceTransformersEngine(Engine):
             local_files_only=True,
         )
         self.dimensions = self._model.get_embedding_dimension()
-        self._lock = threading.Lock()  # torch modules are not safe to call from two threads at once
+        # Requests are checked with their own copy of the tokenizer on their own thread: a fast
+        # tokenizer used from two threads at once raises "Already borrowed", and the model's copy is
+        # busy in the batch's forward pass.
+        self._tokenizer = copy.deepcopy(self._model.tokenizer)
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="shoal-check")
+        self._batcher: Batcher[str, Any] = Batcher(self._embed_batch, BatchSettings.from_options(opts))
 
     def close(self) -> None:
+        self._batcher.close()
+        self._checks.shutdown()
         del self._model
+
+    def metrics(self) -> dict[str, float]:
+        return {**self._batcher.counters}
+
+    async def warm_up(self) -> None:
+        await self.embed({"input": "Shoal warms the model up with one sentence."})
+
+    def _embed_batch(self, texts: list[str]) -> Any:
+        """One forward pass over many requests' inputs: full-size vectors, as the model makes them
+        (its own Normalize module included); each request truncates and normalises its own."""
+        return self._model.encode(texts, batch_size=self._batch_size, convert_to_numpy=True)
 
     def _texts(self, raw: Any) -> list[str]:
         if isinstance(raw, str):
@@ -61,7 +89,7 @@ class SentenceTransformersEngine(Engine):
         from another tokenizer (LangChain sends OpenAI's tiktoken ids) mostly fall inside the
         vocabulary too and would embed as some other text. Since the tokenizer gives back these very
         ids for the text, embedding the text reads exactly them."""
-        tokenizer = self._model.tokenizer
+        tokenizer = self._tokenizer
         vocabulary = len(tokenizer)
         bad = next(
             (i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary), None
@@ -84,7 +112,7 @@ class SentenceTransformersEngine(Engine):
 
     def _lengths(self, texts: list[str]) -> list[int]:
         """Each input's tokens as the model would read it whole (special tokens included)."""
-        encoded = self._model.tokenizer(
+        encoded = self._tokenizer(
             [t.strip() for t in texts], truncation=False, verbose=False, return_attention_mask=False
         )
         return [len(ids) for ids in encoded["input_ids"]]
@@ -106,25 +134,24 @@ class SentenceTransformersEngine(Engine):
                 )
         return [min(n, limit) for n in lengths]
 
-    def _encode(self, texts: list[str], dimensions: int | None, truncate: bool) -> tuple[Any, int]:
-        with self._lock:
-            tokens = sum(self._check_length(texts, truncate))
-            vectors = self._model.encode(
-                texts,
-                batch_size=self._batch_size,
-                convert_to_numpy=True,
-                truncate_dim=dimensions,
-                normalize_embeddings=dimensions is not None,
-            )
-        return vectors, tokens
+    def _check(self, raw: Any, truncate: bool) -> tuple[list[str], list[int]]:
+        texts = self._texts(raw)
+        return texts, self._check_length(texts, truncate)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        texts = self._texts(body["input"])
         dimensions = body.get("dimensions")
         if dimensions is not None and not 0 < dimensions <= self.dimensions:
             raise InvalidRequest(f"dimensions must be between 1 and {self.dimensions}")
         truncate = body.get("truncate") is True
-        vectors, tokens = await asyncio.to_thread(self._encode, texts, dimensions, truncate)
+        loop = asyncio.get_running_loop()
+        texts, lengths = await loop.run_in_executor(self._checks, self._check, body["input"], truncate)
+        rows = await self._batcher.submit(texts, lengths)
+        vectors = np.stack(rows) if rows else np.zeros((0, self.dimensions or 0), dtype=np.float32)
+        if dimensions is not None:  # Matryoshka: the first `dimensions` values, normalised again
+            vectors = vectors[:, :dimensions]
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        tokens = sum(lengths)
         as_base64 = body.get("encoding_format") == "base64"
         data = [
             {

@@ -3,7 +3,11 @@ engine supports. Bodies arrive validated by the gateway; answers are OpenAI-shap
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -131,19 +135,45 @@ async def _ocr(engine: Engine, request: Request) -> Response:
     return _json(await engine.ocr(await request.body(), _params(request)))
 
 
-async def _metrics(engine: Engine, _: Request) -> Response:
-    return _json(engine.metrics())
+async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
+    """The engine's one real inference (Engine.warm_up), timed. A failure is logged, not fatal: the
+    runner still serves, and the first request meets the same error with its own answer."""
+    started = time.monotonic()
+    try:
+        await engine.warm_up()
+    except Exception:
+        print(f"shoal runner: {engine.name} warm-up failed; serving anyway", file=sys.stderr)
+        traceback.print_exc()
+        timings["warm_up_failed"] = 1
+    else:
+        timings["warm_ups"] = timings.get("warm_ups", 0) + 1
+    timings["warm_up_seconds"] = time.monotonic() - started
 
 
-def build_runner_app(engine: Engine) -> Starlette:
+def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, warm: bool = True) -> Starlette:
+    """The runner's routes. With `warm`, the engine's warm-up runs in the app's startup, which uvicorn
+    completes before it listens: the gateway sees /health only once the model has answered once.
+    `timings` (the runner's load times) are reported with the engine's counters on /metrics."""
+    stats: dict[str, float] = timings if timings is not None else {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        if warm:
+            await warm_up(engine, stats)
+        yield
+
     async def health(_: Request) -> Response:
         return _json({"status": "ready", "pid": os.getpid(), "engine": engine.name})
 
+    async def metrics(engine: Engine, _: Request) -> Response:
+        return _json({**engine.metrics(), **{f"runner_{k}": v for k, v in stats.items()}})
+
     post = ["POST"]
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/health", health),
-            Route("/metrics", _guarded(_metrics, engine)),
+            Route("/metrics", _guarded(metrics, engine)),
             Route(
                 "/v1/chat/completions", _guarded(_openai(tools.chat, tools.chat_stream), engine), methods=post
             ),
@@ -164,5 +194,5 @@ def build_runner_app(engine: Engine) -> Starlette:
                 _guarded(_openai(_method("generate_images"), None), engine),
                 methods=post,
             ),
-        ]
+        ],
     )

@@ -8,19 +8,24 @@ file for the gateway to report.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from pathlib import Path
 
-from shoal.catalog.resolve import materialize
-from shoal.engines.base import EngineConfig
-from shoal.engines.registry import load_class
-from shoal.runners.config import RunnerConfig
+STARTED = time.monotonic()  # before the imports below, so import time is counted
+
+from shoal.catalog.resolve import materialize  # noqa: E402
+from shoal.engines.base import EngineConfig  # noqa: E402
+from shoal.engines.registry import load_class  # noqa: E402
+from shoal.runners.config import RunnerConfig  # noqa: E402
 
 
 def main(config_path: str) -> int:
     config = RunnerConfig.model_validate_json(Path(config_path).read_text())
+    timings: dict[str, float] = {}
     try:
         engine_cls = load_class(config.engine)
+        timings["import_seconds"] = time.monotonic() - STARTED
         engine = engine_cls(
             EngineConfig(
                 model_path=materialize(config.source),
@@ -32,7 +37,9 @@ def main(config_path: str) -> int:
                 options=config.options,
             )
         )
+        loading = time.monotonic()
         engine.load()
+        timings["load_seconds"] = time.monotonic() - loading
     except Exception as exc:  # any load failure: report the engine's own reason, then exit
         traceback.print_exc()
         Path(config.status_file).write_text(f"{type(exc).__name__}: {exc}")
@@ -54,7 +61,7 @@ def main(config_path: str) -> int:
         where = {"uds": str(socket_path)}
     server = uvicorn.Server(
         uvicorn.Config(
-            build_runner_app(engine),
+            build_runner_app(engine, timings),
             **where,  # type: ignore[arg-type]
             log_level="warning",
             access_log=False,
