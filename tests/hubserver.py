@@ -10,9 +10,9 @@ ROOT/ORG/REPO/... are the repos' files (symbolic links are followed). Routes:
 - a missing repo or file: 404 with X-Error-Code RepoNotFound / EntryNotFound, as the Hub answers
 - a repo holding a file `.gated` is gated: 401 X-Error-Code GatedRepo unless the request carries
   `Authorization: Bearer <the file's text>`
-Test controls (not Hub routes): GET /_stats (requests and body bytes sent, per path, and Range
-headers seen), POST /_reset, POST /_hold?after=N (file bodies stop after N bytes, in all, until
-POST /_release). Standard library only.
+Test controls (not Hub routes): GET /_stats (requests, file body bytes sent in all and per path,
+and each file GET with its Range header), POST /_reset, POST /_hold?after=N (file bodies stop
+after N bytes in all, until POST /_release). Standard library only.
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ class Hub:
 
     def reset(self) -> None:
         with self.lock:
-            self.stats = {"requests": 0, "body_bytes": 0, "paths": {}, "ranges": []}
+            self.stats = {"requests": 0, "body_bytes": 0, "paths": {}, "gets": []}
 
-    def count(self, path: str, sent: int, range_header: str | None) -> None:
+    def count(self, path: str, sent: int) -> None:
         with self.lock:
             self.stats["body_bytes"] = int(self.stats["body_bytes"]) + sent  # type: ignore[call-overload]
             paths: dict[str, int] = self.stats["paths"]  # type: ignore[assignment]
             paths[path] = paths.get(path, 0) + sent
-            if range_header:
-                self.stats["ranges"].append([path, range_header])  # type: ignore[union-attr]
+
+    def got(self, path: str, range_header: str | None) -> None:
+        with self.lock:
+            self.stats["gets"].append([path, range_header or ""])  # type: ignore[union-attr]
 
     def repo(self, org: str, name: str) -> Path | None:
         folder = self.root / org / name
@@ -192,10 +194,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self._body(file, start, end, f"{org}/{name}/{path}", range_header)
+        self.hub.got(f"{org}/{name}/{path}", range_header)
+        self._body(file, start, end, f"{org}/{name}/{path}")
 
-    def _body(self, file: Path, start: int, end: int, label: str, range_header: str | None) -> None:
-        sent = 0
+    def _body(self, file: Path, start: int, end: int, label: str) -> None:
         try:
             with file.open("rb") as f:
                 f.seek(start)
@@ -207,13 +209,10 @@ class Handler(BaseHTTPRequestHandler):
                         continue
                     piece = f.read(min(CHUNK, left))
                     self.wfile.write(piece)
-                    sent += len(piece)
                     left -= len(piece)
-                    self.hub.count(label, len(piece), None)
+                    self.hub.count(label, len(piece))
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            self.hub.count(label, 0, range_header)
 
 
 def main() -> None:

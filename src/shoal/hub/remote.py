@@ -204,18 +204,8 @@ def remote_weights(remote: RemoteRepo, selection: Selection) -> tuple[RemoteWeig
     weight_files = [f for f in selection.files if _is_weights(f.path)]
     weights = sum(f.size for f in weight_files)
     if selection.model_format == "ggufv2":
-        first = selection.files[0]
-        shape = None
-        size = min(GGUF_FIRST_READ, first.size)
-        while size <= min(GGUF_HEADER_LIMIT, first.size):
-            try:
-                shape = gguf_shape(read_range(remote, first.path, 0, size - 1))
-                break
-            except ValueError as exc:
-                if "truncated" not in str(exc) or size >= first.size:
-                    raise InvalidRequest(f"hub file {remote.repo}/{first.path}: {exc}") from None
-                size = min(size * 2, first.size)
-        return RemoteWeights(weights, gguf=shape), shape.context_length if shape else None
+        shape = _gguf_header(remote, selection.files[0])
+        return RemoteWeights(weights, gguf=shape), shape.context_length
     config = _config(remote, selection)
     tensors: list[tuple[str, int, int]] = []
     for f in weight_files:
@@ -225,6 +215,21 @@ def remote_weights(remote: RemoteRepo, selection: Selection) -> tuple[RemoteWeig
 
     context = hf_shape(config, tensors).context_length if config else None
     return RemoteWeights(weights, config=config, tensors=tuple(tensors)), context
+
+
+def _gguf_header(remote: RemoteRepo, first: RemoteFile) -> Any:
+    """The GGUF header, read as gguf-parser does: the first megabytes, then the next ones while it
+    is truncated (vocabularies make it long), never past GGUF_HEADER_LIMIT."""
+    buf = b""
+    want = min(GGUF_FIRST_READ, first.size)
+    while True:
+        buf += read_range(remote, first.path, len(buf), want - 1)
+        try:
+            return gguf_shape(buf)
+        except ValueError as exc:
+            if "truncated" not in str(exc) or want >= min(first.size, GGUF_HEADER_LIMIT):
+                raise InvalidRequest(f"hub file {remote.repo}/{first.path}: {exc}") from None
+        want = min(want * 2, first.size, GGUF_HEADER_LIMIT)
 
 
 def _is_weights(path: str) -> bool:
