@@ -321,6 +321,16 @@ function keepAliveText(m) {
   return m.keep_alive < 0 ? "never evicted" : duration(m.keep_alive);
 }
 
+function downloadBar(d) {
+  // The model's files coming from the hub: a bar, bytes done of total, rate and time left.
+  if (!d) return null;
+  const rate = d.rate_bytes_per_s ? `, ${bytes(d.rate_bytes_per_s)}/s` : "";
+  const eta = d.eta_s != null && d.eta_s > 0 ? `, ${duration(d.eta_s)} left` : "";
+  return el("div", { class: "download" },
+    el("progress", { max: String(d.total_bytes || 1), value: String(d.completed_bytes || 0) }),
+    el("div", { class: "muted", text: `${bytes(d.completed_bytes)} / ${bytes(d.total_bytes)}${rate}${eta}` }));
+}
+
 function renderModels(models) {
   lastModels = models;
   const body = $("#models-body");
@@ -335,7 +345,7 @@ function renderModels(models) {
       const first = i === 0;
       const span = replicas.length;
       const busy = pending.get(m.model_uid);
-      const state = r ? r.state : m.status;
+      const state = m.status === "downloading" ? "downloading" : r ? r.state : m.status;
       const memory = r ? `${bytes(r.reserved_bytes)} / ${bytes(r.measured_bytes)}` : "–";
       rows.push(el("tr", { "data-uid": m.model_uid },
         first ? el("td", { rowspan: span }, el("b", { text: m.model_uid })) : null,
@@ -345,6 +355,7 @@ function renderModels(models) {
         el("td", { text: r ? "#" + r.index : "–" }),
         el("td", { text: (r && r.device) || "–" }),
         el("td", {}, el("span", { class: "state " + state, text: state }),
+          first && state === "downloading" ? downloadBar(m.download) : null,
           r && r.last_error ? el("div", { class: "error", text: r.last_error }) : null),
         el("td", { class: "num", text: memory }),
         el("td", { class: "num", text: r ? String(r.in_flight) : "–" }),
