@@ -110,6 +110,16 @@ def shoal(hub: Hub, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     srv.stop()
 
 
+def _until(srv: ShoalServer, uid: str, check: Any, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described = srv.http.get(f"/v1/models/{uid}").json()
+        if check(described):
+            return described  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"{uid}: {described}")
+
+
 def _wait_status(srv: ShoalServer, uid: str, want: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,20 +152,22 @@ def test_bad_names_and_hub_errors_are_clear(shoal: ShoalServer) -> None:
 
 def test_launch_by_hub_name_shows_progress_and_downloads_once(shoal: ShoalServer, hub: Hub) -> None:
     hub.post("/_reset")
-    hub.post(f"/_hold?after={8 * 1024**2}")  # the weights stop coming after 8 MiB until released
+    # The weights stop coming after 24 MiB until released (huggingface_hub writes 10 MiB chunks).
+    hub.post(f"/_hold?after={24 * 1024**2}")
     name = "hf.co/test-org/smollm2-gguf:Q4_1"
-    for uid in ("hub-a", "hub-b"):
-        answer = shoal.http.post("/v1/models?wait_ready=false", json={"model_name": name, "model_uid": uid})
-        assert answer.status_code == 200, answer.text
-    seen = _wait_status(shoal, "hub-a", "downloading")
-    while seen["download"]["completed_bytes"] == 0:
-        seen = shoal.http.get("/v1/models/hub-a").json()
-    download = seen["download"]
-    assert seen["status"] == "downloading" and download["total_bytes"] == GGUF.stat().st_size
-    assert 0 < download["completed_bytes"] < download["total_bytes"]
-    assert shoal.http.get("/v1/models/hub-b").json()["status"] == "downloading"
-    assert shoal.http.get("/v1/models/hub-a").json()["download"]["rate_bytes_per_s"] is not None
-    hub.post("/_release")
+    try:
+        for uid in ("hub-a", "hub-b"):
+            body = {"model_name": name, "model_uid": uid}
+            answer = shoal.http.post("/v1/models?wait_ready=false", json=body)
+            assert answer.status_code == 200, answer.text
+        seen = _until(shoal, "hub-a", lambda d: (d.get("download") or {}).get("completed_bytes"))
+        download = seen["download"]
+        assert seen["status"] == "downloading" and download["total_bytes"] == GGUF.stat().st_size
+        assert 0 < download["completed_bytes"] < download["total_bytes"]
+        assert download["rate_bytes_per_s"] > 0 and download["eta_s"] > 0
+        assert shoal.http.get("/v1/models/hub-b").json()["status"] == "downloading"
+    finally:
+        hub.post("/_release")
     for uid in ("hub-a", "hub-b"):
         described = wait_until_ready(shoal, uid)
         assert described["model_name"] == name and described["model_format"] == "ggufv2"
@@ -204,14 +216,14 @@ def test_interrupted_download_resumes_after_a_restart(hub: Hub, cache: Path, tmp
     weights = _minilm() / "model.safetensors"
     try:
         hub.post("/_reset")
-        hub.post(f"/_hold?after={20 * 1024**2}")
+        hub.post(f"/_hold?after={24 * 1024**2}")
         answer = srv.http.post("/v1/models?wait_ready=false", json={"model_name": "hf.co/test-org/minilm"})
         assert answer.status_code == 200, answer.text
         uid = answer.json()["model_uid"]
         assert uid == "minilm"
-        seen = _wait_status(srv, uid, "downloading")
-        while seen["download"]["completed_bytes"] < 10 * 1024**2:
-            seen = srv.http.get(f"/v1/models/{uid}").json()
+        _until(srv, uid, lambda d: any(
+            f["path"] == "model.safetensors" and f["completed"] >= 10 * 1024**2
+            for f in (d.get("download") or {}).get("files", [])))  # fmt: skip
         hub.kill()  # the hub goes away mid-download; huggingface_hub retries, then gives up
         failed = _wait_status(srv, uid, "failed")
         assert "download" in failed["replicas"][0]["last_error"]

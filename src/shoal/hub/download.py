@@ -28,7 +28,7 @@ from shoal.hub import cache
 from shoal.hub.remote import RemoteFile, hub_errors
 
 log = logging.getLogger("shoal.hub")
-RATE_WINDOW = 10.0  # seconds of progress the rate is measured over
+RATE_WINDOW = 10.0  # seconds of progress the rate is measured over (else the mean since the start)
 
 
 @dataclass
@@ -40,6 +40,8 @@ class FileJob:
     path: str
     size: int
     done: int = 0
+    resumed_from: int = 0  # bytes already there when this download started
+    started: float | None = None  # when its GET began (time.monotonic)
     etag: str | None = None
     task: asyncio.Task[Path] | None = None
 
@@ -99,6 +101,10 @@ class Pull:
             self._samples.popleft()
         t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        began = [j.started for j in self.jobs if j.started is not None]
+        fetched = sum(min(j.done, j.size) - j.resumed_from for j in self.jobs if j.started is not None)
+        if rate is None and began and fetched > 0 and now > min(began):  # the mean since it began
+            rate = fetched / (now - min(began))
         left = self.total - done
         status = "done" if self.finished else "failed" if self.error else "downloading"
         return {
@@ -197,7 +203,8 @@ class Downloader:
         with FileLock(str(part) + ".lock"):
             if not blob.exists():
                 resume = part.stat().st_size if part.exists() else 0
-                job.done = resume
+                job.done = job.resumed_from = resume
+                job.started = time.monotonic()
                 headers = build_hf_headers()
                 if urlparse(meta.location).netloc != urlparse(url).netloc:
                     headers.pop("authorization", None)  # a signed CDN URL: the token stays home

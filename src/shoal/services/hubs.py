@@ -83,7 +83,8 @@ class HubService:
 
     def start(self, hub: HubModel) -> Pull:
         """Check the disk (507 up front), then start or join the downloads."""
-        files = hub.missing
+        folder = cache.snapshot(self.root, hub.ref.repo, hub.commit)
+        files = [f for f in hub.missing if not (folder / f.path).is_file()]
         self.downloads.check_disk(hub.ref.repo, files)
         cache.touch(self.root, hub.ref.repo)
         return self.downloads.pull(hub.ref.name, hub.ref.repo, hub.commit, hub.ref.revision, files)
