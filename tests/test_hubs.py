@@ -7,6 +7,7 @@ happened once."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def shoal(hub: Hub, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShoalServer]:
     root = tmp_path_factory.mktemp("shoal-hub")
-    srv = ShoalServer(root / "data", root / "server.log", env=_env(hub, cache))
+    srv = ShoalServer(root / "data", root / "server.log", ["--autoload"], env=_env(hub, cache))
     srv.start()
     yield srv
     srv.stop()
@@ -293,3 +294,58 @@ def test_ollama_pull_streams_progress(shoal: ShoalServer) -> None:
     with pytest.raises(ollama.ResponseError) as missing:
         client.pull("hf.co/test-org/nope")
     assert missing.value.status_code == 404
+    # `ollama run` after `ollama pull`: under --autoload the hub name launches from the cache.
+    name = "hf.co/test-org/smollm2-gguf/" + GGUF_NAME
+    answer = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2})
+    assert answer.message.role == "assistant"
+    uid = GGUF_NAME.removesuffix(".gguf")
+    assert shoal.http.get(f"/v1/models/{uid}").json()["status"] == "ready"
+
+    # The CLI: the cache with the uid using it, a refused removal, a pull of what is there.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "shoal.cli", *args, "--endpoint", shoal.url]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}
+        )
+
+    listed = cli("cached")
+    assert listed.returncode == 0 and "hf.co/test-org/smollm2-gguf" in listed.stdout and uid in listed.stdout
+    refused = cli("rm-cache", "hf.co/test-org/smollm2-gguf")
+    assert refused.returncode == 1 and "409" in refused.stdout and uid in refused.stdout
+    pulled = cli("pull", "hf.co/test-org/smollm2-gguf:Q4_1")
+    assert pulled.returncode == 0 and "in the cache" in pulled.stdout, pulled.stdout + pulled.stderr
+    assert shoal.http.delete(f"/v1/models/{uid}").status_code == 200
+
+
+def test_names_and_file_selection() -> None:
+    """Pure: how a hub name picks its files (no server)."""
+    from shoal.errors import InvalidRequest
+    from shoal.hub.names import parse
+    from shoal.hub.remote import RemoteFile, RemoteRepo, select
+
+    ref = parse("hf.co/Org/Repo-GGUF:q4_k_m")
+    assert ref is not None and ref.repo == "Org/Repo-GGUF" and ref.default_uid() == "Repo-GGUF-q4_k_m"
+    assert parse("huggingface.co/Org/Repo:latest") == parse("hf.co/Org/Repo")
+    assert parse("qwen2.5-instruct") is None
+    with pytest.raises(InvalidRequest):
+        parse("hf.co/Org/../x.gguf")
+    files = [RemoteFile(p, 1) for p in (
+        "README.md", "repo-Q8_0.gguf", "repo-Q4_K_M-00001-of-00002.gguf", "repo-Q4_K_M-00002-of-00002.gguf",
+    )]  # fmt: skip
+    remote = RemoteRepo("Org/Repo-GGUF", "c" * 40, tuple(files))
+    default = select(parse("hf.co/Org/Repo-GGUF"), remote, None)  # type: ignore[arg-type]
+    assert [f.path for f in default.files] == [files[2].path, files[3].path]  # both shards, Q4_K_M
+    assert default.target == files[2].path and default.quantization == "Q4_K_M"
+    assert select(parse("hf.co/Org/Repo-GGUF:Q8_0"), remote, None).target == "repo-Q8_0.gguf"  # type: ignore[arg-type]
+    folder = RemoteRepo("o/r", "c" * 40, tuple(RemoteFile(p, 1) for p in (
+        "config.json", "model.safetensors", "pytorch_model.bin", "onnx/model.onnx", "tokenizer.json",
+        "modules.json",
+    )))  # fmt: skip
+    chosen = select(parse("hf.co/o/r"), folder, None)  # type: ignore[arg-type]
+    assert chosen.model_type == "embedding" and chosen.model_format == "sentence_transformers"
+    assert sorted(f.path for f in chosen.files) == [
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "tokenizer.json",
+    ]

@@ -70,7 +70,7 @@ def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
 async def _checked(request: Request, name: str, ability: str) -> tuple[ModelService, str, int]:
     """check_model for an Ollama name (autoloading it under --autoload): service, uid, ns spent loading."""
     uid, start = tr.model_uid(name), time.perf_counter_ns()
-    service = await check_model(request, uid, ability)
+    service = await check_model(request, uid, ability, name if is_hub_name(name) else None)
     return service, uid, time.perf_counter_ns() - start
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import InvalidRequest
-from shoal.hub.names import HF_PREFIXES
+from shoal.hub.names import HF_PREFIXES, PART
 
 INCOMPLETE = ".shoal.incomplete"
 LAST_USE = ".shoal-last-use"
@@ -59,9 +59,9 @@ def repo_of(name: str) -> str:
     if rest.startswith("models--"):
         rest = rest.removeprefix("models--").replace("--", "/", 1)
     parts = rest.split("/")
-    if len(parts) < 2 or not all(parts[:2]) or ".." in parts[:2]:
+    if len(parts) != 2 or not all(PART.match(p) for p in parts) or ".." in parts:
         raise InvalidRequest(f"{name!r} is not a cached model name (hf.co/ORG/REPO)")
-    return "/".join(parts[:2])
+    return "/".join(parts)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from shoal.errors import InvalidRequest
 
 HF_PREFIXES = ("hf.co/", "huggingface.co/", "https://hf.co/", "https://huggingface.co/")
 MODELSCOPE_PREFIXES = ("modelscope.cn/", "https://modelscope.cn/", "https://www.modelscope.cn/")
-_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the Hub's rule for user and repo names
+PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the Hub's rule for user and repo names
 _QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UID_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -69,7 +69,7 @@ def parse(name: str) -> HubRef | None:
         parts[1], quant = parts[1].split(":", 1)
         if quant.lower() == "latest":  # Ollama's default tag: the repo's default file
             quant = None
-    if len(parts) < 2 or not all(_PART.match(p) for p in parts[:2]):
+    if len(parts) < 2 or not all(PART.match(p) for p in parts[:2]):
         raise InvalidRequest(
             f"{name!r} is not a hub model name: write hf.co/ORG/REPO, hf.co/ORG/REPO:QUANT or "
             "hf.co/ORG/REPO/FILE.gguf"
@@ -79,7 +79,7 @@ def parse(name: str) -> HubRef | None:
     file = None
     if len(parts) > 2:
         file = "/".join(parts[2:])
-        if not file.endswith(".gguf") or not all(_PART.match(p) for p in parts[2:]):
+        if not file.endswith(".gguf") or not all(PART.match(p) for p in parts[2:]):
             raise InvalidRequest(
                 f"{name!r}: a file in a hub name must be a .gguf path (hf.co/ORG/REPO/FILE.gguf); a "
                 "safetensors model is the whole repo, hf.co/ORG/REPO"

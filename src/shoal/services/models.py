@@ -25,6 +25,8 @@ from shoal.engines import registry
 from shoal.engines.options import check_launch_options
 from shoal.errors import (
     Conflict,
+    HubNotFound,
+    HubUnreachable,
     InsufficientMemory,
     InvalidRequest,
     LaunchFailed,
@@ -171,7 +173,12 @@ class ModelService:
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
         if hub is None and (ref := catalog_ref(source)) is not None:  # a catalog model from the hub
-            hub = await self.hubs.resolve(ref, family.model_type)
+            try:
+                hub = await self.hubs.resolve(ref, family.model_type)
+            except (HubUnreachable, HubNotFound):
+                if not isinstance(request, EstimateRequest):
+                    raise
+                # No hub here (and not cached): the estimate falls back on the catalog's size.
         if hub is not None:
             return family, spec, engine, self.hubs.source(hub), hub
         path = local_path(source)  # a missing package or path fails here, with the fix, before any spawn
@@ -331,17 +338,22 @@ class ModelService:
             del self._models[model.uid]
             self.store.delete_model(model.uid)
 
-    async def ensure_ready(self, uid: str) -> None:
-        """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name;
-        the request waits meanwhile."""
+    async def ensure_ready(self, uid: str, name: str | None = None) -> None:
+        """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name
+        (or the hub name `name` under the uid it launches as by default, downloading it if need
+        be); the request waits meanwhile."""
         model = self._models.get(uid)
         if model is None:
+            if name is not None and hub_names.parse(name) is not None:
+                request = LaunchRequest(model_name=name, model_uid=uid)
+            else:
+                try:
+                    self.catalog.get(uid)
+                except ModelNotFound:
+                    return  # the request then answers 404 as usual
+                request = LaunchRequest(model_name=uid)
             try:
-                self.catalog.get(uid)
-            except ModelNotFound:
-                return  # the request then answers 404 as usual
-            try:
-                await self.launch(LaunchRequest(model_name=uid))
+                await self.launch(request)
             except Conflict:
                 pass  # launched by a concurrent request
         elif model.status == "evicted":
