@@ -7,6 +7,7 @@ Shoal's: a missing repo or file 404, a gated or private one 403, an unreachable 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.catalog.estimate import RemoteWeights, gguf_shape
-from shoal.errors import HubAccessDenied, HubNotFound, HubUnreachable, InvalidRequest
+from shoal.errors import HubAccessDenied, HubNotFound, HubUnreachable, InsufficientDisk, InvalidRequest
 from shoal.hub.names import HubRef
 
 GGUF_FIRST_READ = 2 * 1024**2  # the first read of a GGUF header; doubled while it is truncated
@@ -86,7 +87,11 @@ def hub_errors(what: str) -> Iterator[None]:
         if status == 404:
             raise HubNotFound(f"{what} was not found on the hub") from None
         raise HubUnreachable(f"{what}: the hub answered {status}: {_first_line(exc)}") from None
-    except (httpx2.HTTPError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise InsufficientDisk(f"{what}: the cache's disk is full ({exc})") from None
+        raise HubUnreachable(f"{what}: the hub could not be reached ({type(exc).__name__}: {exc})") from None
+    except httpx2.HTTPError as exc:
         raise HubUnreachable(f"{what}: the hub could not be reached ({type(exc).__name__}: {exc})") from None
 
 
