@@ -16,8 +16,10 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,16 +45,23 @@ class FileJob:
     resumed_from: int = 0  # bytes already there when this download started
     started: float | None = None  # when its GET began (time.monotonic)
     etag: str | None = None
-    task: asyncio.Task[Path] | None = None
+    task: asyncio.Future[Path] | None = None
+
+
+class DownloadStopped(HubUnreachable):
+    """The gateway is shutting down: the download stops, its partial blob stays for the next one."""
 
 
 class _Counting:
-    """The partial blob as http_get writes it, counting bytes into the job as they land."""
+    """The partial blob as http_get writes it, counting bytes into the job as they land (and
+    stopping the download, between two chunks, when the gateway shuts down)."""
 
-    def __init__(self, f: BinaryIO, job: FileJob) -> None:
-        self.f, self.job = f, job
+    def __init__(self, f: BinaryIO, job: FileJob, stop: threading.Event) -> None:
+        self.f, self.job, self.stop = f, job, stop
 
     def write(self, data: bytes) -> int:
+        if self.stop.is_set():
+            raise DownloadStopped(f"{self.job.repo}/{self.job.path}: the server stopped; it resumes later")
         n = self.f.write(data)
         self.job.done += len(data)
         return n
@@ -134,6 +143,34 @@ class Pull:
         return cache.snapshot(root, self.repo, self.commit) / target
 
 
+def _in_daemon_thread(fn: Callable[..., Path], *args: Any) -> asyncio.Future[Path]:
+    """Run a download in a daemon thread: a gateway that exits does not wait for it (the partial
+    blob stays, and the next download continues it from its size)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Path] = loop.create_future()
+
+    def settle(result: Path | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting side, whatever it is
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: the gateway has exited
+            pass
+
+    threading.Thread(target=run, name="shoal-download", daemon=True).start()
+    return future
+
+
 def digest(job: FileJob) -> str:
     """Ollama's digest for a file: its sha256 (the LFS etag) when known, else one of its name."""
     etag = job.etag or ""
@@ -147,6 +184,11 @@ class Downloader:
         self.root = root
         self.disk_headroom = disk_headroom
         self._jobs: dict[tuple[str, str, str], FileJob] = {}
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """At shutdown: running downloads stop at their next chunk (their partial blobs stay)."""
+        self._stop.set()
 
     def check_disk(self, repo: str, files: list[RemoteFile]) -> None:
         """Refuse up front (507) a download that would leave less than the headroom free."""
@@ -170,13 +212,13 @@ class Downloader:
             job = self._jobs.get(key)
             if job is None or (job.task is not None and job.task.done() and job.task.exception()):
                 job = FileJob(repo, commit, f.path, f.size)
-                job.task = asyncio.create_task(asyncio.to_thread(self._fetch, job, revision))
+                job.task = _in_daemon_thread(self._fetch, job, revision)
                 job.task.add_done_callback(functools.partial(self._finished, key))
                 self._jobs[key] = job
             jobs.append(job)
         return Pull(name, repo, commit, jobs)
 
-    def _finished(self, key: tuple[str, str, str], task: asyncio.Task[Path]) -> None:
+    def _finished(self, key: tuple[str, str, str], task: asyncio.Future[Path]) -> None:
         if not task.cancelled() and task.exception() is None:
             self._jobs.pop(key, None)  # in the cache now: the next pull finds it there
 
@@ -213,7 +255,7 @@ class Downloader:
                 with part.open("ab") as f, hub_errors(what):
                     http_get(
                         meta.location,
-                        _Counting(f, job),  # type: ignore[arg-type]
+                        _Counting(f, job, self._stop),  # type: ignore[arg-type]
                         resume_size=resume,
                         headers=headers,
                         expected_size=meta.size,

@@ -700,6 +700,7 @@ class ModelService:
         await self.start_replica(model, replica)
 
     async def shutdown(self) -> None:
+        self.hubs.downloads.stop()  # download threads end at their next chunk, resumable
         await self.supervisor.stop()
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()
