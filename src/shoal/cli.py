@@ -447,6 +447,12 @@ def estimate(
     console.print(
         f"context {est.get('context_length')} × {est.get('parallel')} sequences, dtype {est.get('dtype')}"
     )
+    download = result.get("download")
+    if download:
+        state = "in the cache" if download["cached"] else f"{_gib(download['missing_bytes'])} GiB to download"
+        console.print(
+            f"{download['name']} at {download['revision'][:12]}: {state} (read from the hub's metadata)"
+        )
     where = result["placement"]
     if where["fits"]:
         evict = f", after evicting {', '.join(where['evict'])}" if where.get("evict") else ""
