@@ -503,12 +503,20 @@ function specChanged() {
 
 function launchBody() {
   const f = form();
+  const hub = f.hub_name.value.trim();
   const family = currentFamily();
-  if (!family) return null;
-  const spec = family.model_specs[Number(f.spec.value)] || family.model_specs[0];
-  const body = { model_name: family.model_name, model_type: family.model_type, model_format: spec.model_format,
-    quantization: spec.quantization, replica: Number(f.replica.value) || 1 };
-  if (spec.model_size_in_billions !== null) body.model_size_in_billions = pySize(spec.model_size_in_billions);
+  if (!family && !hub) return null;
+  let body;
+  if (hub) {
+    // A hub name: the server reads the repo for its format and kind (rerank must be asked for).
+    body = { model_name: hub, replica: Number(f.replica.value) || 1 };
+    if (f.model_type.value === "rerank") body.model_type = "rerank";
+  } else {
+    const spec = family.model_specs[Number(f.spec.value)] || family.model_specs[0];
+    body = { model_name: family.model_name, model_type: family.model_type, model_format: spec.model_format,
+      quantization: spec.quantization, replica: Number(f.replica.value) || 1 };
+    if (spec.model_size_in_billions !== null) body.model_size_in_billions = pySize(spec.model_size_in_billions);
+  }
   if (f.model_engine.value) body.model_engine = f.model_engine.value;
   // A cluster's devices carry their node ("node-ab12cd34/gpu:0"): that GPU index on that node.
   const [node, local] = f.device.value.includes("/") ? f.device.value.split("/") : [null, f.device.value];
@@ -861,6 +869,7 @@ function init() {
     f[name].addEventListener("input", scheduleEstimate);
     f[name].addEventListener("change", scheduleEstimate);
   }
+  f.hub_name.addEventListener("change", scheduleEstimate);  // on change, not per keystroke: it asks the hub
   $("#launch-form").addEventListener("submit", launch);
   $("#register-form").addEventListener("submit", register);
 
