@@ -138,6 +138,7 @@ def test_bad_names_and_hub_errors_are_clear(shoal: ShoalServer) -> None:
         ("hf.co/test-org/smollm2-gguf:Q8_0", 404, "Q4_1"),  # names the quantizations it has
         ("hf.co/test-org/smollm2-gguf/other.gguf", 404, GGUF_NAME),
         ("hf.co/just-org", 400, "hf.co/ORG/REPO"),
+        ("hf.co/a--b/c", 400, "not a valid hub repo name"),
         ("hf.co/test-org/minilm/model.safetensors", 400, ".gguf"),
         ("modelscope.cn/qwen/Qwen2.5-0.5B", 400, "ModelScope"),
     ]:

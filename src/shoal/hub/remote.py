@@ -71,6 +71,8 @@ def hub_errors(what: str) -> Iterator[None]:
 
     try:
         yield
+    except errors.HFValidationError as exc:  # a repo id the hub's rules refuse ("--", "..", ".git")
+        raise InvalidRequest(f"{what}: not a valid hub repo name ({_first_line(exc)})") from None
     except errors.GatedRepoError as exc:
         raise HubAccessDenied(
             f"{what} is gated: accept its terms on the hub and set HF_TOKEN to a token that has access "
