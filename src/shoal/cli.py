@@ -10,6 +10,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from shoal import settings
@@ -98,7 +106,7 @@ def serve(
 
 @app.command()
 def launch(
-    name: Annotated[str, typer.Argument(help="catalog model name")],
+    name: Annotated[str, typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] (docs/models.md)")],
     endpoint: Endpoint = settings.ENDPOINT.default,
     uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
@@ -147,6 +155,7 @@ def launch(
                 wait_ready=False,
                 **options,
             )
+            state = _show_download(client, model_uid)
             start = time.monotonic()
             with console.status(f"loading {model_uid}...") as status:
                 while (state := client.describe(model_uid))["status"] == "loading":
@@ -159,6 +168,93 @@ def launch(
         console.print(f"[red]{model_uid} failed to load:[/red] {errors}")
         raise typer.Exit(1)
     console.print(f"[green]{model_uid}[/green] ready in {time.monotonic() - start:.1f} s")
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _show_download(client: Client, uid: str) -> dict[str, Any]:
+    """While the model's files download: a progress bar from GET /v1/models/{uid}."""
+    state = client.describe(uid)
+    if state["status"] != "downloading":
+        return state
+    with _progress_bar() as bar:
+        download = state.get("download") or {}
+        task = bar.add_task(f"downloading {download.get('name', uid)}", total=download.get("total_bytes"))
+        while state["status"] == "downloading":
+            download = state.get("download") or {}
+            bar.update(task, completed=download.get("completed_bytes", 0), total=download.get("total_bytes"))
+            time.sleep(0.5)
+            state = client.describe(uid)
+        download = state.get("download") or {}
+        bar.update(task, completed=download.get("completed_bytes", 0))
+    return state
+
+
+@app.command()
+def pull(
+    name: Annotated[
+        str, typer.Argument(help="hf.co/ORG/REPO[:QUANT] or hf.co/ORG/REPO/FILE.gguf, or a catalog name")
+    ],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+    model_type: Annotated[
+        str | None, typer.Option("--type", help="LLM, embedding or rerank (default: from the repo)")
+    ] = None,
+) -> None:
+    """Download a model into the server's cache (SHOAL_MODEL_CACHE) without launching it."""
+    fields = {"model_type": model_type} if model_type else {}
+    last: dict[str, Any] = {}
+    with _client(endpoint) as client, _progress_bar() as bar:
+        task = bar.add_task(f"pulling {name}", total=None)
+        try:
+            for event in client.pull(name, **fields):
+                bar.update(task, completed=event.get("completed_bytes", 0), total=event.get("total_bytes"))
+                last = event
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    console.print(
+        f"[green]{last.get('name', name)}[/green] is in the cache"
+        + (f" ({last['detail']})" if last.get("detail") else "")
+    )
+
+
+@app.command()
+def cached(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
+    """List the models in the server's cache: size, hub, revision, last use, the uids using them."""
+    with _client(endpoint) as client:
+        try:
+            entries = client.cached()
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    table = Table("NAME", "HUB", "REVISION", "SIZE GiB", "LAST USED", "USED BY")
+    for e in entries:
+        last = time.strftime("%F %T", time.localtime(e["last_used"])) if e.get("last_used") else "-"
+        partial = f" (+{_gib(e['incomplete_bytes'])} partial)" if e.get("incomplete_bytes") else ""
+        table.add_row(e["name"], e["hub"], (e.get("revision") or "-")[:12], _gib(e["size_bytes"]) + partial,
+                      last, ",".join(e["model_uids"]) or "-")  # fmt: skip
+    console.print(table)
+
+
+@app.command("rm-cache")
+def rm_cache(
+    name: Annotated[str, typer.Argument(help="hf.co/ORG/REPO, as `shoal cached` lists it")],
+    endpoint: Endpoint = settings.ENDPOINT.default,
+) -> None:
+    """Remove a model's files from the server's cache (refused while a model uses them)."""
+    with _client(endpoint) as client:
+        try:
+            client.remove_cached(name)
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
+    console.print(f"removed {name}")
 
 
 @app.command()
@@ -302,7 +398,7 @@ def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command()
 def estimate(
-    name: Annotated[str, typer.Argument(help="catalog model name")],
+    name: Annotated[str, typer.Argument(help="catalog name or hf.co/ORG/REPO[:QUANT]")],
     endpoint: Endpoint = settings.ENDPOINT.default,
     context_length: Annotated[
         int | None, typer.Option("--context-length", "-c", help="tokens per sequence")
@@ -351,6 +447,12 @@ def estimate(
     console.print(
         f"context {est.get('context_length')} × {est.get('parallel')} sequences, dtype {est.get('dtype')}"
     )
+    download = result.get("download")
+    if download:
+        state = "in the cache" if download["cached"] else f"{_gib(download['missing_bytes'])} GiB to download"
+        console.print(
+            f"{download['name']} at {download['revision'][:12]}: {state} (read from the hub's metadata)"
+        )
     where = result["placement"]
     if where["fits"]:
         evict = f", after evicting {', '.join(where['evict'])}" if where.get("evict") else ""

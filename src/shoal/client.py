@@ -138,5 +138,24 @@ class Client:
     def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self._post("/v1/models/estimate", body))
 
+    def pull(self, model_name: str, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Download a model into the server's cache: its progress objects as they come (status
+        downloading, completed_bytes, total_bytes, rate_bytes_per_s, eta_s), the last one success."""
+        body = {"model_name": model_name, **fields, "stream": True}
+        with self.http.stream("POST", "/v1/cache/models", json=body) as response:
+            _check(response)
+            for line in response.iter_lines():
+                if line.strip():
+                    event = json.loads(line)
+                    if event.get("status") == "failed":
+                        raise ShoalAPIError(502, event.get("error") or "the download failed")
+                    yield event
+
+    def cached(self) -> list[dict[str, Any]]:
+        return list(self._get("/v1/cache/models")["data"])
+
+    def remove_cached(self, name: str) -> dict[str, Any]:
+        return dict(_check(self.http.delete(f"/v1/cache/models/{name}")).json())
+
     def model(self, uid: str) -> ModelHandle:
         return ModelHandle(self, uid)

@@ -3,9 +3,13 @@
 ShoalError                      500  (never raised for anything a client sent)
 ├── InvalidRequest              400  bad field values, unsupported ability
 ├── ModelNotFound               404  unknown model uid or catalog name
+│   └── HubNotFound             404  a hub repo, revision or file that does not exist (names it)
+├── HubAccessDenied             403  a gated or private hub repo this token may not read (HF_TOKEN)
+├── HubUnreachable              502  the hub (HF_ENDPOINT) did not answer, and the cache cannot stand in
 ├── Conflict                    409  a uid already in use
 ├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
 ├── InsufficientMemory          507  no device can hold the model now (the numbers in details)
+├── InsufficientDisk            507  the download does not fit on the cache's disk (the numbers)
 ├── RequestTimeout              504  the runner sent no byte within the deadline
 ├── LaunchFailed                400  the engine refused the model (its reason in the message)
 │   └── NodeLost                400  its Ray node went away (the service places the replica elsewhere)
@@ -87,3 +91,25 @@ class NodeLost(LaunchFailed):
 
 class IllegalTransition(ShoalError):
     """A replica was asked to move between states its lifecycle does not connect."""
+
+
+class HubNotFound(ModelNotFound):
+    code = "hub_not_found"
+
+
+class HubAccessDenied(ShoalError):
+    status = 403
+    type = "permission_error"
+    code = "hub_access_denied"
+
+
+class HubUnreachable(ShoalError):
+    status = 502
+    type = "server_error"
+    code = "hub_unreachable"
+
+
+class InsufficientDisk(ShoalError):
+    status = 507
+    type = "insufficient_storage"
+    code = "disk_full"

@@ -47,7 +47,13 @@ RAY_ADDRESS = Setting(
 MODEL_CACHE = Setting(
     "SHOAL_MODEL_CACHE",
     str(Path.home() / ".cache" / "shoal" / "models"),
-    "on a Ray node: where model files copied from the gateway's node are kept",
+    "where hub downloads (hub/, Hugging Face's cache layout) and, on a Ray node, copied model files are kept",
+)
+DISK_HEADROOM = Setting(
+    "SHOAL_DISK_HEADROOM", "1GiB", "disk left free after a download; a download that needs more is a 507"
+)
+DOWNLOAD_HUB = Setting(
+    "SHOAL_DOWNLOAD_HUB", "huggingface", "hub that catalog models download from (only huggingface is built)"
 )
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 LIVENESS_INTERVAL = Setting(
@@ -86,8 +92,9 @@ MAX_CONNECTIONS_PER_CLIENT = Setting(
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
-    RAY_ADDRESS, MODEL_CACHE, LIVENESS_INTERVAL, LIVENESS_TIMEOUT, FIRST_BYTE_TIMEOUT,
-    HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT,
+    RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
+    FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
 )  # fmt: skip
 
 
@@ -127,4 +134,7 @@ class ServerSettings:
     max_connections_per_client: int | None = field(
         default_factory=lambda: _auto_int(MAX_CONNECTIONS_PER_CLIENT.get())
     )
+    model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
+    disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
+    download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

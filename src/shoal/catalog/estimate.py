@@ -124,7 +124,7 @@ class _Skipped(NamedTuple):
 class _GGUFCursor:
     """Walks a memory-mapped GGUF header without touching the tensor data after it."""
 
-    def __init__(self, buf: mmap.mmap) -> None:
+    def __init__(self, buf: Any) -> None:
         self.buf, self.pos, self.size = buf, 4, "Q"
 
     def take(self, fmt: str) -> Any:
@@ -140,7 +140,7 @@ class _GGUFCursor:
         if self.pos + n > len(self.buf):
             raise ValueError("truncated GGUF header")
         self.pos += n
-        return self.buf[self.pos - n : self.pos].decode("utf-8", "replace") if keep else ""
+        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", "replace") if keep else ""
 
     def value(self, vtype: int) -> Any:
         if vtype == _GGUF_STRING:
@@ -152,6 +152,8 @@ class _GGUFCursor:
                 return [self.take(fmt) for _ in range(count)]
             if fmt:
                 self.pos += count * struct.calcsize("<" + fmt)
+                if self.pos > len(self.buf):
+                    raise ValueError("truncated GGUF header")
             elif etype == _GGUF_STRING:
                 for _ in range(count):
                     self.string(keep=False)
@@ -178,19 +180,27 @@ def read_gguf_shape(path: Path) -> ModelShape:
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        cur = _GGUFCursor(buf)
-        if cur.take("I") == 1:
-            cur.size = "I"  # GGUF v1 used 32-bit counts and lengths
-        n_tensors, n_kv = cur.take(cur.size), cur.take(cur.size)
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            kv[key] = cur.value(cur.take("I"))
-        n_params = 0
-        for _ in range(n_tensors):  # name, dims, type, offset
-            cur.string(keep=False)
-            n_params += math.prod(cur.take(cur.size) for _ in range(cur.take("I")))
-            cur.take("I"), cur.take("Q")
+        return gguf_shape(buf)
+
+
+def gguf_shape(buf: Any) -> ModelShape:
+    """The shape from a GGUF header in `buf` (a memory map, or the first bytes of a remote file read
+    with range requests: a ValueError "truncated GGUF header" means more bytes are needed)."""
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file (it does not start with 'GGUF')")
+    cur = _GGUFCursor(buf)
+    if cur.take("I") == 1:
+        cur.size = "I"  # GGUF v1 used 32-bit counts and lengths
+    n_tensors, n_kv = cur.take(cur.size), cur.take(cur.size)
+    kv: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        kv[key] = cur.value(cur.take("I"))
+    n_params = 0
+    for _ in range(n_tensors):  # name, dims, type, offset
+        cur.string(keep=False)
+        n_params += math.prod(cur.take(cur.size) for _ in range(cur.take("I")))
+        cur.take("I"), cur.take("Q")
     arch = kv.get("general.architecture", "")
 
     def arch_int(key: str) -> int | None:
@@ -268,7 +278,12 @@ def _load_config(folder: Path) -> dict[str, Any]:
 
 def read_hf_shape(folder: Path) -> ModelShape:
     """The shape from config.json (the text part of multimodal configs); parameters from safetensors."""
-    config = _load_config(folder)
+    files = [p for p in _weight_files(folder) if p.suffix == ".safetensors"]
+    return hf_shape(_load_config(folder), _safetensors_tensors(files))
+
+
+def hf_shape(config: dict[str, Any], tensors: list[tuple[str, int, int]]) -> ModelShape:
+    """The shape from a config.json and the safetensors tensors (dtype, elements, bytes)."""
     cfg = config["text_config"] if isinstance(config.get("text_config"), dict) else config
 
     def first(*keys: str) -> int | None:
@@ -279,7 +294,6 @@ def read_hf_shape(folder: Path) -> ModelShape:
         first("num_attention_heads", "n_head", "n_heads"),
         first("hidden_size", "n_embd", "d_model"),
     )
-    files = [p for p in _weight_files(folder) if p.suffix == ".safetensors"]
     return ModelShape(
         n_layers=first("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
         n_kv_heads=first("num_key_value_heads", "num_kv_heads", "n_head_kv")
@@ -287,10 +301,21 @@ def read_hf_shape(folder: Path) -> ModelShape:
         head_dim=first("head_dim") or (hidden // heads if hidden and heads else None),
         hidden_size=hidden,
         vocab_size=first("vocab_size"),
-        n_params=sum(numel for _, numel, _ in _safetensors_tensors(files)) or None,
+        n_params=sum(numel for _, numel, _ in tensors) or None,
         context_length=first("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
         source="config.json",
     )
+
+
+@dataclass(frozen=True)
+class RemoteWeights:
+    """What a hub's metadata says of weights not downloaded yet: their bytes (the file list), and
+    the GGUF header's shape, or config.json and the safetensors headers (read with range requests)."""
+
+    weights: int
+    gguf: ModelShape | None = None
+    config: dict[str, Any] | None = None
+    tensors: tuple[tuple[str, int, int], ...] = ()
 
 
 # ---- the estimate -------------------------------------------------------------------------------
@@ -345,16 +370,30 @@ def _folder_weights(
     """(bytes, dtype) of a folder's weights in the dtype they will be loaded in; 0 when there are none."""
     folder = path if path.is_dir() else path.parent
     files = _weight_files(folder) if path.is_dir() else [path]
-    shape, config, tensors = None, {}, []
+    config: dict[str, Any] = {}
+    tensors: list[tuple[str, int, int]] = []
     try:
         config = _load_config(folder)
-        shape = read_hf_shape(folder)
     except (OSError, ValueError) as exc:
         notes.append(f"could not read the model's config ({exc})")
     try:
         tensors = _safetensors_tensors([p for p in files if p.suffix == ".safetensors"])
     except (OSError, ValueError) as exc:
         notes.append(str(exc))
+    stored_bytes = sum(p.stat().st_size for p in files)
+    return _cast_weights(stored_bytes, config, tensors, engine, dtype, notes)
+
+
+def _cast_weights(
+    weights: int,
+    config: dict[str, Any],
+    tensors: list[tuple[str, int, int]],
+    engine: str,
+    dtype: str | None,
+    notes: list[str],
+) -> tuple[int, str | None, ModelShape | None]:
+    """Stored weight bytes as loaded in the engine's dtype, the dtype, and the shape."""
+    shape = hf_shape(config, tensors) if config else None
     by_dtype: dict[str, int] = {}
     for dt, _, nbytes in tensors:
         if canon := _canon_dtype(dt):
@@ -367,7 +406,6 @@ def _folder_weights(
         notes.append(f"dtype {dtype!r} not recognised: weights counted as stored")
     if target is None and engine == "vllm" and stored == "float32":
         target = "float16"  # vLLM's dtype="auto" runs float32 checkpoints in float16
-    weights = sum(p.stat().st_size for p in files)
     if weights and target and stored and target != stored:
         if tensors:  # only floating-point tensors are cast; packed integer weights stay as they are
             weights = sum(n * _DTYPE_BYTES[target] if _canon_dtype(dt) else b for dt, n, b in tensors)
@@ -405,8 +443,10 @@ def estimate(
     dtype: str | None = None,
     kv_cache_dtype: str | None = None,
     on_gpu: bool = True,
+    remote: RemoteWeights | None = None,
 ) -> Estimate:
-    """Bytes one replica needs: from its files when local, else from the catalog size (noted).
+    """Bytes one replica needs: from its files when local, from the hub's metadata (`remote`) when
+    not downloaded yet, else from the catalog size (noted).
 
     Raises ValueError when there are neither local weights nor a size: placement must not see 0.
     """
@@ -427,6 +467,15 @@ def estimate(
             notes.append(f"could not read the GGUF header ({exc})")
     elif path is not None:
         weights, label, shape = _folder_weights(path, engine, dtype, notes)
+    elif remote is not None and remote.gguf is not None:
+        weights, shape = remote.weights, remote.gguf
+        label = quant if quant.lower() != "none" else "gguf"
+        notes.append("read from the hub before download: file sizes and the GGUF header")
+    elif remote is not None:
+        weights, label, shape = _cast_weights(
+            remote.weights, remote.config or {}, list(remote.tensors), engine, dtype, notes
+        )
+        notes.append("read from the hub before download: file sizes, config.json, safetensors headers")
     if not weights:
         if not size_in_billions:
             raise ValueError("cannot estimate memory: no local weights and no model_size_in_billions")

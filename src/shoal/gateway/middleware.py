@@ -251,6 +251,7 @@ def _needed_scope(method: str, path: str) -> str | None:
         (path.startswith("/v1/models") and path != "/v1/models/estimate")
         or path.startswith("/v1/model_registrations")
         or path.startswith("/v1/keys")
+        or path.startswith("/v1/cache/")
         or path in OLLAMA_ADMIN_PATHS
     ):
         return "admin"

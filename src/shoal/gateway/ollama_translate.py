@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ import orjson
 
 from shoal.errors import InvalidRequest
 from shoal.gateway.upstream import upstream_error
+from shoal.hub import names as hub_names
 from shoal.protocol.ollama import Format
 from shoal.protocol.ollama import OllamaChatRequest as ChatRequest
 from shoal.protocol.ollama import OllamaEmbeddingsRequest as EmbeddingsRequest
@@ -40,7 +41,12 @@ FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "content_fil
 
 
 def model_uid(name: str) -> str:
-    """Ollama names carry a tag: NAME and NAME:latest are both the model with uid NAME."""
+    """Ollama names carry a tag: NAME and NAME:latest are both the model with uid NAME; a hub name
+    (hf.co/ORG/REPO:QUANT) is the model its launch named by default (hub.names.HubRef.default_uid)."""
+    if hub_names.is_hub_name(name):
+        ref = hub_names.parse(name)
+        assert ref is not None
+        return ref.default_uid()
     return name.removesuffix(LATEST)
 
 
@@ -389,3 +395,24 @@ def show(model: RunningModel, context_length: int) -> dict[str, Any]:
         "capabilities": list(dict.fromkeys(abilities)),
         "modified_at": now_iso(datetime.fromtimestamp(model.created, UTC)),
     }
+
+
+# ---- /api/pull -----------------------------------------------------------------------------------
+async def pull_lines(progress: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Shoal's pull progress as Ollama's lines: "pulling manifest", then per file "pulling
+    DIGEST12" with digest, total and completed, then "verifying sha256 digest", "writing
+    manifest" and "success" (or {"error": ...})."""
+    yield {"status": "pulling manifest"}
+    last: dict[str, Any] = {}
+    async for step in progress:
+        last = step
+        for f in step.get("files", []):
+            digest = f["digest"]
+            yield {"status": f"pulling {digest.removeprefix('sha256:')[:12]}", "digest": digest,
+                   "total": f["size"], "completed": f["completed"]}  # fmt: skip
+    if last.get("status") == "failed":
+        yield {"error": last.get("error") or "the download failed"}
+        return
+    yield {"status": "verifying sha256 digest"}
+    yield {"status": "writing manifest"}
+    yield {"status": "success"}

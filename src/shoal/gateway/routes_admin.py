@@ -6,12 +6,14 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from shoal.gateway import observability
-from shoal.protocol.admin import EstimateRequest, LaunchRequest, RegisterRequest
+from shoal.protocol.admin import EstimateRequest, LaunchRequest, PullRequest, RegisterRequest
+from shoal.services.hubs import pull_progress
 from shoal.services.models import ModelService
 from shoal.services.proxy import forward
 
@@ -142,3 +144,35 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(
         await asyncio.to_thread(observability.scrape, _service(request)), media_type=CONTENT_TYPE_LATEST
     )
+
+
+# ---- the hub cache ------------------------------------------------------------------------------
+NDJSON = "application/x-ndjson"
+
+
+@router.post("/v1/cache/models")
+async def pull_model(request: Request, body: PullRequest) -> Response:
+    """Download a model into the cache without launching it: NDJSON progress lines (status
+    downloading, completed_bytes, total_bytes, rate, ETA), then status success or failed."""
+    service = _service(request)
+    name, hub, pull = await service.pull(body)  # a missing or gated repo, a full disk: an error now
+    lines = pull_progress(service.hubs, name, hub, pull)
+    if not body.stream:
+        last: dict[str, Any] = {}
+        async for line in lines:
+            last = line
+        return Response(orjson.dumps(last), media_type="application/json")
+    return StreamingResponse((orjson.dumps(line) + b"\n" async for line in lines), media_type=NDJSON)
+
+
+@router.get("/v1/cache/models")
+async def cached_models(request: Request) -> dict[str, Any]:
+    """Each model in the cache: size, hub, revision, last use, the uids using it."""
+    service = _service(request)
+    return {"cache": str(service.hubs.root), "data": await asyncio.to_thread(service.cached)}
+
+
+@router.delete("/v1/cache/models/{name:path}")
+async def remove_cached(request: Request, name: str) -> dict[str, Any]:
+    """Remove a model's files from the cache (409 while a model uses them or they download)."""
+    return await asyncio.to_thread(_service(request).remove_cached, name)

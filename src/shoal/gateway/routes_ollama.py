@@ -33,8 +33,11 @@ from shoal.gateway.routes_openai import (
     record_tokens,
 )
 from shoal.gateway.upstream import runner_error, sse_chunks
+from shoal.hub.names import is_hub_name
 from shoal.protocol import ollama as protocol
+from shoal.protocol.admin import PullRequest
 from shoal.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shoal.services.hubs import pull_progress
 from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
 from shoal.units import parse_duration
@@ -67,7 +70,7 @@ def _openai(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
 async def _checked(request: Request, name: str, ability: str) -> tuple[ModelService, str, int]:
     """check_model for an Ollama name (autoloading it under --autoload): service, uid, ns spent loading."""
     uid, start = tr.model_uid(name), time.perf_counter_ns()
-    service = await check_model(request, uid, ability)
+    service = await check_model(request, uid, ability, name if is_hub_name(name) else None)
     return service, uid, time.perf_counter_ns() - start
 
 
@@ -299,3 +302,23 @@ async def delete(request: Request) -> Response:
     body, _ = await parse_body(request, protocol.OllamaModelRequest)
     await _service(request).terminate(tr.model_uid(body.target))
     return Response(status_code=200)
+
+
+@router.post("/pull", openapi_extra=body_schema(protocol.OllamaPullRequest))
+async def pull(request: Request) -> Response:
+    """Download into the cache (a hub name, hf.co/ORG/REPO:QUANT, or a catalog name from a hub),
+    with Ollama's progress lines: pulling manifest, pulling DIGEST (total, completed) per file,
+    verifying sha256 digest, writing manifest, success."""
+    body, _ = await parse_body(request, protocol.OllamaPullRequest)
+    service = _service(request)
+    target = body.target if is_hub_name(body.target) else tr.model_uid(body.target)
+    name, hub, started = await service.pull(
+        PullRequest(model_name=target)
+    )  # a missing or gated repo: the error now
+    lines = tr.pull_lines(pull_progress(service.hubs, name, hub, started))
+    if not body.stream:
+        last: dict[str, Any] = {}
+        async for line in lines:
+            last = line
+        return _error(502, last["error"]) if "error" in last else JSONResponse(last)
+    return StreamingResponse((orjson.dumps(line) + b"\n" async for line in lines), media_type=NDJSON)

@@ -52,13 +52,13 @@ async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
-async def check_model(request: Request, uid: str, ability: str) -> ModelService:
-    """The model exists (loading it first under --autoload, or when a client unloaded it) and can
-    do this."""
+async def check_model(request: Request, uid: str, ability: str, name: str | None = None) -> ModelService:
+    """The model exists (loading it first under --autoload, or when a client unloaded it; `name`:
+    the hub name an Ollama client asked for, launched under `uid`) and can do this."""
     service: ModelService = request.app.state.models
     request.state.model_requested = uid  # logged (clipped) if it turns out unknown
     if service.settings.autoload or service.parked(uid):
-        await service.ensure_ready(uid)
+        await service.ensure_ready(uid, name)
     running = service.get(uid)
     request.state.model = uid  # a model that exists: the metrics' and access log's model label
     if ability not in running.family.model_ability:

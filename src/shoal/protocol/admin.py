@@ -58,6 +58,7 @@ class LaunchRequest(BaseModel):
     worker_ip: str | None = Field(
         None, description="Ray cluster: only on this node (its IP, name node-xxxxxxxx or Ray node id)"
     )
+    download_hub: str | None = Field(None, description="Xinference's: the hub to download from (huggingface)")
 
     def engine_options(self) -> dict[str, Any]:
         extra = dict(self.model_extra or {})
@@ -87,6 +88,24 @@ class EstimateRequest(BaseModel):
     gpu_memory: str | int | None = None
     replica: int = Field(1, ge=1, le=64)
     worker_ip: str | None = Field(None, description="Ray cluster: where it would go on this node")
+    model_type: str | None = None
+    download_hub: str | None = None
+
+
+class PullRequest(BaseModel):
+    """POST /v1/cache/models: download a model into the cache (a hub name, or a catalog name
+    whose weights come from a hub), streaming progress as NDJSON unless stream is false."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str = Field(min_length=1, max_length=1000)
+    model_type: str | None = None
+    model_format: str | None = None
+    quantization: str | None = None
+    model_size_in_billions: float | int | str | None = None
+    model_engine: str | None = None
+    download_hub: str | None = None
+    stream: bool = True
 
 
 class RegisterRequest(BaseModel):

@@ -143,6 +143,15 @@ class OllamaModelRequest(_Body):
         return self.model or self.name or ""
 
 
+class OllamaPullRequest(OllamaModelRequest):
+    """/api/pull: `model` (or `name`), `insecure` (accepted, unused: the hub's TLS is the client's),
+    `stream` (progress lines, default true)."""
+
+    insecure: bool = False
+    stream: bool = True
+
+
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     OllamaChatRequest, OllamaGenerateRequest, OllamaEmbedRequest, OllamaEmbeddingsRequest, OllamaModelRequest,
+    OllamaPullRequest,
 )  # fmt: skip

@@ -25,6 +25,8 @@ from shoal.engines import registry
 from shoal.engines.options import check_launch_options
 from shoal.errors import (
     Conflict,
+    HubNotFound,
+    HubUnreachable,
     InsufficientMemory,
     InvalidRequest,
     LaunchFailed,
@@ -33,7 +35,10 @@ from shoal.errors import (
     ShoalError,
 )
 from shoal.hosts import Host
-from shoal.protocol.admin import EstimateRequest, LaunchRequest
+from shoal.hub import names as hub_names
+from shoal.hub.download import Pull
+from shoal.hub.resolve import HubModel
+from shoal.protocol.admin import EstimateRequest, LaunchRequest, PullRequest
 from shoal.runners.config import RunnerConfig
 from shoal.scheduler import (
     Decision,
@@ -48,6 +53,7 @@ from shoal.scheduler import (
     place,
 )
 from shoal.services import ledger
+from shoal.services.hubs import HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
@@ -97,6 +103,7 @@ class ModelService:
             settings.liveness_interval,
             settings.liveness_timeout,
         )
+        self.hubs = HubService(settings)
         self._placing = asyncio.Lock()  # one placement decision at a time
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
 
@@ -128,11 +135,23 @@ class ModelService:
             self.supervisor.check(model, replica)
 
     # ---- launch / terminate ----------------------------------------------------------------
-    def _resolve(
-        self, request: LaunchRequest | EstimateRequest, model_type: str | None, model_path: str | None
-    ) -> tuple[ModelFamily, ModelSpec, str, Source]:
+    async def _resolve(
+        self,
+        request: LaunchRequest | EstimateRequest | PullRequest,
+        model_type: str | None,
+        model_path: str | None,
+    ) -> tuple[ModelFamily, ModelSpec, str, Source, HubModel | None]:
+        """The family, spec, engine and source of a launch, and for hub weights what the hub (or
+        the cache) says of them: nothing is downloaded here."""
         assert request.model_name is not None
-        family = self.catalog.get(request.model_name, model_type)
+        check_hub(request.download_hub or self.hubs.default_hub)
+        ref = hub_names.parse(request.model_name)  # a malformed hub name or ModelScope: 400
+        if ref is not None and model_path:
+            raise InvalidRequest("model_path names local weights; a hub name names the hub's: give one")
+        hub = await self.hubs.resolve(ref, model_type) if ref is not None else None
+        family = (
+            self.hubs.family(hub) if hub is not None else self.catalog.get(request.model_name, model_type)
+        )
         try:
             spec = family.pick_spec(
                 request.model_format, request.quantization, request.model_size_in_billions
@@ -145,17 +164,27 @@ class ModelService:
         engine = registry.canonical(engine_name, spec.model_format)
         if isinstance(request, LaunchRequest):  # bad engine options are refused before any planning
             check_launch_options(engine, request.engine_options())
-        else:  # an estimate's extras are not all engine options: only the values of known ones
+        elif isinstance(request, EstimateRequest):  # an estimate's extras: only the values of known ones
             check_launch_options(
                 None, {k: v for k, v in (request.model_extra or {}).items() if v is not None}
             )
-        registry.check_installed(engine)
+        if not isinstance(request, PullRequest):
+            registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
+        if hub is None and (ref := catalog_ref(source)) is not None:  # a catalog model from the hub
+            try:
+                hub = await self.hubs.resolve(ref, family.model_type)
+            except (HubUnreachable, HubNotFound):
+                if not isinstance(request, EstimateRequest):
+                    raise
+                # No hub here (and not cached): the estimate falls back on the catalog's size.
+        if hub is not None:
+            return family, spec, engine, self.hubs.source(hub), hub
         path = local_path(source)  # a missing package or path fails here, with the fix, before any spawn
         if source.path and path is not None:
             check_weights(path, spec.model_format)  # a path that holds no weights of this format: 400
-        return family, spec, engine, source
+        return family, spec, engine, source, None
 
     async def _plan(
         self,
@@ -164,6 +193,7 @@ class ModelService:
         family: ModelFamily,
         spec: ModelSpec,
         source: Source,
+        hub: HubModel | None = None,
     ) -> LaunchPlan:
         snapshot = await asyncio.to_thread(self.host.snapshot)
         options = (
@@ -181,28 +211,78 @@ class ModelService:
             snapshot.devices,
             self.settings.cpu_cores_per_model,
             options,
+            hub.weights if hub is not None else None,
         )
 
     async def launch(
         self, request: LaunchRequest, wait: bool = True, preferred: list[list[str]] | None = None
     ) -> RunningModel:
-        family, spec, engine, source = self._resolve(request, request.model_type, request.model_path)
-        uid = request.model_uid or family.model_name
+        family, spec, engine, source, hub = await self._resolve(
+            request, request.model_type, request.model_path
+        )
+        named = hub_names.parse(request.model_name)
+        uid = request.model_uid or (named.default_uid() if named is not None else family.model_name)
         self._check_free(uid)
         keep_alive = keep_alive_seconds(request.keep_alive, self.settings.keep_alive)
-        plan = await self._plan(request, engine, family, spec, source)
+        plan = await self._plan(request, engine, family, spec, source, hub)
+        pull = None
+        if hub is not None and hub.local is None:
+            # Before a byte of weights: a model that cannot fit is a 507 now, not after the download.
+            if request.queue_timeout == 0:
+                probe = self._probe(uid, family, spec, engine, source, request, plan)
+                async with self._placing:
+                    decision, _ = await self._decide(probe, probe.replicas[0])
+                if isinstance(decision, NoFit):
+                    message = ledger.explain(uid, decision, [], ledger.blocked_reasons(self.running()))
+                    raise InsufficientMemory(message, ledger.nofit_details(decision))
+            pull = self.hubs.start(hub)  # the disk is checked first (507)
         await self._take_uid(uid)  # again: it may have been taken while the estimate was read
         replicas = [Replica(i) for i in range(request.replica)]
         model = RunningModel(uid, family, spec, engine, source, request, plan, keep_alive, replicas,
-                             preferred=preferred or [])  # fmt: skip
+                             preferred=preferred or [], download=pull)  # fmt: skip
         self._models[uid] = model
-        # Desired state first: a server that restarts mid-launch brings the model back.
+        # Desired state first: a server that restarts mid-launch (or mid-download) brings the model
+        # back, and the download resumes where it stopped.
         self.store.save_model(uid, request.model_dump(mode="json", exclude_none=True) | {"model_uid": uid})
         if not wait:  # the caller polls GET /v1/models/{uid}; a failure stays visible there
-            self.supervisor.spawn(self._bring_up(model, model.replicas, forget_on_failure=False))
+            self.supervisor.spawn(self._fetch_then_bring_up(model, hub, forget_on_failure=False))
             return model
-        await self._bring_up(model, model.replicas, forget_on_failure=True)
+        await self._fetch_then_bring_up(model, hub, forget_on_failure=True)
         return model
+
+    async def _fetch_then_bring_up(
+        self, model: RunningModel, hub: HubModel | None, forget_on_failure: bool
+    ) -> None:
+        """The download (when there is one), then placement and the runners: the launch timeout
+        starts once the files are in."""
+        if model.download is not None and hub is not None:
+            try:
+                model.source = await self.hubs.fetch(hub, model.download)
+            except ShoalError as exc:
+                if self._models.get(model.uid) is model:
+                    await self._fail(
+                        model, f"download of {hub.ref.name} failed: {exc.message}", forget_on_failure
+                    )
+                raise
+            if self._models.get(model.uid) is not model:
+                return  # terminated while it downloaded; the files stay in the cache
+        await self._bring_up(model, model.replicas, forget_on_failure)
+
+    def _probe(
+        self,
+        uid: str,
+        family: ModelFamily,
+        spec: ModelSpec,
+        engine: str,
+        source: Source,
+        request: LaunchRequest | EstimateRequest,
+        plan: LaunchPlan,
+    ) -> RunningModel:
+        """A model that is not launched, to ask the scheduler where it would go."""
+        launch = LaunchRequest(model_name=family.model_name, worker_ip=request.worker_ip)
+        return RunningModel(
+            uid, family, spec, engine, source, launch, plan, self.settings.keep_alive, [Replica(0)]
+        )
 
     def _check_free(self, uid: str) -> None:
         held = self._models.get(uid)
@@ -258,17 +338,22 @@ class ModelService:
             del self._models[model.uid]
             self.store.delete_model(model.uid)
 
-    async def ensure_ready(self, uid: str) -> None:
-        """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name;
-        the request waits meanwhile."""
+    async def ensure_ready(self, uid: str, name: str | None = None) -> None:
+        """Autoload (Ollama-style): bring back an evicted model, or launch a catalog model by name
+        (or the hub name `name` under the uid it launches as by default, downloading it if need
+        be); the request waits meanwhile."""
         model = self._models.get(uid)
         if model is None:
+            if name is not None and hub_names.parse(name) is not None:
+                request = LaunchRequest(model_name=name, model_uid=uid)
+            else:
+                try:
+                    self.catalog.get(uid)
+                except ModelNotFound:
+                    return  # the request then answers 404 as usual
+                request = LaunchRequest(model_name=uid)
             try:
-                self.catalog.get(uid)
-            except ModelNotFound:
-                return  # the request then answers 404 as usual
-            try:
-                await self.launch(LaunchRequest(model_name=uid))
+                await self.launch(request)
             except Conflict:
                 pass  # launched by a concurrent request
         elif model.status == "evicted":
@@ -449,20 +534,10 @@ class ModelService:
     async def estimate(self, request: EstimateRequest) -> dict[str, Any]:
         """The estimate and where it would go now, without launching anything."""
         if request.model_name is None:
-            raise InvalidRequest("model_name is required (a catalog name)")
-        family, spec, engine, source = self._resolve(request, None, None)
-        plan = await self._plan(request, engine, family, spec, source)
-        probe = RunningModel(
-            "(estimate)",
-            family,
-            spec,
-            engine,
-            source,
-            LaunchRequest(model_name=family.model_name, worker_ip=request.worker_ip),
-            plan,
-            self.settings.keep_alive,
-            [Replica(0)],
-        )
+            raise InvalidRequest("model_name is required (a catalog name or a hub name, hf.co/ORG/REPO)")
+        family, spec, engine, source, hub = await self._resolve(request, request.model_type, None)
+        plan = await self._plan(request, engine, family, spec, source, hub)
+        probe = self._probe("(estimate)", family, spec, engine, source, request, plan)
         async with self._placing:
             decision, _ = await self._decide(probe, probe.replicas[0])
         where: dict[str, Any]
@@ -489,7 +564,32 @@ class ModelService:
             "n_devices": plan.n_devices,
             "estimate": plan.breakdown,
             "placement": where,
+            "download": None
+            if hub is None
+            else {
+                "name": hub.ref.name,
+                "revision": hub.commit,
+                "cached": hub.local is not None,
+                "total_bytes": hub.selection.total,
+                "missing_bytes": sum(f.size for f in hub.missing),
+            },
         }
+
+    # ---- the hub cache -------------------------------------------------------------------------
+    async def pull(self, request: PullRequest) -> tuple[str, HubModel | None, Pull | None]:
+        """Download a model's files into the cache without launching it: (its name, what the hub
+        says of it, the download; None when the files are already there). A model whose weights
+        are local (a package, a path) has nothing to download: (name, None, None)."""
+        family, _, _, _, hub = await self._resolve(request, request.model_type, None)
+        if hub is None:
+            return family.model_name, None, None
+        return hub.ref.name, hub, self.hubs.start(hub) if hub.local is None else None
+
+    def cached(self) -> list[dict[str, Any]]:
+        return self.hubs.cached(self._models.values())
+
+    def remove_cached(self, name: str) -> dict[str, Any]:
+        return self.hubs.remove(name, self._models.values())
 
     async def devices(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.devices_now)
@@ -600,6 +700,7 @@ class ModelService:
         await self.start_replica(model, replica)
 
     async def shutdown(self) -> None:
+        self.hubs.downloads.stop()  # download threads end at their next chunk, resumable
         await self.supervisor.stop()
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()

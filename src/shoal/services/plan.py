@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
-from shoal.catalog.estimate import Estimate, estimate
+from shoal.catalog.estimate import Estimate, RemoteWeights, estimate
 from shoal.catalog.resolve import local_path
 from shoal.devices import Device
 from shoal.engines.base import ESTIMATE_DEFAULTS
@@ -71,6 +71,7 @@ def estimate_model(
     parallel: int | None = None,
     dtype: str | None = None,
     kv_cache_dtype: str | None = None,
+    remote: RemoteWeights | None = None,
 ) -> Estimate:
     defaults = ESTIMATE_DEFAULTS.get(engine, ESTIMATE_DEFAULTS["transformers"])
     context = context_length or options.get(defaults["context_option"] or "", None) or defaults["context"]
@@ -90,6 +91,7 @@ def estimate_model(
         dtype=dtype or options.get("dtype") or options.get("torch_dtype"),
         kv_cache_dtype=kv_cache_dtype,
         on_gpu=on_gpu,
+        remote=remote if path is None else None,
     )
 
 
@@ -102,8 +104,10 @@ def plan_launch(
     devices: list[Device],
     default_cores: int,
     options: dict[str, Any],
+    remote: RemoteWeights | None = None,
 ) -> LaunchPlan:
-    """`request` is a LaunchRequest or an EstimateRequest (both carry the placement fields)."""
+    """`request` is a LaunchRequest or an EstimateRequest (both carry the placement fields);
+    `remote` is what the hub says of weights not downloaded yet."""
     gpus = [d for d in devices if d.kind == "gpu"]
     kind, n_devices, allowed = device_kind(request.n_gpu, request.gpu_idx, request.device, gpus)
     est = estimate_model(
@@ -117,6 +121,7 @@ def plan_launch(
         parallel=getattr(request, "parallel", None),
         dtype=getattr(request, "dtype", None),
         kv_cache_dtype=getattr(request, "kv_cache_dtype", None),
+        remote=remote,
     )
     runtime = 0 if kind == "gpu" else ESTIMATE_DEFAULTS.get(engine, {}).get("cpu_runtime_bytes", 0)
     # Engines that split a model put 1/N of it on each GPU; every process pays its own CUDA context.

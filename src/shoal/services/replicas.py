@@ -24,6 +24,7 @@ from shoal.services.plan import LaunchPlan
 
 if TYPE_CHECKING:
     from shoal.hosts import RunnerHandle
+    from shoal.hub.download import Pull
     from shoal.services.ledger import Reservation
 
 
@@ -123,6 +124,7 @@ class RunningModel:
     limiter: asyncio.Semaphore | None = None
     turn: Iterator[int] = field(default_factory=itertools.count)
     parked: bool = False  # unloaded at a client's request (Ollama's keep_alive 0): a request reloads it
+    download: Pull | None = None  # its files coming from a hub (status "downloading" meanwhile)
 
     def __post_init__(self) -> None:
         if self.request.request_limits:
@@ -136,6 +138,8 @@ class RunningModel:
     @property
     def status(self) -> str:
         states = {r.state for r in self.replicas}
+        if self.download is not None and self.download.active and ReplicaState.STARTING in states:
+            return "downloading"
         if ReplicaState.READY in states:
             return "ready"
         if states & {ReplicaState.STARTING, ReplicaState.RESTARTING}:
@@ -168,4 +172,5 @@ class RunningModel:
             "keep_alive": self.keep_alive,
             "estimate": self.plan.breakdown,
             "replicas": [r.describe() for r in self.replicas],
+            "download": self.download.progress() if self.download is not None else None,
         }

@@ -321,6 +321,16 @@ function keepAliveText(m) {
   return m.keep_alive < 0 ? "never evicted" : duration(m.keep_alive);
 }
 
+function downloadBar(d) {
+  // The model's files coming from the hub: a bar, bytes done of total, rate and time left.
+  if (!d) return null;
+  const rate = d.rate_bytes_per_s ? `, ${bytes(d.rate_bytes_per_s)}/s` : "";
+  const eta = d.eta_s != null && d.eta_s > 0 ? `, ${duration(d.eta_s)} left` : "";
+  return el("div", { class: "download" },
+    el("progress", { max: String(d.total_bytes || 1), value: String(d.completed_bytes || 0) }),
+    el("div", { class: "muted", text: `${bytes(d.completed_bytes)} / ${bytes(d.total_bytes)}${rate}${eta}` }));
+}
+
 function renderModels(models) {
   lastModels = models;
   const body = $("#models-body");
@@ -335,7 +345,7 @@ function renderModels(models) {
       const first = i === 0;
       const span = replicas.length;
       const busy = pending.get(m.model_uid);
-      const state = r ? r.state : m.status;
+      const state = m.status === "downloading" ? "downloading" : r ? r.state : m.status;
       const memory = r ? `${bytes(r.reserved_bytes)} / ${bytes(r.measured_bytes)}` : "–";
       rows.push(el("tr", { "data-uid": m.model_uid },
         first ? el("td", { rowspan: span }, el("b", { text: m.model_uid })) : null,
@@ -345,6 +355,7 @@ function renderModels(models) {
         el("td", { text: r ? "#" + r.index : "–" }),
         el("td", { text: (r && r.device) || "–" }),
         el("td", {}, el("span", { class: "state " + state, text: state }),
+          first && state === "downloading" ? downloadBar(m.download) : null,
           r && r.last_error ? el("div", { class: "error", text: r.last_error }) : null),
         el("td", { class: "num", text: memory }),
         el("td", { class: "num", text: r ? String(r.in_flight) : "–" }),
@@ -492,12 +503,20 @@ function specChanged() {
 
 function launchBody() {
   const f = form();
+  const hub = f.hub_name.value.trim();
   const family = currentFamily();
-  if (!family) return null;
-  const spec = family.model_specs[Number(f.spec.value)] || family.model_specs[0];
-  const body = { model_name: family.model_name, model_type: family.model_type, model_format: spec.model_format,
-    quantization: spec.quantization, replica: Number(f.replica.value) || 1 };
-  if (spec.model_size_in_billions !== null) body.model_size_in_billions = pySize(spec.model_size_in_billions);
+  if (!family && !hub) return null;
+  let body;
+  if (hub) {
+    // A hub name: the server reads the repo for its format and kind (rerank must be asked for).
+    body = { model_name: hub, replica: Number(f.replica.value) || 1 };
+    if (f.model_type.value === "rerank") body.model_type = "rerank";
+  } else {
+    const spec = family.model_specs[Number(f.spec.value)] || family.model_specs[0];
+    body = { model_name: family.model_name, model_type: family.model_type, model_format: spec.model_format,
+      quantization: spec.quantization, replica: Number(f.replica.value) || 1 };
+    if (spec.model_size_in_billions !== null) body.model_size_in_billions = pySize(spec.model_size_in_billions);
+  }
   if (f.model_engine.value) body.model_engine = f.model_engine.value;
   // A cluster's devices carry their node ("node-ab12cd34/gpu:0"): that GPU index on that node.
   const [node, local] = f.device.value.includes("/") ? f.device.value.split("/") : [null, f.device.value];
@@ -850,6 +869,7 @@ function init() {
     f[name].addEventListener("input", scheduleEstimate);
     f[name].addEventListener("change", scheduleEstimate);
   }
+  f.hub_name.addEventListener("change", scheduleEstimate);  // on change, not per keystroke: it asks the hub
   $("#launch-form").addEventListener("submit", launch);
   $("#register-form").addEventListener("submit", register);
 

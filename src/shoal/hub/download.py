@@ -1,0 +1,267 @@
+"""Downloads of hub files into the cache, in the gateway (never in a runner): one download per file
+however many launches or pulls want it, resumed from what an interrupted one left (a stable
+`ETAG.shoal.incomplete` blob continued with a Range request, after a failure or a restart), with
+progress per model: bytes done, total, rate, ETA.
+
+The bytes move through `huggingface_hub`'s own `get_hf_file_metadata` (HEAD: etag, size, where)
+and `http_get` (GET, resuming at an offset, retrying a dropped connection), so HF_ENDPOINT,
+HF_TOKEN and proxies apply; each file lands in Hugging Face's cache layout (hub/cache.py). A file
+lock beside each partial blob keeps two gateways sharing one cache from writing it together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
+
+from shoal.errors import HubUnreachable, InsufficientDisk, ShoalError
+from shoal.hub import cache
+from shoal.hub.remote import RemoteFile, hub_errors
+
+log = logging.getLogger("shoal.hub")
+RATE_WINDOW = 10.0  # seconds of progress the rate is measured over (else the mean since the start)
+
+
+@dataclass
+class FileJob:
+    """One file's download, shared by every pull that needs it."""
+
+    repo: str
+    commit: str
+    path: str
+    size: int
+    done: int = 0
+    resumed_from: int = 0  # bytes already there when this download started
+    started: float | None = None  # when its GET began (time.monotonic)
+    etag: str | None = None
+    task: asyncio.Future[Path] | None = None
+
+
+class DownloadStopped(HubUnreachable):
+    """The gateway is shutting down: the download stops, its partial blob stays for the next one."""
+
+
+class _Counting:
+    """The partial blob as http_get writes it, counting bytes into the job as they land (and
+    stopping the download, between two chunks, when the gateway shuts down)."""
+
+    def __init__(self, f: BinaryIO, job: FileJob, stop: threading.Event) -> None:
+        self.f, self.job, self.stop = f, job, stop
+
+    def write(self, data: bytes) -> int:
+        if self.stop.is_set():
+            raise DownloadStopped(f"{self.job.repo}/{self.job.path}: the server stopped; it resumes later")
+        n = self.f.write(data)
+        self.job.done += len(data)
+        return n
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:  # the server ignored Range: start over
+        n = self.f.truncate(size)
+        self.job.done = n
+        return n
+
+
+@dataclass
+class Pull:
+    """The download of one model's files: what GET /v1/models/{uid} and the pull routes show."""
+
+    name: str
+    repo: str
+    commit: str
+    jobs: list[FileJob]
+    started: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    finished: bool = False
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    @property
+    def active(self) -> bool:
+        return not self.finished and self.error is None
+
+    @property
+    def total(self) -> int:
+        return sum(j.size for j in self.jobs)
+
+    @property
+    def completed(self) -> int:
+        return sum(min(j.done, j.size) for j in self.jobs)
+
+    def progress(self) -> dict[str, Any]:
+        now, done = time.monotonic(), self.completed
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW:
+            self._samples.popleft()
+        t0, d0 = self._samples[0]
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        began = [j.started for j in self.jobs if j.started is not None]
+        fetched = sum(min(j.done, j.size) - j.resumed_from for j in self.jobs if j.started is not None)
+        if rate is None and began and fetched > 0 and now > min(began):  # the mean since it began
+            rate = fetched / (now - min(began))
+        left = self.total - done
+        status = "done" if self.finished else "failed" if self.error else "downloading"
+        return {
+            "status": status,
+            "name": self.name,
+            "repo": self.repo,
+            "revision": self.commit,
+            "completed_bytes": done,
+            "total_bytes": self.total,
+            "rate_bytes_per_s": round(rate) if rate else None,
+            "eta_s": round(left / rate, 1) if rate and left > 0 else (0.0 if left <= 0 else None),
+            "error": self.error,
+            "files": [
+                {"path": j.path, "size": j.size, "completed": min(j.done, j.size), "digest": digest(j)}
+                for j in self.jobs
+            ],
+        }
+
+    async def wait(self, root: Path, target: str) -> Path:
+        """The local path of `target` once every file is in (raises ShoalError when one failed)."""
+        try:
+            await asyncio.gather(*(asyncio.shield(j.task) for j in self.jobs if j.task))
+        except ShoalError as exc:
+            self.error = exc.message
+            raise
+        self.finished = True
+        return cache.snapshot(root, self.repo, self.commit) / target
+
+
+def _in_daemon_thread(fn: Callable[..., Path], *args: Any) -> asyncio.Future[Path]:
+    """Run a download in a daemon thread: a gateway that exits does not wait for it (the partial
+    blob stays, and the next download continues it from its size)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Path] = loop.create_future()
+
+    def settle(result: Path | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting side, whatever it is
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: the gateway has exited
+            pass
+
+    threading.Thread(target=run, name="shoal-download", daemon=True).start()
+    return future
+
+
+def digest(job: FileJob) -> str:
+    """Ollama's digest for a file: its sha256 (the LFS etag) when known, else one of its name."""
+    etag = job.etag or ""
+    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+        return f"sha256:{etag}"
+    return "sha256:" + hashlib.sha256(f"{job.repo}/{job.commit}/{job.path}".encode()).hexdigest()
+
+
+class Downloader:
+    def __init__(self, root: Path, disk_headroom: int) -> None:
+        self.root = root
+        self.disk_headroom = disk_headroom
+        self._jobs: dict[tuple[str, str, str], FileJob] = {}
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """At shutdown: running downloads stop at their next chunk (their partial blobs stay)."""
+        self._stop.set()
+
+    def check_disk(self, repo: str, files: list[RemoteFile]) -> None:
+        """Refuse up front (507) a download that would leave less than the headroom free."""
+        blobs = cache.repo_dir(self.root, repo) / "blobs"
+        have = sum(p.stat().st_size for p in blobs.glob(f"*{cache.INCOMPLETE}")) if blobs.is_dir() else 0
+        need = max(0, sum(f.size for f in files) - have)
+        free = cache.free_bytes(self.root)
+        if free - need < self.disk_headroom:
+            gib = 1024**3
+            raise InsufficientDisk(
+                f"downloading {repo} needs {need / gib:.2f} GiB on the disk of {self.root}, which has "
+                f"{free / gib:.2f} GiB free and keeps {self.disk_headroom / gib:.2f} GiB free "
+                "(SHOAL_DISK_HEADROOM); free some space (shoal rm-cache) or set SHOAL_MODEL_CACHE"
+            )
+
+    def pull(self, name: str, repo: str, commit: str, revision: str, files: list[RemoteFile]) -> Pull:
+        """Start (or join) the downloads of these files; await `Pull.wait` for the result."""
+        jobs = []
+        for f in files:
+            key = (repo, commit, f.path)
+            job = self._jobs.get(key)
+            if job is None or (job.task is not None and job.task.done() and job.task.exception()):
+                job = FileJob(repo, commit, f.path, f.size)
+                job.task = _in_daemon_thread(self._fetch, job, revision)
+                job.task.add_done_callback(functools.partial(self._finished, key))
+                self._jobs[key] = job
+            jobs.append(job)
+        return Pull(name, repo, commit, jobs)
+
+    def _finished(self, key: tuple[str, str, str], task: asyncio.Future[Path]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._jobs.pop(key, None)  # in the cache now: the next pull finds it there
+
+    def active(self, repo: str) -> bool:
+        return any(r == repo and j.task and not j.task.done() for (r, _, _), j in self._jobs.items())
+
+    def _fetch(self, job: FileJob, revision: str) -> Path:
+        from filelock import FileLock
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import build_hf_headers
+
+        url = hf_hub_url(job.repo, job.path, revision=job.commit)
+        what = f"hub file {job.repo}/{job.path}"
+        with hub_errors(what):
+            meta = get_hf_file_metadata(url)
+        if not meta.etag:
+            raise HubUnreachable(f"{what}: the hub sent no etag")
+        job.etag = meta.etag
+        blobs = cache.repo_dir(self.root, job.repo) / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        blob = blobs / meta.etag
+        part = blobs / (meta.etag + cache.INCOMPLETE)
+        with FileLock(str(part) + ".lock"):
+            if not blob.exists():
+                resume = part.stat().st_size if part.exists() else 0
+                job.done = job.resumed_from = resume
+                job.started = time.monotonic()
+                headers = build_hf_headers()
+                if urlparse(meta.location).netloc != urlparse(url).netloc:
+                    headers.pop("authorization", None)  # a signed CDN URL: the token stays home
+                if resume:
+                    log.info("resuming %s at byte %d of %s", what, resume, meta.size)
+                with part.open("ab") as f, hub_errors(what):
+                    http_get(
+                        meta.location,
+                        _Counting(f, job, self._stop),  # type: ignore[arg-type]
+                        resume_size=resume,
+                        headers=headers,
+                        expected_size=meta.size,
+                    )
+                os.replace(part, blob)
+        job.done = job.size = blob.stat().st_size
+        link = cache.link(self.root, job.repo, job.commit, job.path, meta.etag)
+        cache.write_ref(self.root, job.repo, revision, job.commit)
+        return link
