@@ -128,6 +128,7 @@ async def stream_from_thread(
             stop.set()
 
     def work() -> None:
+        ending: _End | _Failed = _End()
         try:
             chunks = produce()
             try:
@@ -149,10 +150,10 @@ async def stream_from_thread(
                 if close is not None:
                     close()
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(_Failed(exc))
+            ending = _Failed(exc)
         finally:
-            stats.add(streams=-1)
-            put(_End())
+            stats.add(streams=-1)  # before the consumer hears of the end: its stats are then final
+            put(ending)
 
     stats.add(streams=1)
     thread = threading.Thread(target=work, name="speech-synthesis", daemon=True)

@@ -75,6 +75,10 @@ async def forward(
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _failure(service, uid, replica, exc, first_byte) from exc
+        except RuntimeError as exc:  # aiohttp's "Session is closed": the runner was dropped (node lost)
+            if not runner.session.closed:
+                raise
+            raise _failure(service, uid, replica, exc, first_byte) from exc
         held.callback(response.release)
         if not stream or response.status != 200:
             try:
