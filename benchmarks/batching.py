@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from common import free_port, machine_info  # benchmarks/common.py
+from common import free_port, machine_info, server_process  # benchmarks/common.py
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 WORDS = (
@@ -163,24 +162,6 @@ async def bench_inprocess(seconds: float) -> dict[str, Any]:
     return result
 
 
-@contextlib.contextmanager
-def process(command: list[str], log_path: Path, env: dict[str, str]) -> Any:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
 async def wait_for(
     client: httpx.AsyncClient, path: str, proc: subprocess.Popen[bytes], log_path: Path
 ) -> None:
@@ -221,7 +202,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
         log_path = Path(tmp) / "gateway.log"
         command = [sys.executable, "-m", "shoal.cli", "serve", "--port", str(port), "--data-dir", tmp,
                    "--log-level", "warning"]  # fmt: skip
-        with process(command, log_path, env) as proc:
+        with server_process(command, log_path, env) as proc:
             async with http(port) as client:
                 await wait_for(client, "/health", proc, log_path)
                 launch = {"model_name": EMBED_MODEL, "n_threads": args.threads or os.cpu_count(), **options}
@@ -263,7 +244,7 @@ async def bench_infinity(args: argparse.Namespace) -> dict[str, Any] | str:
         command = [str(binary), "v2", "--model-id", model, "--engine", "torch", "--device", "cpu",
                    "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
         started = time.monotonic()
-        with process(command, log_path, env) as proc:
+        with server_process(command, log_path, env) as proc:
             async with http(port) as client:
                 try:
                     await wait_for(client, "/health", proc, log_path)

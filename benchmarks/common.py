@@ -1,4 +1,4 @@
-"""What the benchmarks share: the machine they ran on, and a free loopback port."""
+"""What the benchmarks share: the machine they ran on, a free loopback port, a server process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
+import signal
 import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str], log_path: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server in its own process group; stopped with SIGTERM, then the whole group is killed."""
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything the server left behind

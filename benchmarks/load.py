@@ -33,21 +33,20 @@ import importlib
 import importlib.metadata
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from common import free_port, machine_info  # benchmarks/common.py
+from common import free_port, machine_info, server_process  # benchmarks/common.py
 from shoal.catalog import Catalog
 from shoal.catalog.resolve import local_path
 from shoal.state import StateStore
@@ -284,34 +283,6 @@ async def load_phases(
 
 
 # ---- servers --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def server_process(
-    command: list[str], log_path: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A server in its own process group; stopped with SIGTERM, then the whole group is killed."""
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # anything the server left behind
 
 
 async def wait_http(base_url: str, path: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
