@@ -227,7 +227,8 @@ def prepare(engine: ChatEngine, body: dict[str, Any]) -> tuple[dict[str, Any], T
         return body, None
     out = {k: v for k, v in body.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
     if request is None:
-        if not engine.template_tools:
+        history = any(m.get("tool_calls") or m.get("role") == "tool" for m in body["messages"])
+        if history and not engine.template_tools:  # most chats have none: sent as they are
             out["messages"] = plain_messages(body["messages"], None)
         return out, None
     if request.forced is None and not engine.template_tools:
