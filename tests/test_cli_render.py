@@ -135,3 +135,15 @@ def test_ps_renders_every_state() -> None:
     text = out.getvalue()
     assert "big" in text and "failed" in text and "-,gpu:0" in text and "-,42" in text
     assert "loading" in text
+
+
+def test_ps_shows_parked_replicas_and_their_last_wake() -> None:
+    from shoal.cli import models_table
+
+    parked = {"id": "emb", "status": "parked", "replicas": [
+        {"index": 0, "state": "parked", "device": None, "parked_from": "gpu:1", "pid": 7,
+         "last_wake_seconds": 0.214, "last_woken": 0.0}]}  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=200).print(models_table([parked]))
+    text = out.getvalue()
+    assert "parked" in text and "host RAM (from gpu:1)" in text and "0.21 s at" in text

@@ -59,7 +59,11 @@ def test_park_limit_zero_turns_parking_off() -> None:
 
 
 def test_short_host_ram_stops_the_least_recently_used_parked_replica_first() -> None:
-    held = [parked("old/0", 6, last_used=1), parked("older/0", 6, last_used=0), gpu("a/0", "gpu:0", 10, last_used=5)]
+    held = [
+        parked("old/0", 6, last_used=1),
+        parked("older/0", 6, last_used=0),
+        gpu("a/0", "gpu:0", 10, last_used=5),
+    ]
     decision = place(Demand(10 * GiB), world(16, ram_gib=20), held, POLICY, now=100)
     # 20 GiB of RAM hold 12 parked: parking 10 more needs one of them gone, the older one
     assert decision == Evict((), Place(("gpu:0",)), park=("a/0",), drop=("older/0",))
@@ -165,8 +169,8 @@ def scenes(draw: st.DrawFn) -> tuple[list[DeviceState], list[Holding], Demand, P
 def _after(decision: Evict | Move, holdings: list[Holding]) -> list[Holding]:
     """The holdings once the decision is carried out (the new replica not yet added)."""
     if isinstance(decision, Move):
-        return [Holding(h.replica, decision.to, h.reserved, 0, None, 0) if h.replica == decision.replica else h
-                for h in holdings]  # fmt: skip
+        moved = [Holding(h.replica, decision.to, h.reserved, 0, None, 0) for h in holdings]
+        return [m if h.replica == decision.replica else h for h, m in zip(holdings, moved, strict=True)]
     gone = set(decision.victims) | set(decision.park) | set(decision.drop)
     after = [h for h in holdings if h.replica not in gone]
     for key in decision.park:  # its bytes now in its node's host RAM

@@ -270,9 +270,10 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 def models_table(models: list[dict[str, Any]]) -> Table:
     """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet)."""
-    table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS")
+    table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS", "LAST WAKE")
     for m in models:
         replicas = m.get("replicas") or []
+        woken = [r for r in replicas if r.get("last_wake_seconds") is not None]
         table.add_row(
             str(m.get("id") or m.get("model_uid") or "-"),
             str(m.get("model_name") or "-"),
@@ -280,10 +281,25 @@ def models_table(models: list[dict[str, Any]]) -> Table:
             str(m.get("model_engine") or "-"),
             str(m.get("status") or "-"),
             str(m.get("replica", len(replicas))),
-            ",".join(sorted({str(r.get("device") or "-") for r in replicas})) or "-",
+            ",".join(sorted({_where(r) for r in replicas})) or "-",
             ",".join(str(r.get("pid") or "-") for r in replicas) or "-",
+            ",".join(_wake(r) for r in woken) or "-",
         )
     return table
+
+
+def _where(replica: dict[str, Any]) -> str:
+    """Its device; a parked replica's weights are in host RAM, its process on the GPU it left."""
+    if replica.get("state") == "parked":
+        return f"host RAM (from {replica.get('parked_from') or '-'})"
+    return str(replica.get("device") or "-")
+
+
+def _wake(replica: dict[str, Any]) -> str:
+    """ "0.21 s, 14:02:07": how long its last wake took, and when."""
+    seconds, when = replica.get("last_wake_seconds"), replica.get("last_woken")
+    at = time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "-"
+    return f"{seconds:.2f} s at {at}" if isinstance(seconds, int | float) else "-"
 
 
 @app.command()

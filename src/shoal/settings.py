@@ -88,13 +88,18 @@ MAX_CONNECTIONS_PER_CLIENT = Setting(
     "auto",
     "open connections from one client address, past it 503 (auto: a quarter of the total; 0: no cap)",
 )
+PARK_MEMORY = Setting(
+    "SHOAL_PARK_MEMORY",
+    "auto",
+    "host RAM parked models may hold per node (auto: the node's free RAM; 0: never park, evict instead)",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT,
+    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY,
 )  # fmt: skip
 
 
@@ -137,4 +142,10 @@ class ServerSettings:
     model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
+    # bytes parked replicas may hold per node; None: its free RAM ("auto"); 0: never park
+    park_memory: int | None = field(
+        default_factory=lambda: (
+            None if PARK_MEMORY.get().strip().lower() in ("", "auto") else parse_size(PARK_MEMORY.get())
+        )
+    )
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

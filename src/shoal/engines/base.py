@@ -39,6 +39,10 @@ class Engine:
     # launched with a tool parser), so Shoal's tool layer passes the request through.
     template_tools: bool = False
     native_tools: bool = False
+    # Park (docs/gpu-sharing.md, "Park and wake"): the weights go to host RAM and the GPU memory is
+    # given back while the process stays; wake brings them back to the same device. An engine that
+    # cannot park is stopped instead when its room is needed (registry.PARKS lists those that can).
+    can_park: bool = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -49,6 +53,14 @@ class Engine:
 
     def close(self) -> None:
         """Free what load() took."""
+
+    def park(self) -> None:
+        """Move the weights to host RAM and release the GPU memory (blocking; no request in flight)."""
+        raise NotImplementedError(f"{self.name} cannot park")
+
+    def wake(self) -> None:
+        """Bring parked weights back onto the device they left (blocking)."""
+        raise NotImplementedError(f"{self.name} cannot park")
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support chat")

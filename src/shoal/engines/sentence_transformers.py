@@ -18,6 +18,7 @@ import numpy as np
 
 from shoal.engines.base import Engine
 from shoal.engines.batching import Batcher, BatchSettings
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest
 
 # Who sends another tokenizer's ids, and the fix: LangChain's OpenAIEmbeddings at its defaults
@@ -30,6 +31,7 @@ FOREIGN_IDS = (
 
 class SentenceTransformersEngine(Engine):
     name = "sentence_transformers"
+    can_park = True
 
     def load(self) -> None:
         import torch
@@ -55,6 +57,12 @@ class SentenceTransformersEngine(Engine):
         self._tokenizer = copy.deepcopy(self._model.tokenizer)
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="shoal-check")
         self._batcher: Batcher[str, Any] = Batcher(self._embed_batch, BatchSettings.from_options(opts))
+
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
 
     def close(self) -> None:
         self._batcher.close()

@@ -29,6 +29,7 @@ import torch
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
 from shoal.engines.structured import Grammars, Matcher, constraint, llg_tokenizer, mask_logits
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest, ModelUnavailable, ShoalError
 
 # The memory estimate assumes these when a launch names no max_batch_size / context_length.
@@ -205,6 +206,7 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
 
 class TransformersEngine(Engine):
     name = "transformers"
+    can_park = True
 
     def load(self) -> None:
         opts = self.pop_options()
@@ -305,6 +307,12 @@ class TransformersEngine(Engine):
         # transformers 5 renamed past_key_values to cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = "logits_to_keep" in params
+
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
 
     def close(self) -> None:
         with self._cond:

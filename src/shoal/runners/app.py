@@ -3,6 +3,7 @@ engine supports. Bodies arrive validated by the gateway; answers are OpenAI-shap
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -135,6 +136,27 @@ async def _ocr(engine: Engine, request: Request) -> Response:
     return _json(await engine.ocr(await request.body(), _params(request)))
 
 
+async def _park(engine: Engine, _: Request) -> Response:
+    """The weights to host RAM, the GPU memory given back; the process and its sockets stay."""
+    if not engine.can_park:
+        return _error(
+            409, f"{engine.name} cannot park; stop the runner instead", "invalid_request_error", None
+        )
+    started = time.monotonic()
+    await asyncio.to_thread(engine.park)
+    return _json({"parked": True, "seconds": time.monotonic() - started})
+
+
+async def _wake(engine: Engine, _: Request) -> Response:
+    """Back onto the device it left (a wake on another GPU is a new runner there: see
+    docs/gpu-sharing.md, "Park and wake")."""
+    if not engine.can_park:
+        return _error(409, f"{engine.name} cannot park", "invalid_request_error", None)
+    started = time.monotonic()
+    await asyncio.to_thread(engine.wake)
+    return _json({"parked": False, "seconds": time.monotonic() - started})
+
+
 async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
     """The engine's one real inference (Engine.warm_up), timed. A failure is logged, not fatal: the
     runner still serves, and the first request meets the same error with its own answer."""
@@ -174,6 +196,8 @@ def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, wa
         routes=[
             Route("/health", health),
             Route("/metrics", _guarded(metrics, engine)),
+            Route("/park", _guarded(_park, engine), methods=post),
+            Route("/wake", _guarded(_wake, engine), methods=post),
             Route(
                 "/v1/chat/completions", _guarded(_openai(tools.chat, tools.chat_stream), engine), methods=post
             ),

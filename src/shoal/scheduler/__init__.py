@@ -63,7 +63,9 @@ class Demand:
 class Policy:
     name: Literal["binpack", "spread"] = "binpack"
     headroom: float = 0.05  # fraction of each device kept free
-    park_limit: int | None = None  # bytes parked replicas may hold per node (None: its free RAM; 0: never park)
+    park_limit: int | None = (
+        None  # bytes parked replicas may hold per node (None: its free RAM; 0: never park)
+    )
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,14 @@ def place(
             # parked replica's process is; then the policy
             fit = free if policy.name == "binpack" else -free
             options.append(
-                (len(victims), device.id in demand.avoid, device.id not in demand.prefer, fit, device.id, victims)
+                (
+                    len(victims),
+                    device.id in demand.avoid,
+                    device.id not in demand.prefer,
+                    fit,
+                    device.id,
+                    victims,
+                )
             )
     options.sort()
     if demand.n_devices == 1 and not (options and not options[0][5]):
@@ -199,7 +208,11 @@ def place(
 
 
 def _cores(
-    demand: Demand, devices: list[DeviceState], holdings: list[Holding], ids: tuple[str, ...], gone: tuple[str, ...]
+    demand: Demand,
+    devices: list[DeviceState],
+    holdings: list[Holding],
+    ids: tuple[str, ...],
+    gone: tuple[str, ...],
 ) -> tuple[int, ...]:
     """Cores are those of the chosen devices' node (a cluster has one CPU per node)."""
     node = node_of(ids[0])
@@ -260,7 +273,11 @@ def plan_move(
 
 
 def park_or_stop(
-    victims: tuple[str, ...], target: Place, devices: list[DeviceState], holdings: list[Holding], policy: Policy
+    victims: tuple[str, ...],
+    target: Place,
+    devices: list[DeviceState],
+    holdings: list[Holding],
+    policy: Policy,
 ) -> Evict:
     """Which victims park (their engine can, and the node's host RAM holds their bytes, perhaps after
     stopping parked replicas used less recently than they were) and which are stopped."""

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from shoal.devices import Snapshot
-from shoal.scheduler import DeviceState, Holding, NoFit, Policy, free_bytes, headroom_bytes
-from shoal.services.replicas import HOLDS_MEMORY, Replica, ReplicaState, RunningModel
+from shoal.engines.registry import PARKS
+from shoal.scheduler import DeviceState, Holding, NoFit, Policy, free_bytes, headroom_bytes, node_of
+from shoal.services.replicas import HOLDS_HOST_RAM, HOLDS_MEMORY, Replica, ReplicaState, RunningModel
 from shoal.units import gib
 
 
@@ -119,14 +120,39 @@ def _replicas(models: Iterable[RunningModel]) -> Iterator[tuple[RunningModel, Re
             yield model, replica
 
 
+def host_ram_device(devices: tuple[str, ...]) -> str:
+    """The CPU device of the node these devices are on: where a parked replica's bytes are held."""
+    node = node_of(devices[0]) if devices else ""
+    return f"{node}/cpu" if node else "cpu"
+
+
 def holdings(models: Iterable[RunningModel]) -> list[Holding]:
-    """Every reservation, as the scheduler's frozen values."""
+    """Every reservation, as the scheduler's frozen values; a parked replica as a holding of its
+    node's host RAM (idle, keep-alive 0: the first to go when RAM is short, least recently used first)."""
     held = []
     for model, replica in _replicas(models):
+        key = f"{model.uid}/{replica.index}"
+        if replica.state in HOLDS_HOST_RAM:
+            ram = host_ram_device(replica.parked_from)
+            held.append(
+                Holding(
+                    key, ram, replica.parked_bytes, replica.last_used, replica.last_used, 0.0, parked=True
+                )
+            )
+            continue
         r = replica.reservation
         if r is None or replica.state not in HOLDS_MEMORY:
             continue
         idle = replica.in_flight == 0 and replica.state is ReplicaState.READY
+        on_gpu = model.plan.kind == "gpu"
+        can_park = on_gpu and model.engine in PARKS and replica.runner is not None
+        # a move is a new runner on another GPU: only for a replica free to go to any of them
+        can_move = (
+            on_gpu
+            and model.plan.n_devices == 1
+            and model.plan.allowed is None
+            and not model.request.worker_ip
+        )
         for i, device in enumerate(r.devices):
             held.append(
                 Holding(
@@ -138,6 +164,8 @@ def holdings(models: Iterable[RunningModel]) -> list[Holding]:
                     model.keep_alive,
                     model.request.pinned,
                     r.cores if i == 0 else (),
+                    can_park=can_park,
+                    can_move=can_move,
                 )
             )
     return held
@@ -149,7 +177,10 @@ def shoal_use(models: Iterable[RunningModel], snapshot: Snapshot) -> dict[str, i
     by_id = {d.id: d for d in snapshot.devices}
     for _, replica in _replicas(models):
         pid = replica.runner.pid if replica.runner else None
-        for device_id in replica.reservation.devices if replica.reservation else ():
+        held = replica.reservation.devices if replica.reservation else ()
+        if replica.state in HOLDS_HOST_RAM:  # its process's RSS is the parked weights: Shoal's, not others'
+            held = (host_ram_device(replica.parked_from),)
+        for device_id in held:
             measured = snapshot.measure(by_id[device_id], pid) if device_id in by_id else None
             use[device_id] = use.get(device_id, 0) + (measured or 0)
     return use

@@ -46,13 +46,14 @@ from shoal.scheduler import (
     DeviceState,
     Evict,
     Holding,
+    Move,
     NoFit,
     Place,
     Policy,
     node_of,
     place,
 )
-from shoal.services import ledger
+from shoal.services import ledger, parking
 from shoal.services.hubs import HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
@@ -91,7 +92,7 @@ class ModelService:
         self.settings = settings
         self.host = host
         self.clock = clock
-        self.policy = Policy(settings.placement, settings.headroom)  # type: ignore[arg-type]
+        self.policy = Policy(settings.placement, settings.headroom, settings.park_memory)  # type: ignore[arg-type]
         self._models: dict[str, RunningModel] = {}
         self.router = Router(self._models)
         self.supervisor = Supervisor(
@@ -106,6 +107,10 @@ class ModelService:
         self.hubs = HubService(settings)
         self._placing = asyncio.Lock()  # one placement decision at a time
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
+        metrics.PARKED_REPLICAS.set_function(self._parked_count)
+
+    def _parked_count(self) -> int:
+        return sum(r.state is ReplicaState.PARKED for m in self._models.values() for r in m.replicas)
 
     async def start(self) -> None:
         """Join the Ray cluster (Ray mode); on one machine there is nothing to start."""
@@ -361,7 +366,11 @@ class ModelService:
             for replica in evicted:  # at once: a request that comes meanwhile waits for these
                 move(replica, ReplicaState.STARTING, self.clock())
             await self._bring_up(model, evicted, forget_on_failure=False)
-            model.parked = False
+            model.unloaded = False
+        elif model.status == "parked":
+            await parking.wake(self, model)
+        elif model.waking:  # woken (or moved) by another request: wait with it
+            await parking.wait_until_awake(model, self.settings.launch_timeout)
         deadline = time.monotonic() + self.settings.launch_timeout
         while (model := self._models.get(uid)) is not None and model.status == "loading":
             if time.monotonic() > deadline:
@@ -369,9 +378,14 @@ class ModelService:
             await asyncio.sleep(0.05)
 
     def parked(self, uid: str) -> bool:
-        """Unloaded at a client's request (`unload`): its next request loads it again."""
+        """Its next request brings it back and waits for it: parked (or waking, or moving), or
+        unloaded at a client's request (`unload`)."""
         model = self._models.get(uid)
-        return model is not None and model.parked and model.status == "evicted"
+        if model is None:
+            return False
+        return (
+            bool(model.waking) or model.status == "parked" or (model.unloaded and model.status == "evicted")
+        )
 
     def set_keep_alive(self, uid: str, seconds: float | None) -> None:
         """A client's keep-alive for this model (Ollama's per-request keep_alive): idle that long, it
@@ -394,7 +408,7 @@ class ModelService:
             if not idle:
                 return False
             if len(idle) == sum(r.state is ReplicaState.READY for r in model.replicas):
-                model.parked = True
+                model.unloaded = True
             await self._evict(tuple(f"{uid}/{r.index}" for r in idle), "at the client's request")
         self._freed.set()
         return True
@@ -426,7 +440,10 @@ class ModelService:
             d for r in model.replicas if r is not replica and r.reservation for d in r.reservation.devices
         )
         plan = model.plan
-        demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
+        # a parked replica's wake: the devices its live process is on come first among equals
+        waking = replica.runner is not None and replica.runner.exited() is None
+        prefer = replica.parked_from if waking else ()
+        demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others, prefer)
         demand = self.host.restrict(demand, model.request.worker_ip, states)
         holdings, now = ledger.holdings(models), time.monotonic()
         if plan.n_devices > 1:
@@ -467,8 +484,11 @@ class ModelService:
         while True:
             async with self._placing:
                 decision, snapshot = await self._decide(model, replica)
+                if isinstance(decision, Move):
+                    await parking.move_replica(self, decision, f"to make room for {model.uid}")
+                    continue
                 if isinstance(decision, Evict):
-                    await self._evict(decision.victims, f"to make room for {model.uid}")
+                    await self._make_room(decision, f"to make room for {model.uid}")
                     continue
                 if isinstance(decision, Place):
                     totals = [d.total_bytes for d in snapshot.devices if d.id in decision.devices]
@@ -497,12 +517,23 @@ class ModelService:
             except TimeoutError:
                 pass
 
+    async def _make_room(self, decision: Evict, why: str) -> None:
+        """Parked replicas stopped for host RAM, then the parks, then the evictions. A replica that
+        became busy meanwhile is left be: the caller decides again."""
+        for key in decision.drop:
+            await parking.drop(self, key, f"(host RAM is short) {why}")
+        for key in decision.park:
+            await parking.park(self, key, why)
+        await self._evict(decision.victims, why)
+
     async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         """Stop these replicas and wait until their memory is really back."""
         stopped = []
         for key in victims:
             uid, _, index = key.rpartition("/")
             replica = self._models[uid].replicas[int(index)]
+            if replica.state is ReplicaState.PARKED:  # stopped for RAM: its next request loads it again
+                self._models[uid].unloaded = True
             log.info("evicting %s (idle %.0f s) %s", key, time.monotonic() - replica.last_used, why)
             stopped.extend(self._runner_ids(replica))
             move(replica, ReplicaState.EVICTED, self.clock())
@@ -549,7 +580,16 @@ class ModelService:
                 "cores": list(decision.cores),
             }
         elif isinstance(decision, Evict):
-            where = {"fits": True, "devices": list(decision.then.devices), "evict": list(decision.victims)}
+            where = {
+                "fits": True,
+                "devices": list(decision.then.devices),
+                "evict": list(decision.victims),
+                "park": list(decision.park),
+                "stop_parked": list(decision.drop),
+            }
+        elif isinstance(decision, Move):
+            move_to = {"replica": decision.replica, "from": decision.source, "to": decision.to}
+            where = {"fits": True, "devices": list(decision.then.devices), "evict": [], "move": move_to}
         else:
             blocked = ledger.blocked_reasons(self.running())
             where = {

@@ -353,9 +353,12 @@ function renderModels(models) {
         first ? el("td", { rowspan: span, text: m.model_type }) : null,
         first ? el("td", { rowspan: span, text: m.model_engine }) : null,
         el("td", { text: r ? "#" + r.index : "–" }),
-        el("td", { text: (r && r.device) || "–" }),
+        el("td", { text: r && r.state === "parked" ? `host RAM (from ${r.parked_from || "–"})` : (r && r.device) || "–" }),
         el("td", {}, el("span", { class: "state " + state, text: state }),
           first && state === "downloading" ? downloadBar(m.download) : null,
+          r && r.last_wake_seconds !== null && r.last_wake_seconds !== undefined
+            ? el("div", { class: "muted", text: `last wake ${r.last_wake_seconds.toFixed(2)} s, ` +
+                `${new Date(r.last_woken * 1000).toLocaleTimeString()}` }) : null,
           r && r.last_error ? el("div", { class: "error", text: r.last_error }) : null),
         el("td", { class: "num", text: memory }),
         el("td", { class: "num", text: r ? String(r.in_flight) : "–" }),
