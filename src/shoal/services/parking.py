@@ -144,6 +144,11 @@ async def wake(service: ModelService, model: RunningModel) -> None:
     try:
         for replica in parked:
             await _wake_one(service, model, replica, started)
+    except BaseException:
+        for replica in parked:  # those not tried yet stay parked, as they were
+            if replica.state is ReplicaState.STARTING and replica.reservation is None:
+                move(replica, ReplicaState.PARKED, service.clock())
+        raise
     finally:
         model.waking -= 1
 

@@ -1,12 +1,15 @@
-"""The scheduler's park, wake, move and host-RAM decisions: pure values in and out, no sleeps."""
+"""The scheduler's park, wake, move and host-RAM decisions (pure values in and out, no sleeps), and
+the PARKED state in the replica lifecycle."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shoal.errors import IllegalTransition
 from shoal.scheduler import (
     Demand,
     DeviceState,
@@ -21,6 +24,8 @@ from shoal.scheduler import (
     node_of,
     place,
 )
+from shoal.services.ledger import Reservation
+from shoal.services.replicas import HOLDS_HOST_RAM, HOLDS_MEMORY, Replica, ReplicaState, move
 
 GiB = 1024**3
 POLICY = Policy("binpack", 0.0)
@@ -130,6 +135,20 @@ def test_no_single_move_makes_room_falls_back_to_parking() -> None:
     held = [gpu("a/0", "gpu:0", 10, move=True), gpu("y/0", "gpu:1", 10, busy=True)]
     decision = place(Demand(12 * GiB), world(16, 16), held, POLICY, 100)
     assert decision == Evict((), Place(("gpu:0",)), park=("a/0",))
+
+
+def test_parking_releases_the_gpu_reservation_and_records_where_it_was() -> None:
+    replica = Replica(0, state=ReplicaState.READY, reservation=Reservation(("gpu:1",), 2 * GiB, {}, (3,)))
+    assert move(replica, ReplicaState.PARKED)  # its GPU memory is given back
+    assert replica.reservation is None and replica.parked_from == ("gpu:1",) and replica.parked_cores == (3,)
+    assert replica.parked_bytes == 2 * GiB and replica.parked_at is not None
+    assert ReplicaState.PARKED in HOLDS_HOST_RAM and ReplicaState.PARKED not in HOLDS_MEMORY
+    with pytest.raises(IllegalTransition):  # a wake goes through STARTING: it is placed again
+        move(replica, ReplicaState.READY)
+    move(replica, ReplicaState.STARTING)
+    move(replica, ReplicaState.PARKED)  # a wake that found no room: parked as before
+    assert replica.parked_from == ("gpu:1",) and replica.parked_bytes == 2 * GiB
+    move(replica, ReplicaState.EVICTED)  # host RAM short: stopped
 
 
 # ---- properties -------------------------------------------------------------------------------
