@@ -146,4 +146,4 @@ def test_ps_shows_parked_replicas_and_their_last_wake() -> None:
     out = io.StringIO()
     Console(file=out, width=200).print(models_table([parked]))
     text = out.getvalue()
-    assert "parked" in text and "host RAM (from gpu:1)" in text and "0.21 s at" in text
+    assert "parked" in text and "RAM (from gpu:1)" in text and "0.21 s at" in text

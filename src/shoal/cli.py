@@ -269,12 +269,14 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
-    """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet)."""
-    table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS", "LAST WAKE")
+    """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet); a
+    LAST WAKE column once some replica has been woken from parked."""
+    woke = any(r.get("last_wake_seconds") is not None for m in models for r in m.get("replicas") or [])
+    columns = ["UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS"]
+    table = Table(*columns, *(["LAST WAKE"] if woke else []))
     for m in models:
         replicas = m.get("replicas") or []
-        woken = [r for r in replicas if r.get("last_wake_seconds") is not None]
-        table.add_row(
+        row = [
             str(m.get("id") or m.get("model_uid") or "-"),
             str(m.get("model_name") or "-"),
             str(m.get("model_type") or "-"),
@@ -283,15 +285,17 @@ def models_table(models: list[dict[str, Any]]) -> Table:
             str(m.get("replica", len(replicas))),
             ",".join(sorted({_where(r) for r in replicas})) or "-",
             ",".join(str(r.get("pid") or "-") for r in replicas) or "-",
-            ",".join(_wake(r) for r in woken) or "-",
-        )
+        ]
+        if woke:
+            row.append(",".join(_wake(r) for r in replicas if r.get("last_wake_seconds") is not None) or "-")
+        table.add_row(*row)
     return table
 
 
 def _where(replica: dict[str, Any]) -> str:
     """Its device; a parked replica's weights are in host RAM, its process on the GPU it left."""
     if replica.get("state") == "parked":
-        return f"host RAM (from {replica.get('parked_from') or '-'})"
+        return f"RAM (from {replica.get('parked_from') or '-'})"
     return str(replica.get("device") or "-")
 
 
