@@ -262,3 +262,18 @@ def test_a_move_is_idle_unpinned_and_the_fewest_bytes_that_make_room(
         assert not fits_as_is
     elif possible and not fits_as_is:
         raise AssertionError(f"a move of {min(possible)} bytes would make room, but: {decision}")
+
+
+def test_the_gateway_table_of_engines_that_park_matches_the_engines() -> None:
+    """registry.PARKS (read by the gateway, which imports no engine) says what each engine says."""
+    import importlib.util
+
+    from shoal.engines.registry import ENGINES, PARKS, REQUIRES, load_class
+
+    checked = 0
+    for engine in ENGINES:
+        if importlib.util.find_spec(REQUIRES[engine][0]) is None and engine != "vllm":
+            continue  # its module imports its library (vLLM's imports it only when it starts)
+        assert load_class(engine).can_park == (engine in PARKS), engine
+        checked += 1
+    assert checked >= 6
