@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from shoal import cli
 from shoal.cli import devices_table, group_by_node
 
 GIB = 1024**3
@@ -135,3 +136,11 @@ def test_ps_renders_every_state() -> None:
     text = out.getvalue()
     assert "big" in text and "failed" in text and "-,gpu:0" in text and "-,42" in text
     assert "loading" in text
+
+
+def test_launch_shows_the_copies_to_nodes_under_way() -> None:
+    copying = {"status": "copying", "node": "node-b", "completed_bytes": 3 * 2**20, "total_bytes": 12 * 2**20,
+               "rate_bytes_per_s": 2**21}  # fmt: skip
+    state = {"replicas": [{"files": copying}, {"files": None}, {"files": {**copying, "status": "copied"}}]}
+    assert cli._copies(state) == " (copying to node-b: 25%, 2 MiB/s)"
+    assert cli._copies({"replicas": [{"files": None}]}) == ""

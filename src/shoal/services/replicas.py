@@ -88,6 +88,7 @@ class Replica:
             "idle_seconds": round(time.monotonic() - self.last_used, 1),
             "restarts": self.crashes,
             "last_error": self.last_error,
+            "files": self.runner.files_progress() if self.runner else None,
         }
 
 
