@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from shoal import cli
 from shoal.cli import devices_table, group_by_node
 
 GIB = 1024**3
@@ -147,3 +148,11 @@ def test_ps_shows_parked_replicas_and_their_last_wake() -> None:
     Console(file=out, width=200).print(models_table([parked]))
     text = out.getvalue()
     assert "parked" in text and "RAM (from gpu:1)" in text and "0.21 s at" in text
+
+
+def test_launch_shows_the_copies_to_nodes_under_way() -> None:
+    copying = {"status": "copying", "node": "node-b", "completed_bytes": 3 * 2**20, "total_bytes": 12 * 2**20,
+               "rate_bytes_per_s": 2**21}  # fmt: skip
+    state = {"replicas": [{"files": copying}, {"files": None}, {"files": {**copying, "status": "copied"}}]}
+    assert cli._copies(state) == " (copying to node-b: 25%, 2 MiB/s)"
+    assert cli._copies({"replicas": [{"files": None}]}) == ""

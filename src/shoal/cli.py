@@ -159,7 +159,7 @@ def launch(
             start = time.monotonic()
             with console.status(f"loading {model_uid}...") as status:
                 while (state := client.describe(model_uid))["status"] == "loading":
-                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s")
+                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s{_copies(state)}")
                     time.sleep(0.2)
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
@@ -168,6 +168,18 @@ def launch(
         console.print(f"[red]{model_uid} failed to load:[/red] {errors}")
         raise typer.Exit(1)
     console.print(f"[green]{model_uid}[/green] ready in {time.monotonic() - start:.1f} s")
+
+
+def _copies(state: dict[str, Any]) -> str:
+    """Ray: the model's files on their way to the nodes its replicas are placed on."""
+    shown = []
+    for replica in state.get("replicas", []):
+        files = replica.get("files") or {}
+        if files.get("status") == "copying" and files.get("total_bytes"):
+            rate = f", {files['rate_bytes_per_s'] / 2**20:.0f} MiB/s" if files.get("rate_bytes_per_s") else ""
+            percent = 100 * files["completed_bytes"] // files["total_bytes"]
+            shown.append(f"copying to {files['node']}: {percent}%{rate}")
+    return f" ({'; '.join(shown)})" if shown else ""
 
 
 def _progress_bar() -> Progress:

@@ -104,6 +104,7 @@ class Replica:
             "parked_at": self.parked_at,
             "last_wake_seconds": self.last_wake_seconds,
             "last_woken": self.last_woken,
+            "files": self.runner.files_progress() if self.runner else None,
         }
 
 
