@@ -464,25 +464,51 @@ def estimate(
 @app.command()
 def models(
     endpoint: Endpoint = settings.ENDPOINT.default,
-    model_type: Annotated[str, typer.Option("--type", help="LLM or embedding")] = "LLM",
+    model_type: Annotated[
+        str, typer.Option("--type", help="LLM, embedding, rerank, audio, image, or all")
+    ] = "LLM",
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            "-S",
+            help="only models whose name, family, description, abilities or licence hold every word",
+        ),
+    ] = None,
 ) -> None:
     """List the catalog: built-in and registered models."""
     with _client(endpoint) as client:
         try:
-            families = client.registrations(model_type, detailed=True)
+            families = client.registrations(model_type, detailed=True, search=search)
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
-    table = Table("NAME", "TYPE", "ABILITY", "FORMATS", "BUILT-IN")
+    console.print(catalog_table(families))
+
+
+def catalog_table(families: list[dict[str, Any]]) -> Table:
+    """`shoal models`: one row per family, its sizes and formats, abilities, context and licence."""
+    table = Table("NAME", "TYPE", "ABILITY", "SIZES (B)", "FORMATS", "CONTEXT", "LICENCE", "BUILT-IN")
     for f in families:
-        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in f["model_specs"]}))
+        specs = f.get("model_specs") or []
+        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in specs}))
+        sizes = ", ".join(dict.fromkeys(_size(s.get("model_size_in_billions")) for s in specs))
         table.add_row(
             f["model_name"],
             f["model_type"],
             ",".join(f["model_ability"]),
+            sizes or "-",
             formats,
+            str(f.get("context_length") or "-"),
+            str(f.get("license") or "-"),
             "yes" if f["is_builtin"] else "no",
         )
-    console.print(table)
+    return table
+
+
+def _size(size: Any) -> str:
+    if isinstance(size, int | float) and not isinstance(size, bool):
+        return f"{size:g}"
+    return str(size) if size is not None else "-"
 
 
 @app.command()

@@ -53,7 +53,7 @@ from shoal.scheduler import (
     place,
 )
 from shoal.services import ledger
-from shoal.services.hubs import HubService, catalog_ref, check_hub
+from shoal.services.hubs import HUB_TYPES, HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
@@ -172,7 +172,9 @@ class ModelService:
             registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
-        if hub is None and (ref := catalog_ref(source)) is not None:  # a catalog model from the hub
+        ref = catalog_ref(source) if family.model_type in HUB_TYPES else None
+        if hub is None and ref is not None:  # a catalog model from the hub
+            # (audio and image models from a hub are still fetched by their runner, as before)
             try:
                 hub = await self.hubs.resolve(ref, family.model_type)
             except (HubUnreachable, HubNotFound):
