@@ -180,3 +180,14 @@ def test_models_search_filters_by_name_family_ability_and_description(offline_se
     assert {f["model_name"] for f in all_types} >= {"qwen3", "Qwen3-Embedding-0.6B"}
     out = _cli(offline_server, "models", "--search", "tools", "--type", "all")
     assert "mistral-small-instruct" in out and "Apache-2.0" in out and "phi-4 " not in out
+
+
+def test_shoal_launch_picks_the_spec_by_size(offline_server: ShoalServer) -> None:
+    """Offline and not cached, so the launch fails, naming the spec -s 8 picked."""
+    argv = ["launch", "qwen3", "-s", "8", "-q", "Q8_0", "--endpoint", offline_server.url]
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", *argv],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Qwen3-8B-Q8_0.gguf" in done.stdout + done.stderr, done.stdout + done.stderr

@@ -106,9 +106,20 @@ def serve(
 
 @app.command()
 def launch(
-    name: Annotated[str, typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] (docs/models.md)")],
+    name: Annotated[
+        str,
+        typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] or modelscope.cn/... (docs/models.md)"),
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
+    size_in_billions: Annotated[
+        str | None, typer.Option("--size-in-billions", "-s", help="which spec of a catalog family")
+    ] = None,
+    model_format: Annotated[str | None, typer.Option("--model-format", "-f", help="which spec")] = None,
+    quantization: Annotated[str | None, typer.Option("--quantization", "-q", help="which spec")] = None,
+    download_hub: Annotated[
+        str | None, typer.Option("--download-hub", help="huggingface or modelscope, where a spec names both")
+    ] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
     replica: Annotated[int, typer.Option(help="number of replicas")] = 1,
     n_gpu: Annotated[
@@ -136,6 +147,16 @@ def launch(
         "keep_alive": keep_alive,
         "pinned": pinned,
         "queue_timeout": queue_timeout,
+        **{
+            k: v
+            for k, v in {
+                "model_size_in_billions": size_in_billions,
+                "model_format": model_format,
+                "quantization": quantization,
+                "download_hub": download_hub,
+            }.items()
+            if v is not None
+        },
     }
     for item in option or []:
         key, _, value = item.partition("=")
@@ -202,7 +223,10 @@ def _show_download(client: Client, uid: str) -> dict[str, Any]:
 @app.command()
 def pull(
     name: Annotated[
-        str, typer.Argument(help="hf.co/ORG/REPO[:QUANT] or hf.co/ORG/REPO/FILE.gguf, or a catalog name")
+        str,
+        typer.Argument(
+            help="hf.co/ORG/REPO[:QUANT], hf.co/ORG/REPO/FILE.gguf, modelscope.cn/..., or a catalog name"
+        ),
     ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     model_type: Annotated[
@@ -245,7 +269,9 @@ def cached(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command("rm-cache")
 def rm_cache(
-    name: Annotated[str, typer.Argument(help="hf.co/ORG/REPO, as `shoal cached` lists it")],
+    name: Annotated[
+        str, typer.Argument(help="hf.co/ORG/REPO or modelscope.cn/ORG/REPO, as `shoal cached` lists it")
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
 ) -> None:
     """Remove a model's files from the server's cache (refused while a model uses them)."""
@@ -398,7 +424,7 @@ def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command()
 def estimate(
-    name: Annotated[str, typer.Argument(help="catalog name or hf.co/ORG/REPO[:QUANT]")],
+    name: Annotated[str, typer.Argument(help="catalog name, hf.co/ORG/REPO[:QUANT] or modelscope.cn/...")],
     endpoint: Endpoint = settings.ENDPOINT.default,
     context_length: Annotated[
         int | None, typer.Option("--context-length", "-c", help="tokens per sequence")
