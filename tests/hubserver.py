@@ -11,7 +11,7 @@ ROOT/ORG/REPO/... are the repos' files (symbolic links are followed). Routes:
 - a repo holding a file `.gated` is gated: 401 X-Error-Code GatedRepo unless the request carries
   `Authorization: Bearer <the file's text>`
 ModelScope's routes, as its repo API answers them (MODELSCOPE_DOMAIN points here):
-- GET /api/v1/models/ORG/REPO/repo/files?Revision=REV&Recursive=true  {"Code": 200, "Data": {"Files":
+- GET /api/v1/models/ORG/REPO/repo/files?Revision=REV&Recursive=True  {"Code": 200, "Data": {"Files":
                                           [{"Path", "Name", "Size", "Sha256", "Type": "blob"}]}}
 - GET /api/v1/models/ORG/REPO/repo?Revision=REV&FilePath=PATH         a file, Range answered 206
 - a missing repo or file: 404 with {"Code": 10010205001, "Success": false, "Message": ...}

@@ -94,7 +94,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 def _env(hub: Hub, cache: Path, **extra: str) -> dict[str, str]:
     return {"HF_ENDPOINT": hub.url, "SHOAL_MODEL_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_TOKEN": "", "MODELSCOPE_DOMAIN": f"127.0.0.1:{hub.port}", "MODELSCOPE_URL_SCHEME": "http://",
+            "HF_TOKEN": "", "MODELSCOPE_DOMAIN": hub.url,
             **extra}  # fmt: skip
 
 
@@ -243,6 +243,34 @@ def test_launch_from_modelscope_shows_progress_and_catalog_specs_follow_download
         assert shoal.http.delete(f"/v1/models/{uid}").status_code == 200
     assert shoal.http.delete("/v1/cache/models/modelscope.cn/test-org/smollm2-gguf").status_code == 200
     assert shoal.http.delete("/v1/model_registrations/LLM/smollm2-both-hubs").status_code == 200
+
+
+def test_modelscope_download_resumes_after_a_restart(hub: Hub, cache: Path, tmp_path: Path) -> None:
+    srv = ShoalServer(tmp_path / "data", tmp_path / "server.log", env=_env(hub, cache))
+    srv.start()
+    label = "ms/test-org/minilm/model.safetensors"
+    try:
+        hub.post("/_reset")
+        hub.post(f"/_hold?after={24 * 1024**2}")
+        body = {"model_name": "modelscope.cn/test-org/minilm", "model_uid": "ms-minilm"}
+        assert srv.http.post("/v1/models?wait_ready=false", json=body).status_code == 200
+        seen = _until(srv, "ms-minilm", lambda d: any(
+            f["path"] == "model.safetensors" and f["completed"] >= 10 * 1024**2
+            for f in (d.get("download") or {}).get("files", [])))  # fmt: skip
+        first = next(f["completed"] for f in seen["download"]["files"] if f["path"] == "model.safetensors")
+    finally:
+        assert srv.stop() == 0  # mid-download: the partial blob stays
+        hub.post("/_release")
+    srv.start()  # the desired state launches it again, and the download goes on from the partial blob
+    try:
+        wait_until_ready(srv, "ms-minilm", timeout=180)
+        ranges = [r[1] for r in hub.stats()["gets"] if r[0] == label]
+        offsets = [int(r[len("bytes=") : -1]) for r in ranges if r.endswith("-") and r != "bytes=0-"]
+        assert len(offsets) == 1 and offsets[0] >= first, (ranges, first)
+        answer = srv.http.post("/v1/embeddings", json={"model": "ms-minilm", "input": "hello"})
+        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+    finally:
+        srv.stop()
 
 
 def test_offline_launch_from_the_cache_makes_no_network_call(

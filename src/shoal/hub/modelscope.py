@@ -3,8 +3,9 @@
     GET {endpoint}/api/v1/models/ORG/REPO/repo/files?Revision=REV&Recursive=true   the file list
     GET {endpoint}/api/v1/models/ORG/REPO/repo?Revision=REV&FilePath=PATH           a file (Range works)
 
-The endpoint is MODELSCOPE_URL_SCHEME + MODELSCOPE_DOMAIN (ModelScope's own variables, read as its
-client reads them; default https://www.modelscope.cn). The file list names no repo commit, so a
+The endpoint is https:// + MODELSCOPE_DOMAIN (ModelScope's own variable, as its client reads it;
+default www.modelscope.cn); a MODELSCOPE_DOMAIN that starts with http:// or https:// (a local
+mirror) is taken as the whole endpoint. The file list names no repo commit, so a
 snapshot is named by a hash of the listing (paths, sizes, sha256): it changes when a file does.
 Public repos only: no token is sent. Errors become Shoal's, naming the repo: 404, 403, 502.
 """
@@ -32,8 +33,8 @@ class Sink(Protocol):
 
 
 def endpoint() -> str:
-    scheme = os.environ.get("MODELSCOPE_URL_SCHEME", "https://")
-    return scheme + os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn").strip("/")
+    domain = os.environ.get("MODELSCOPE_DOMAIN", "").strip().rstrip("/") or "www.modelscope.cn"
+    return domain if domain.startswith(("http://", "https://")) else "https://" + domain
 
 
 def _repo_url(repo: str) -> str:
@@ -74,7 +75,7 @@ def list_files(ref: HubRef) -> tuple[str, list[tuple[str, int, str | None]]]:
     with errors(what):
         response = httpx.get(
             f"{_repo_url(ref.repo)}/files",
-            params={"Revision": ref.revision, "Recursive": "true"},
+            params={"Revision": ref.revision, "Recursive": "True"},
             timeout=TIMEOUT,
             follow_redirects=True,
         )
