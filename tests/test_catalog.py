@@ -176,6 +176,8 @@ def test_models_search_filters_by_name_family_ability_and_description(offline_se
     assert names(search="gemma3 vision") == {"gemma-3-it"}  # every word must match
     assert names(search="MICROSOFT") == {"phi-4", "phi-4-mini-instruct"}  # description, any case
     assert names(search="no-such-model") == set()
+    too_long = offline_server.http.get("/v1/model_registrations/LLM", params={"search": "x" * 201})
+    assert too_long.status_code == 400 and "search" in too_long.json()["error"]["message"]
     all_types = offline_server.http.get("/v1/model_registrations/all", params={"search": "qwen3"}).json()
     assert {f["model_name"] for f in all_types} >= {"qwen3", "Qwen3-Embedding-0.6B"}
     out = _cli(offline_server, "models", "--search", "tools", "--type", "all")

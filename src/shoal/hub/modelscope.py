@@ -84,12 +84,15 @@ def list_files(ref: HubRef) -> tuple[str, list[tuple[str, int, str | None]]]:
         body = _checked(response.json(), what)
     except ValueError:
         raise HubUnreachable(f"{what}: ModelScope sent no JSON") from None
-    entries = (body.get("Data") or {}).get("Files") or []
-    files = sorted(
-        (str(f["Path"]), int(f.get("Size") or 0), f.get("Sha256") or None)
-        for f in entries
-        if isinstance(f, dict) and f.get("Type", "blob") == "blob" and f.get("Path")
-    )
+    try:
+        entries = (body.get("Data") or {}).get("Files") or []
+        files = sorted(
+            (str(f["Path"]), int(f.get("Size") or 0), str(f["Sha256"]) if f.get("Sha256") else None)
+            for f in entries
+            if isinstance(f, dict) and f.get("Type", "blob") == "blob" and f.get("Path")
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise HubUnreachable(f"{what}: ModelScope sent a file list Shoal cannot read ({exc})") from None
     listing = "\n".join(f"{p} {n} {h or ''}" for p, n, h in files)
     return hashlib.sha1(f"{ref.repo}@{ref.revision}\n{listing}".encode()).hexdigest(), files
 
