@@ -106,9 +106,20 @@ def serve(
 
 @app.command()
 def launch(
-    name: Annotated[str, typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] (docs/models.md)")],
+    name: Annotated[
+        str,
+        typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] or modelscope.cn/... (docs/models.md)"),
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
+    size_in_billions: Annotated[
+        str | None, typer.Option("--size-in-billions", "-s", help="which spec of a catalog family")
+    ] = None,
+    model_format: Annotated[str | None, typer.Option("--model-format", "-f", help="which spec")] = None,
+    quantization: Annotated[str | None, typer.Option("--quantization", "-q", help="which spec")] = None,
+    download_hub: Annotated[
+        str | None, typer.Option("--download-hub", help="huggingface or modelscope, where a spec names both")
+    ] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
     replica: Annotated[int, typer.Option(help="number of replicas")] = 1,
     n_gpu: Annotated[
@@ -136,6 +147,16 @@ def launch(
         "keep_alive": keep_alive,
         "pinned": pinned,
         "queue_timeout": queue_timeout,
+        **{
+            k: v
+            for k, v in {
+                "model_size_in_billions": size_in_billions,
+                "model_format": model_format,
+                "quantization": quantization,
+                "download_hub": download_hub,
+            }.items()
+            if v is not None
+        },
     }
     for item in option or []:
         key, _, value = item.partition("=")
@@ -214,7 +235,10 @@ def _show_download(client: Client, uid: str) -> dict[str, Any]:
 @app.command()
 def pull(
     name: Annotated[
-        str, typer.Argument(help="hf.co/ORG/REPO[:QUANT] or hf.co/ORG/REPO/FILE.gguf, or a catalog name")
+        str,
+        typer.Argument(
+            help="hf.co/ORG/REPO[:QUANT], hf.co/ORG/REPO/FILE.gguf, modelscope.cn/..., or a catalog name"
+        ),
     ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     model_type: Annotated[
@@ -257,7 +281,9 @@ def cached(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command("rm-cache")
 def rm_cache(
-    name: Annotated[str, typer.Argument(help="hf.co/ORG/REPO, as `shoal cached` lists it")],
+    name: Annotated[
+        str, typer.Argument(help="hf.co/ORG/REPO or modelscope.cn/ORG/REPO, as `shoal cached` lists it")
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
 ) -> None:
     """Remove a model's files from the server's cache (refused while a model uses them)."""
@@ -430,7 +456,7 @@ def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command()
 def estimate(
-    name: Annotated[str, typer.Argument(help="catalog name or hf.co/ORG/REPO[:QUANT]")],
+    name: Annotated[str, typer.Argument(help="catalog name, hf.co/ORG/REPO[:QUANT] or modelscope.cn/...")],
     endpoint: Endpoint = settings.ENDPOINT.default,
     context_length: Annotated[
         int | None, typer.Option("--context-length", "-c", help="tokens per sequence")
@@ -496,25 +522,51 @@ def estimate(
 @app.command()
 def models(
     endpoint: Endpoint = settings.ENDPOINT.default,
-    model_type: Annotated[str, typer.Option("--type", help="LLM or embedding")] = "LLM",
+    model_type: Annotated[
+        str, typer.Option("--type", help="LLM, embedding, rerank, audio, image, or all")
+    ] = "LLM",
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            "-S",
+            help="only models whose name, family, description, abilities or licence hold every word",
+        ),
+    ] = None,
 ) -> None:
     """List the catalog: built-in and registered models."""
     with _client(endpoint) as client:
         try:
-            families = client.registrations(model_type, detailed=True)
+            families = client.registrations(model_type, detailed=True, search=search)
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
-    table = Table("NAME", "TYPE", "ABILITY", "FORMATS", "BUILT-IN")
+    console.print(catalog_table(families))
+
+
+def catalog_table(families: list[dict[str, Any]]) -> Table:
+    """`shoal models`: one row per family, its sizes and formats, abilities, context and licence."""
+    table = Table("NAME", "TYPE", "ABILITY", "SIZES (B)", "FORMATS", "CONTEXT", "LICENCE", "BUILT-IN")
     for f in families:
-        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in f["model_specs"]}))
+        specs = f.get("model_specs") or []
+        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in specs}))
+        sizes = ", ".join(dict.fromkeys(_size(s.get("model_size_in_billions")) for s in specs))
         table.add_row(
             f["model_name"],
             f["model_type"],
             ",".join(f["model_ability"]),
+            sizes or "-",
             formats,
+            str(f.get("context_length") or "-"),
+            str(f.get("license") or "-"),
             "yes" if f["is_builtin"] else "no",
         )
-    console.print(table)
+    return table
+
+
+def _size(size: Any) -> str:
+    if isinstance(size, int | float) and not isinstance(size, bool):
+        return f"{size:g}"
+    return str(size) if size is not None else "-"
 
 
 @app.command()

@@ -47,13 +47,16 @@ RAY_ADDRESS = Setting(
 MODEL_CACHE = Setting(
     "SHOAL_MODEL_CACHE",
     str(Path.home() / ".cache" / "shoal" / "models"),
-    "where hub downloads (hub/, Hugging Face's cache layout) and, on a Ray node, copied model files are kept",
+    "where hub downloads (hub/ and modelscope/, in Hugging Face's cache layout) and, on a Ray node, "
+    "copied model files are kept",
 )
 DISK_HEADROOM = Setting(
     "SHOAL_DISK_HEADROOM", "1GiB", "disk left free after a download; a download that needs more is a 507"
 )
 DOWNLOAD_HUB = Setting(
-    "SHOAL_DOWNLOAD_HUB", "huggingface", "hub that catalog models download from (only huggingface is built)"
+    "SHOAL_DOWNLOAD_HUB",
+    "huggingface",
+    "hub catalog models download from when their spec names it: huggingface or modelscope",
 )
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 LIVENESS_INTERVAL = Setting(

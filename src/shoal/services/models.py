@@ -54,7 +54,7 @@ from shoal.scheduler import (
     place,
 )
 from shoal.services import ledger, parking
-from shoal.services.hubs import HubService, catalog_ref, check_hub
+from shoal.services.hubs import HUB_TYPES, HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
@@ -149,7 +149,7 @@ class ModelService:
         """The family, spec, engine and source of a launch, and for hub weights what the hub (or
         the cache) says of them: nothing is downloaded here."""
         assert request.model_name is not None
-        check_hub(request.download_hub or self.hubs.default_hub)
+        preferred = check_hub(request.download_hub or self.hubs.default_hub)
         ref = hub_names.parse(request.model_name)  # a malformed hub name or ModelScope: 400
         if ref is not None and model_path:
             raise InvalidRequest("model_path names local weights; a hub name names the hub's: give one")
@@ -177,7 +177,14 @@ class ModelService:
             registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
-        if hub is None and (ref := catalog_ref(source)) is not None:  # a catalog model from the hub
+        if family.model_type not in HUB_TYPES and source.ms_repo and not source.hf_repo:
+            raise InvalidRequest(
+                f"{family.model_name}: ModelScope downloads serve {', '.join(HUB_TYPES)} models; "
+                "an audio or image model downloads from Hugging Face (hf_repo) or a local path"
+            )
+        # (audio and image models from a hub are still fetched by their runner, from Hugging Face)
+        ref = catalog_ref(source, preferred) if family.model_type in HUB_TYPES else None
+        if hub is None and ref is not None:  # a catalog model from the hub
             try:
                 hub = await self.hubs.resolve(ref, family.model_type)
             except (HubUnreachable, HubNotFound):
@@ -740,7 +747,7 @@ class ModelService:
         await self.start_replica(model, replica)
 
     async def shutdown(self) -> None:
-        self.hubs.downloads.stop()  # download threads end at their next chunk, resumable
+        self.hubs.stop()  # download threads end at their next chunk, resumable
         await self.supervisor.stop()
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()

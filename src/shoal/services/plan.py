@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
-from shoal.catalog.estimate import Estimate, RemoteWeights, estimate
+from shoal.catalog.estimate import Estimate, ModelShape, RemoteWeights, estimate
 from shoal.catalog.resolve import local_path
 from shoal.devices import Device
 from shoal.engines.base import ESTIMATE_DEFAULTS
@@ -80,6 +80,15 @@ def estimate_model(
     parallel = parallel or options.get(defaults["parallel_option"] or "", None) or defaults["parallel"]
     path: Path | None = local_path(source)
     size = spec.model_size_in_billions
+    arch = spec.architecture
+    shape = (
+        ModelShape(
+            arch.n_layers, arch.n_kv_heads, arch.head_dim, arch.hidden_size, arch.vocab_size,
+            arch.n_params, family.context_length, "catalog",
+        )
+        if arch is not None
+        else None
+    )  # fmt: skip
     return estimate(
         model_format=spec.model_format,
         engine=engine,
@@ -92,6 +101,7 @@ def estimate_model(
         kv_cache_dtype=kv_cache_dtype,
         on_gpu=on_gpu,
         remote=remote if path is None else None,
+        catalog_shape=shape,
     )
 
 
