@@ -88,13 +88,27 @@ MAX_CONNECTIONS_PER_CLIENT = Setting(
     "auto",
     "open connections from one client address, past it 503 (auto: a quarter of the total; 0: no cap)",
 )
+PROFILE = Setting(
+    "SHOAL_PROFILE",
+    "gpu",
+    "profile runs after a load (a warm-up at the launch's largest batch x context, then its peak use is "
+    "the reservation): gpu (real GPUs), all (also CPU and fake GPUs), off",
+)
+PROFILE_MARGIN = Setting(
+    "SHOAL_PROFILE_MARGIN", "0.05", "fraction added to a measured profile's peak to make its reservation"
+)
+MPS = Setting(
+    "SHOAL_MPS",
+    "0",
+    "1: run the CUDA MPS control daemon and cap each GPU runner's memory at its reservation through it",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT,
+    MAX_CONNECTIONS_PER_CLIENT, PROFILE, PROFILE_MARGIN, MPS,
 )  # fmt: skip
 
 
@@ -137,4 +151,7 @@ class ServerSettings:
     model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
+    profile: str = field(default_factory=lambda: PROFILE.get().lower())
+    profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
+    mps: bool = field(default_factory=lambda: MPS.get().lower() in ("1", "true", "yes"))
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown
