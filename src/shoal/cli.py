@@ -378,9 +378,10 @@ def _memory_sides(m: dict[str, Any]) -> str:
 
 
 def mps_line(devices: list[dict[str, Any]]) -> str | None:
-    """`shoal gpus`' line on CUDA MPS, when the server has GPUs (real or fake)."""
-    mps = next((d.get("mps") for d in devices if d.get("kind") == "gpu" and d.get("mps")), None)
-    if mps is None:
+    """`shoal gpus`' line on CUDA MPS, when it was asked for or the server has GPUs (real or fake)."""
+    mps = next((d["mps"] for d in devices if d.get("mps")), None)
+    has_gpu = any(d.get("kind") == "gpu" for d in devices)
+    if mps is None or not (has_gpu or mps.get("requested")):
         return None
     return "CUDA MPS: " + ("on" if mps["enabled"] else "off") + f" ({mps['reason']})"
 

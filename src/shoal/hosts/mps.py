@@ -33,12 +33,13 @@ class MpsStatus:
     reason: str  # why it is off, or where it runs
     pipe_dir: str | None = None
     log_dir: str | None = None
+    requested: bool = True  # asked for (--mps, SHOAL_MPS=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-OFF = MpsStatus(False, "not asked for (shoal serve --mps, or SHOAL_MPS=1)")
+OFF = MpsStatus(False, "not asked for (shoal serve --mps, or SHOAL_MPS=1)", requested=False)
 
 
 @dataclass(frozen=True)

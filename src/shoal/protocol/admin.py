@@ -44,7 +44,7 @@ class LaunchRequest(BaseModel):
     )
     pinned: bool = Field(False, description="never evicted")
     gpu_compute: int | None = Field(
-        None, ge=1, le=100, description="CUDA MPS only: percent of the GPU's SMs this model may use"
+        None, ge=1, le=100, strict=True, description="CUDA MPS only: percent of the GPU's SMs it may use"
     )
     request_limits: int | None = Field(
         None, ge=1, le=100_000, description="requests served at once (Xinference)"

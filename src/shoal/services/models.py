@@ -227,6 +227,8 @@ class ModelService:
     async def launch(
         self, request: LaunchRequest, wait: bool = True, preferred: list[list[str]] | None = None
     ) -> RunningModel:
+        if request.gpu_compute is not None and not self.mps.status.enabled:
+            raise InvalidRequest(f"gpu_compute needs CUDA MPS, which is off here: {self.mps.status.reason}")
         family, spec, engine, source, hub = await self._resolve(
             request, request.model_type, request.model_path
         )
