@@ -34,7 +34,9 @@ def stored(engine: str = "transformers", device: str = "H200", estimate: int = 1
                          profiles.reservation_from_peak(peak, 0.05), 0.05, 0.0)  # fmt: skip
 
 
-def plan(per_device: int = 1000, kind: str = "gpu", declared: int | None = None, fake: bool = False) -> LaunchPlan:
+def plan(
+    per_device: int = 1000, kind: str = "gpu", declared: int | None = None, fake: bool = False
+) -> LaunchPlan:
     breakdown = {"per_device": declared or per_device, "formula_per_device": per_device, "declared": declared}
     return LaunchPlan(kind, 1, None, declared or per_device, breakdown, 0, fake)  # type: ignore[arg-type]
 
@@ -185,8 +187,8 @@ def test_profiles_on_a_real_server(profiling: ShoalServer) -> None:
     again = wait_until_ready(profiling, "p")["replicas"][0]
     assert again["estimate_bytes"] == row["reserved"] and again["profile_bytes"] is None
     assert len(rows(profiling)) == 1
-    cli = subprocess.run([sys.executable, "-m", "shoal.cli", "estimate", EMBED_MODEL, "--n-gpu", "0",
-                          "--endpoint", profiling.url], capture_output=True, text=True, check=True)  # fmt: skip
+    command = [sys.executable, "-m", "shoal.cli", "estimate", EMBED_MODEL, "--n-gpu", "0"]
+    cli = subprocess.run([*command, "--endpoint", profiling.url], capture_output=True, text=True, check=True)
     assert "measured profile on cpu" in cli.stdout and "(used)" in cli.stdout
 
     # Library versions changed since: the profile is stale and the formula places it again.
