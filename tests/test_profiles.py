@@ -94,6 +94,8 @@ def test_the_key_changes_with_memory_settings_only() -> None:
     assert profiles.profile_key(base, "H200") == profiles.profile_key(threads, "H200")
     assert profiles.profile_key(base, "H200") != profiles.profile_key(longer, "H200")
     assert profiles.profile_key(base, "H200") != profiles.profile_key(base, "A100")
+    named = profiles.memory_settings(model, "llama.cpp", 1, breakdown, {})  # as `shoal estimate -c` says it
+    assert profiles.profile_key(base, "H200") == profiles.profile_key(named, "H200")
 
 
 def test_a_profiled_reservation_replaces_the_estimate_until_use_goes_past_it() -> None:

@@ -709,6 +709,7 @@ class ModelService:
             return
         stored = await asyncio.to_thread(self.profiles.record, model.plan, model.engine, *measured)
         r.profile = stored.reserved
+        model.plan = self.profiles.on_profile(model.plan, stored)  # restarts and reloads use it
         log.info(
             "model %s replica %d profiled on %s: peak %d bytes, reserved %d (estimate %d)",
             model.uid, replica.index, measured[0], stored.peak, stored.reserved, r.estimate,

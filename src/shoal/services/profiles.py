@@ -29,6 +29,7 @@ from typing import Any
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
 from shoal.devices import Device, Snapshot
+from shoal.engines.base import ESTIMATE_DEFAULTS
 from shoal.services.plan import LaunchPlan
 from shoal.state import StateStore, StoredProfile
 
@@ -93,7 +94,11 @@ def memory_settings(
 ) -> dict[str, Any]:
     """What a profile is keyed on besides the device model: the model (name, format, size,
     quantization, where its weights come from), the engine, how many devices share it, and what
-    changes its memory (context, sequences, dtypes as the estimate resolved them; other options)."""
+    changes its memory (context, sequences, dtypes as the estimate resolved them; other options).
+    The engine's own context and sequence options (n_ctx, n_parallel...) enter as resolved, so an
+    estimate that says --context-length finds the profile of a launch that said n_ctx."""
+    defaults = ESTIMATE_DEFAULTS.get(engine, ESTIMATE_DEFAULTS["transformers"])
+    resolved = NOT_MEMORY | {defaults["context_option"], defaults["parallel_option"]}
     return {
         **model,
         "engine": engine,
@@ -102,7 +107,7 @@ def memory_settings(
         "parallel": breakdown.get("parallel"),
         "dtype": breakdown.get("dtype"),
         "kv_cache_dtype": options.get("kv_cache_dtype"),
-        "options": {k: v for k, v in sorted(options.items()) if k not in NOT_MEMORY and v is not None},
+        "options": {k: v for k, v in sorted(options.items()) if k not in resolved and v is not None},
     }
 
 
@@ -219,6 +224,11 @@ class ProfileBook:
         stored = self.store.profiles(profile_key(settings, device))
         ratio = correction(self.store.profiles(), engine, device, versions)
         return apply(plan, stored[0] if stored else None, versions, ratio, self.margin)
+
+    def on_profile(self, plan: LaunchPlan, profile: StoredProfile) -> LaunchPlan:
+        """The plan of a running model once its profile is stored: a restart or a reload after an
+        eviction is placed on it (and runs no second profile run)."""
+        return apply(plan, profile, profile.versions, None, self.margin)
 
     def measured_device(
         self, snapshot: Snapshot, devices: Sequence[str], pid: int | None
