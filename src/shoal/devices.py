@@ -95,13 +95,24 @@ def gpu_process_usage() -> dict[tuple[str, int], int]:
         usage: dict[tuple[str, int], int] = {}
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            for proc in [*pynvml.nvmlDeviceGetComputeRunningProcesses(handle), *_mps_clients(handle)]:
                 used = proc.usedGpuMemory  # None when the driver cannot say (e.g. in some containers)
                 if used is not None:
-                    usage[(f"gpu:{i}", int(proc.pid))] = int(used)
+                    key = (f"gpu:{i}", int(proc.pid))
+                    usage[key] = max(usage.get(key, 0), int(used))
         return usage
     finally:
         pynvml.nvmlShutdown()
+
+
+def _mps_clients(handle: object) -> list[object]:
+    """Processes that run through CUDA MPS (shoal serve --mps), listed apart from the others by NVML."""
+    import pynvml
+
+    try:
+        return list(pynvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
+    except pynvml.NVMLError:  # a driver without MPS client accounting
+        return []
 
 
 def rss_bytes(pid: int) -> int | None:
