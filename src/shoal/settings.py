@@ -100,7 +100,7 @@ PROFILE_MARGIN = Setting(
 MPS = Setting(
     "SHOAL_MPS",
     "0",
-    "1: run the CUDA MPS control daemon and cap each GPU runner's memory at its reservation through it",
+    "run the CUDA MPS control daemon and cap each GPU runner's memory at its reservation (SHOAL_MPS=1)",
 )
 
 ALL: tuple[Setting, ...] = (
