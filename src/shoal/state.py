@@ -1,5 +1,6 @@
 """Desired state that survives a restart, in SQLite under the data dir: user registrations, the
-models that should be running (with their launch settings and last devices), and API keys (hashed).
+models that should be running (with their launch settings and last devices), API keys (hashed),
+and measured memory profiles (services/profiles.py).
 
 The standard library's sqlite3, one short transaction per change; the gateway is the only writer
 besides `shoal keys`, and SQLite's own locking covers that.
