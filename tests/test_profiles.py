@@ -208,8 +208,8 @@ def test_profiles_on_a_real_server(profiling: ShoalServer) -> None:
 def test_the_cli_shows_estimate_profile_and_measured_side_by_side() -> None:
     from shoal.cli import _memory_sides, mps_line, profile_line
 
-    m = {"estimate_bytes": 2 * 1024**3, "profile_bytes": 1024**3, "measured_bytes": 1024**3 // 2,
-         "breakdown": {"memory_source": "corrected"}}  # fmt: skip
+    m = {"estimate_bytes": 2 * 1024**3, "profile_bytes": 1024**3, "reserved_bytes": 1024**3,
+         "measured_bytes": 1024**3 // 2, "breakdown": {"memory_source": "corrected"}}  # fmt: skip
     assert _memory_sides(m) == " (estimate 2.00 corrected, profile 1.00, measured 0.50)"
     profile = {"device_model": "H200", "peak_bytes": 1024**3, "reserved_bytes": 1024**3, "stale": True}
     stale = {"profile": profile}

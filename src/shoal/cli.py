@@ -367,14 +367,18 @@ def group_by_node(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) 
 
 
 def _memory_sides(m: dict[str, Any]) -> str:
-    """A model's estimate (and where it came from), its own profile and its measured use, side by side."""
+    """Beside a replica's reservation: its estimate (with what it came from) when that is not simply
+    the reservation, its own profile and its measured use."""
     source = (m.get("breakdown") or {}).get("memory_source")
-    parts = [f"estimate {_gib(m['estimate_bytes'])}" + (f" {source}" if source else "")]
+    parts = []
+    plain = source in (None, "formula", "declared") and m.get("estimate_bytes") == m.get("reserved_bytes")
+    if m.get("estimate_bytes") is not None and not plain:
+        parts.append(f"estimate {_gib(m['estimate_bytes'])}" + (f" {source}" if source else ""))
     if m.get("profile_bytes"):
         parts.append(f"profile {_gib(m['profile_bytes'])}")
     if m.get("measured_bytes"):
         parts.append(f"measured {_gib(m['measured_bytes'])}")
-    return " (" + ", ".join(parts) + ")" if m.get("estimate_bytes") is not None else ""
+    return " (" + ", ".join(parts) + ")" if parts else ""
 
 
 def mps_line(devices: list[dict[str, Any]]) -> str | None:
