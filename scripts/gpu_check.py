@@ -164,7 +164,8 @@ def profile_round(http: httpx.Client, launches: dict[str, dict[str, Any]], failu
         after_nvml = nvml_by_pid().get(rep2["pid"], 0)
         row = {
             "uid": uid,
-            "first_source": est.get("memory_source"),
+            # the model's estimate now says "profile"; its replica keeps the figure that placed it
+            "first_source": "formula" if rep["estimate_bytes"] == est.get("formula_per_device") else "corrected",
             "formula": est.get("formula_per_device"),
             "first_estimate": rep["estimate_bytes"],
             "profile": rep["profile_bytes"],
