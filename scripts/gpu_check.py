@@ -165,7 +165,9 @@ def profile_round(http: httpx.Client, launches: dict[str, dict[str, Any]], failu
         row = {
             "uid": uid,
             # the model's estimate now says "profile"; its replica keeps the figure that placed it
-            "first_source": "formula" if rep["estimate_bytes"] == est.get("formula_per_device") else "corrected",
+            "first_source": "formula"
+            if rep["estimate_bytes"] == est.get("formula_per_device")
+            else "corrected",  # noqa: E501
             "formula": est.get("formula_per_device"),
             "first_estimate": rep["estimate_bytes"],
             "profile": rep["profile_bytes"],
