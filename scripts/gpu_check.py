@@ -162,12 +162,11 @@ def profile_round(http: httpx.Client, launches: dict[str, dict[str, Any]], failu
         again = http.get(f"/v1/models/{uid}").json()
         rep2 = again["replicas"][0]
         after_nvml = nvml_by_pid().get(rep2["pid"], 0)
+        # the model's estimate now says "profile"; its replica keeps the figure that placed it
+        first_source = "formula" if rep["estimate_bytes"] == est.get("formula_per_device") else "corrected"
         row = {
             "uid": uid,
-            # the model's estimate now says "profile"; its replica keeps the figure that placed it
-            "first_source": "formula"
-            if rep["estimate_bytes"] == est.get("formula_per_device")
-            else "corrected",  # noqa: E501
+            "first_source": first_source,
             "formula": est.get("formula_per_device"),
             "first_estimate": rep["estimate_bytes"],
             "profile": rep["profile_bytes"],
