@@ -352,7 +352,7 @@ function renderModels(models) {
       const span = replicas.length;
       const busy = pending.get(m.model_uid);
       const state = m.status === "downloading" ? "downloading" : r ? r.state : m.status;
-      const memory = r ? `${bytes(r.reserved_bytes)} / ${bytes(r.measured_bytes)}` : "–";
+      const memory = r ? [r.reserved_bytes, r.estimate_bytes, r.profile_bytes, r.measured_bytes].map(bytes).join(" / ") : "–";
       rows.push(el("tr", { "data-uid": m.model_uid },
         first ? el("td", { rowspan: span }, el("b", { text: m.model_uid })) : null,
         first ? el("td", { rowspan: span, text: m.model_name }) : null,
