@@ -218,3 +218,18 @@ def test_the_cli_shows_estimate_profile_and_measured_side_by_side() -> None:
     off = {"enabled": False, "reason": "no NVIDIA GPU", "requested": True}
     assert mps_line([{"kind": "cpu", "mps": off}]) == "CUDA MPS: off (no NVIDIA GPU)"
     assert mps_line([{"kind": "cpu", "mps": {**off, "requested": False}}]) is None
+
+
+def test_the_runner_moves_its_torch_cap_only_on_a_gpu_and_refuses_a_bad_fraction(tmp_path: Path) -> None:
+    """The route the gateway calls after a profile: on the CPU there is no torch CUDA cap to move."""
+    from starlette.testclient import TestClient
+
+    from shoal.engines.base import Engine, EngineConfig
+    from shoal.runners.app import build_runner_app
+
+    engine = Engine(EngineConfig(model_path=tmp_path, model_uid="m", model_format="x", context_length=None))
+    with TestClient(build_runner_app(engine, warm=False)) as client:
+        assert client.post("/memory_fraction", json={"fraction": 0.5}).json() == {"applied": False}
+        for bad in (0, 1.5, "half", True, None):
+            r = client.post("/memory_fraction", json={"fraction": bad})
+            assert r.status_code == 400 and "fraction" in r.json()["error"]["message"]
