@@ -34,7 +34,7 @@ from shoal.errors import (
     NodeLost,
     ShoalError,
 )
-from shoal.hosts import Host
+from shoal.hosts import Host, RunnerHandle
 from shoal.hosts.mps import MpsControl
 from shoal.hub import names as hub_names
 from shoal.hub.download import Pull
@@ -702,6 +702,9 @@ class ModelService:
         follows it, and the profile is stored for the next launch of the same thing."""
         r, runner = replica.reservation, replica.runner
         assert r is not None and runner is not None
+        if not await self._profile_ran(runner):  # e.g. out of memory under the formula's cap
+            log.warning("model %s replica %d: its profile run failed; no profile", model.uid, replica.index)
+            return
         snapshot = await asyncio.to_thread(self.host.snapshot)
         measured = self.profiles.measured_device(snapshot, r.devices, runner.pid)
         if measured is None:
@@ -723,6 +726,16 @@ class ModelService:
             except Exception as exc:  # the runner serves on under its first cap
                 log.warning("model %s: torch memory cap not moved to %.4f: %s", model.uid, fraction, exc)
         self._freed.set()  # a smaller reservation can make room for a queued launch
+
+    @staticmethod
+    async def _profile_ran(runner: RunnerHandle) -> bool:
+        """The runner says its profile run completed (runners/app.py counts it on /metrics)."""
+        try:
+            async with runner.session.get("/metrics") as answer:
+                return bool((await answer.json()).get("runner_profile_runs") == 1)
+        except Exception as exc:  # unreadable: not measured, rather than a wrong profile
+            log.warning("runner metrics unread after a profile run: %s", exc)
+            return False
 
     async def _lost_while_starting(self, model: RunningModel, replica: Replica, exc: NodeLost) -> None:
         """Its node left before the replica was ready: place it again on the nodes left."""
