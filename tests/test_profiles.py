@@ -233,3 +233,29 @@ def test_the_runner_moves_its_torch_cap_only_on_a_gpu_and_refuses_a_bad_fraction
         for bad in (0, 1.5, "half", True, None):
             r = client.post("/memory_fraction", json={"fraction": bad})
             assert r.status_code == 400 and "fraction" in r.json()["error"]["message"]
+
+
+def test_the_transformers_profile_run_prefills_a_full_batch_at_full_context(tmp_path: Path) -> None:
+    """The prefill of a full batch (8 × 512 tokens) runs and raises the process's RSS high-water mark
+    past what the one-token warm-up reached; the engine serves normally after it."""
+    import asyncio
+
+    from conftest import build_tiny_llama
+    from shoal.engines.base import EngineConfig
+    from shoal.engines.transformers import TransformersEngine
+
+    build_tiny_llama(tmp_path, 64, 512)
+    options = {"max_batch_size": 8, "context_length": 512}
+    engine = TransformersEngine(EngineConfig(tmp_path, "tiny", "pytorch", None, "cpu", 1, options))
+    engine.load()
+    try:
+        asyncio.run(engine.warm_up())
+        before = devices.rss_peak_bytes(os.getpid()) or 0
+        asyncio.run(engine.profile_run())
+        after = devices.rss_peak_bytes(os.getpid()) or 0
+        assert (engine.max_batch_size, engine.context) == (8, 512)
+        assert after > before
+        answer = asyncio.run(engine.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        assert answer["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()

@@ -561,10 +561,15 @@ class TransformersEngine(Engine):
         cache: the most this engine's batches hold at once. Run before any request is taken."""
 
         def prefill() -> None:
-            ids = torch.full((self.max_batch_size, self.context), self._pad, device=self._device)
-            with torch.inference_mode():
-                self._model(input_ids=ids, use_cache=True)
-            del ids  # the caching allocator keeps the blocks: NVML's per-pid use shows the peak
+            from transformers import DynamicCache
+
+            shape = (self.max_batch_size, self.context)
+            ids = torch.full(shape, self._pad, dtype=torch.long, device=self._device)
+            mask = torch.ones(shape, dtype=torch.long, device=self._device)
+            pos = mask.cumsum(-1) - 1
+            with torch.inference_mode():  # as a batch's prefill does it (last logits only)
+                self._forward(ids, mask, pos, DynamicCache(config=self._model.config))
+            # the caching allocator keeps the blocks freed here: NVML's per-pid use shows the peak
 
         await asyncio.to_thread(prefill)
         await self.warm_up()
