@@ -69,6 +69,18 @@ def serve(
     ray_address: Annotated[
         str, typer.Option(envvar=settings.RAY_ADDRESS.env, help=settings.RAY_ADDRESS.help)
     ] = "",
+    mps: Annotated[
+        bool,
+        typer.Option(
+            help=settings.MPS.help + " (where MPS cannot run, the server says why and serves without it)"
+        ),
+    ] = False,
+    profile: Annotated[
+        str, typer.Option(envvar=settings.PROFILE.env, help=settings.PROFILE.help)
+    ] = settings.PROFILE.default,
+    profile_margin: Annotated[
+        float, typer.Option(envvar=settings.PROFILE_MARGIN.env, help=settings.PROFILE_MARGIN.help)
+    ] = float(settings.PROFILE_MARGIN.default),
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -81,6 +93,10 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     if placement not in ("binpack", "spread"):
         raise typer.BadParameter("placement must be binpack or spread")
+    if profile.lower() not in ("gpu", "all", "off"):
+        raise typer.BadParameter("profile must be gpu, all or off")
+    if not 0 <= profile_margin <= 1:
+        raise typer.BadParameter("profile-margin must be between 0 and 1")
     from shoal.state import StateStore
 
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -100,6 +116,9 @@ def serve(
         autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
         api_key=api_key or None,
         ray_address=ray_address or None,
+        mps=mps or settings.MPS.get().lower() in ("1", "true", "yes"),
+        profile=profile.lower(),
+        profile_margin=profile_margin,
     )
     server.serve(build_app(server_settings, launch or []), server_settings, log_level)
 
@@ -135,6 +154,10 @@ def launch(
     ] = None,
     pinned: Annotated[bool, typer.Option("--pinned", help="never evict this model")] = False,
     queue_timeout: Annotated[float, typer.Option("--queue-timeout", help="seconds to wait for memory")] = 0,
+    gpu_compute: Annotated[
+        int | None,
+        typer.Option("--gpu-compute", help="CUDA MPS only: percent (1-100) of the GPU's SMs it may use"),
+    ] = None,
     worker_ip: Annotated[
         str | None,
         typer.Option("--worker-ip", help="Ray cluster: only this node (its IP, name or Ray node id)"),
@@ -157,6 +180,7 @@ def launch(
             }.items()
             if v is not None
         },
+        "gpu_compute": gpu_compute,
     }
     for item in option or []:
         key, _, value = item.partition("=")
@@ -400,13 +424,36 @@ def group_by_node(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) 
     return list(groups.values())
 
 
+def _memory_sides(m: dict[str, Any]) -> str:
+    """Beside a replica's reservation: its estimate (with what it came from) when that is not simply
+    the reservation, its own profile and its measured use."""
+    source = (m.get("breakdown") or {}).get("memory_source")
+    parts = []
+    plain = source in (None, "formula", "declared") and m.get("estimate_bytes") == m.get("reserved_bytes")
+    if m.get("estimate_bytes") is not None and not plain:
+        parts.append(f"estimate {_gib(m['estimate_bytes'])}" + (f" {source}" if source else ""))
+    if m.get("profile_bytes"):
+        parts.append(f"profile {_gib(m['profile_bytes'])}")
+    if m.get("measured_bytes"):
+        parts.append(f"measured {_gib(m['measured_bytes'])}")
+    return " (" + ", ".join(parts) + ")" if parts else ""
+
+
+def mps_line(devices: list[dict[str, Any]]) -> str | None:
+    """`shoal gpus`' line on CUDA MPS, when it was asked for or the server has GPUs (real or fake)."""
+    mps = next((d["mps"] for d in devices if d.get("mps")), None)
+    has_gpu = any(d.get("kind") == "gpu" for d in devices)
+    if mps is None or not (has_gpu or mps.get("requested")):
+        return None
+    return "CUDA MPS: " + ("on" if mps["enabled"] else "off") + f" ({mps['reason']})"
+
+
 def _device_cells(d: dict[str, Any]) -> list[str]:
     held = [
-        f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}"
-        + (f" (measured {_gib(m['measured_bytes'])})" if m.get("measured_bytes") else "")
+        f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}" + _memory_sides(m)
         + (" [red]OVER[/red]" if m.get("over_reservation") else "")
         for m in d["models"]
-    ]
+    ]  # fmt: skip
     name = d["name"] + (" (fake)" if d.get("fake") else "")
     return [
         name,
@@ -452,6 +499,23 @@ def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
     console.print(devices_table(devices, workers))
+    if (line := mps_line(devices)) is not None:
+        console.print(line)
+
+
+def profile_line(est: dict[str, Any]) -> str:
+    """What `shoal estimate` says of measured profiles: the stored one (used, or stale), the
+    correction learned from similar models, or that there is none."""
+    profile = est.get("profile")
+    if profile is not None:
+        state = "stale (library versions changed), not used" if profile["stale"] else "used"
+        return (
+            f"measured profile on {profile['device_model']}: peak {_gib(profile['peak_bytes'])} GiB, "
+            f"reserved {_gib(profile['reserved_bytes'])} GiB ({state})"
+        )
+    if est.get("correction") is not None:
+        return f"no profile yet; formula × {est['correction']} learned from similar models' profiles"
+    return "no measured profile yet: the formula places it"
 
 
 @app.command()
@@ -500,8 +564,11 @@ def estimate(
     )
     for part in ("weights", "kv_cache", "activations", "cuda_context", "cpu_runtime"):
         table.add_row(part, _gib(est.get(part, 0)))
-    table.add_row("[bold]per device[/bold]", _gib(est["per_device"]))
+    if est.get("formula_per_device") is not None and est.get("memory_source") != "formula":
+        table.add_row("formula per device", _gib(est["formula_per_device"]))
+    table.add_row(f"[bold]per device[/bold] ({est.get('memory_source', 'formula')})", _gib(est["per_device"]))
     console.print(table)
+    console.print(profile_line(est))
     console.print(
         f"context {est.get('context_length')} × {est.get('parallel')} sequences, dtype {est.get('dtype')}"
     )

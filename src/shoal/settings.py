@@ -96,13 +96,27 @@ PARK_MEMORY = Setting(
     "auto",
     "host RAM parked models may hold per node (auto: the node's free RAM; 0: never park, evict instead)",
 )
+PROFILE = Setting(
+    "SHOAL_PROFILE",
+    "gpu",
+    "profile runs after a load (a warm-up at the launch's largest batch x context, then its peak use is "
+    "the reservation): gpu (real GPUs), all (also CPU and fake GPUs), off",
+)
+PROFILE_MARGIN = Setting(
+    "SHOAL_PROFILE_MARGIN", "0.05", "fraction added to a measured profile's peak to make its reservation"
+)
+MPS = Setting(
+    "SHOAL_MPS",
+    "0",
+    "run the CUDA MPS control daemon and cap each GPU runner's memory at its reservation (SHOAL_MPS=1)",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY,
+    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY, PROFILE, PROFILE_MARGIN, MPS,
 )  # fmt: skip
 
 
@@ -151,4 +165,7 @@ class ServerSettings:
             None if PARK_MEMORY.get().strip().lower() in ("", "auto") else parse_size(PARK_MEMORY.get())
         )
     )
+    profile: str = field(default_factory=lambda: PROFILE.get().lower())
+    profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
+    mps: bool = field(default_factory=lambda: MPS.get().lower() in ("1", "true", "yes"))
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

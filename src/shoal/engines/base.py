@@ -4,6 +4,7 @@ numpy arrays are allowed)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,26 @@ class Engine:
             except InvalidRequest:
                 continue
             return
+
+    async def profile_run(self) -> None:
+        """The warm-up at the launch's largest batch × context, so the runner's peak memory afterwards
+        is what it will need at worst (what vLLM's own profile run does at load). By default the plain
+        warm-up: engines that allocate their worst case at load (llama.cpp's KV cache and compute
+        buffers for n_ctx × n_parallel, vLLM's profile run and KV pool, and engines without a KV cache)
+        reach it already. Engines whose memory grows with the batch override this."""
+        await self.warm_up()
+
+    def set_memory_fraction(self, fraction: float) -> bool:
+        """Move the torch cap to `fraction` of the GPU (after a profile set the reservation); False
+        when this runner holds no torch CUDA context to cap."""
+        if self.config.device != "cuda" or "torch" not in sys.modules:
+            return False
+        import torch
+
+        if not torch.cuda.is_initialized():
+            return False
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        return True
 
     def metrics(self) -> dict[str, float]:
         """The engine's own counters (e.g. llama.cpp's tokens predicted), for diagnostics and tests."""

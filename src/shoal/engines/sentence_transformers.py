@@ -75,6 +75,12 @@ class SentenceTransformersEngine(Engine):
     async def warm_up(self) -> None:
         await self.embed({"input": "Shoal warms the model up with one sentence."})
 
+    async def profile_run(self) -> None:
+        """A full batch of inputs at the model's longest length (each cut there by the model)."""
+        longest = int(getattr(self._model, "max_seq_length", None) or 512)
+        texts = [" ".join(["memory"] * longest)] * self._batch_size
+        await asyncio.to_thread(self._embed_batch, texts)
+
     def _embed_batch(self, texts: list[str]) -> Any:
         """One forward pass over many requests' inputs: full-size vectors, as the model makes them
         (its own Normalize module included); each request truncates and normalises its own."""

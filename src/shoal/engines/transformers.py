@@ -564,6 +564,24 @@ class TransformersEngine(Engine):
             _cancel(requests)
         return ["".join(texts.get(i, [])) for i in sorted(done)], [done[i] for i in sorted(done)]
 
+    async def profile_run(self) -> None:
+        """One prefill of a full batch (max_batch_size) of full-context prompts, keeping their KV
+        cache: the most this engine's batches hold at once. Run before any request is taken."""
+
+        def prefill() -> None:
+            from transformers import DynamicCache
+
+            shape = (self.max_batch_size, self.context)
+            ids = torch.full(shape, self._pad, dtype=torch.long, device=self._device)
+            mask = torch.ones(shape, dtype=torch.long, device=self._device)
+            pos = mask.cumsum(-1) - 1
+            with torch.inference_mode():  # as a batch's prefill does it (last logits only)
+                self._forward(ids, mask, pos, DynamicCache(config=self._model.config))
+            # the caching allocator keeps the blocks freed here: NVML's per-pid use shows the peak
+
+        await asyncio.to_thread(prefill)
+        await self.warm_up()
+
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         texts, done = await self._collect(body, chat=True)
         message = {"role": "assistant", "content": texts[0]}

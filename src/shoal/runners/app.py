@@ -157,12 +157,13 @@ async def _wake(engine: Engine, _: Request) -> Response:
     return _json({"parked": False, "seconds": time.monotonic() - started})
 
 
-async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
-    """The engine's one real inference (Engine.warm_up), timed. A failure is logged, not fatal: the
-    runner still serves, and the first request meets the same error with its own answer."""
+async def warm_up(engine: Engine, timings: dict[str, float], profile: bool = False) -> None:
+    """The engine's one real inference (Engine.warm_up; with `profile`, Engine.profile_run at the
+    launch's largest batch × context), timed. A failure is logged, not fatal: the runner still
+    serves, and the first request meets the same error with its own answer."""
     started = time.monotonic()
     try:
-        await engine.warm_up()
+        await (engine.profile_run() if profile else engine.warm_up())
     except Exception:
         print(f"shoal runner: {engine.name} warm-up failed; serving anyway", file=sys.stderr)
         traceback.print_exc()
@@ -170,18 +171,34 @@ async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
     else:
         timings["warm_ups"] = timings.get("warm_ups", 0) + 1
     timings["warm_up_seconds"] = time.monotonic() - started
+    if profile and "warm_up_failed" not in timings:
+        timings["profile_runs"] = 1
 
 
-def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, warm: bool = True) -> Starlette:
-    """The runner's routes. With `warm`, the engine's warm-up runs in the app's startup, which uvicorn
-    completes before it listens: the gateway sees /health only once the model has answered once.
+async def _memory_fraction(engine: Engine, request: Request) -> Response:
+    """POST {"fraction": f}: the torch memory cap follows the reservation once a profile set it."""
+    body = orjson.loads(await request.body())
+    fraction = body.get("fraction") if isinstance(body, dict) else None
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        return _error(
+            400, f"fraction must be a number in (0, 1], not {fraction!r}", "invalid_request_error", None
+        )
+    return _json({"applied": engine.set_memory_fraction(float(fraction))})
+
+
+def build_runner_app(
+    engine: Engine, timings: dict[str, float] | None = None, warm: bool = True, profile: bool = False
+) -> Starlette:
+    """The runner's routes. With `warm`, the engine's warm-up (its profile run with `profile`) runs in
+    the app's startup, which uvicorn completes before it listens: the gateway sees /health only once
+    the model has answered once, so the peak it then reads includes the warm-up.
     `timings` (the runner's load times) are reported with the engine's counters on /metrics."""
     stats: dict[str, float] = timings if timings is not None else {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         if warm:
-            await warm_up(engine, stats)
+            await warm_up(engine, stats, profile)
         yield
 
     async def health(_: Request) -> Response:
@@ -198,6 +215,7 @@ def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, wa
             Route("/metrics", _guarded(metrics, engine)),
             Route("/park", _guarded(_park, engine), methods=post),
             Route("/wake", _guarded(_wake, engine), methods=post),
+            Route("/memory_fraction", _guarded(_memory_fraction, engine), methods=post),
             Route(
                 "/v1/chat/completions", _guarded(_openai(tools.chat, tools.chat_stream), engine), methods=post
             ),

@@ -61,7 +61,7 @@ def main(config_path: str) -> int:
         where = {"uds": str(socket_path)}
     server = uvicorn.Server(
         uvicorn.Config(
-            build_runner_app(engine, timings),
+            build_runner_app(engine, timings, profile=config.profile),
             **where,  # type: ignore[arg-type]
             log_level="warning",
             access_log=False,

@@ -30,14 +30,21 @@ class Reservation:
     device_total: int = 0  # bytes of the smallest of its devices (for a torch memory fraction)
     measured: int | None = None  # per device: the latest use seen (NVML per pid, or RSS on the CPU)
     peak: int | None = None  # per device: the highest use seen since it was placed
+    # per device: this replica's own profile run, peak × (1 + margin); once set it replaces the estimate
+    profile: int | None = None
+
+    @property
+    def base(self) -> int:
+        """What it holds before measurements raise it: its profile once measured, else the estimate."""
+        return self.estimate if self.profile is None else self.profile
 
     @property
     def reserved(self) -> int:
-        return max(self.estimate, self.measured or 0)
+        return max(self.base, self.measured or 0)
 
     @property
     def over(self) -> bool:
-        return self.measured is not None and self.measured > self.estimate
+        return self.measured is not None and self.measured > self.base
 
     def record(self, used: int) -> bool:
         """A new measurement; True when it first goes over the estimate."""
@@ -204,7 +211,7 @@ def blocked_reasons(models: Iterable[RunningModel], now: float | None = None) ->
 
 
 def measure(models: Iterable[RunningModel], snapshot: Snapshot) -> list[tuple[str, int, int]]:
-    """Record each ready replica's use; returns (replica, used, estimate) of those that just went over."""
+    """Record each ready replica's use; returns (replica, used, base) of those that just went over."""
     by_id = {d.id: d for d in snapshot.devices}
     went_over = []
     for model, replica in _replicas(models):
@@ -214,5 +221,5 @@ def measure(models: Iterable[RunningModel], snapshot: Snapshot) -> list[tuple[st
         seen = [snapshot.measure(by_id[d], replica.runner.pid) for d in r.devices if d in by_id]
         values = [v for v in seen if v is not None]
         if values and r.record(max(values)):
-            went_over.append((f"{model.uid}/{replica.index}", r.measured or 0, r.estimate))
+            went_over.append((f"{model.uid}/{replica.index}", r.measured or 0, r.base))
     return went_over

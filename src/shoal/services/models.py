@@ -34,7 +34,8 @@ from shoal.errors import (
     NodeLost,
     ShoalError,
 )
-from shoal.hosts import Host
+from shoal.hosts import Host, RunnerHandle
+from shoal.hosts.mps import MpsControl
 from shoal.hub import names as hub_names
 from shoal.hub.download import Pull
 from shoal.hub.resolve import HubModel
@@ -57,6 +58,7 @@ from shoal.services import ledger, parking
 from shoal.services.hubs import HUB_TYPES, HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
+from shoal.services.profiles import ProfileBook, model_identity, wants_profile_run
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
 from shoal.services.router import Router
 from shoal.services.supervisor import Supervisor
@@ -107,14 +109,19 @@ class ModelService:
         self.hubs = HubService(settings)
         self._placing = asyncio.Lock()  # one placement decision at a time
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
+        # Measured profiles (services/profiles.py) and CUDA MPS (hosts/mps.py):
+        self.profiles = ProfileBook(store, settings.profile, settings.profile_margin)
+        self.mps = MpsControl(settings.data_dir, bool(settings.fake_gpus), bool(settings.ray_address))
         metrics.PARKED_REPLICAS.set_function(self._parked_count)
 
     def _parked_count(self) -> int:
         return sum(r.state is ReplicaState.PARKED for m in self._models.values() for r in m.replicas)
 
     async def start(self) -> None:
-        """Join the Ray cluster (Ray mode); on one machine there is nothing to start."""
+        """Join the Ray cluster (Ray mode); start the MPS daemon when asked for."""
         await self.host.start()
+        if self.settings.mps:
+            await asyncio.to_thread(self.mps.start)  # off with its reason where it cannot run
 
     def memory_freed(self) -> None:
         self._freed.set()
@@ -213,7 +220,7 @@ class ModelService:
             if isinstance(request, LaunchRequest)
             else dict(request.model_extra or {})
         )
-        return await asyncio.to_thread(
+        plan = await asyncio.to_thread(
             plan_launch,
             request,
             engine,
@@ -225,10 +232,15 @@ class ModelService:
             options,
             hub.weights if hub is not None else None,
         )
+        # On its stored profile, or on the formula corrected by similar models' profiles.
+        identity = model_identity(family, spec, source)
+        return await asyncio.to_thread(self.profiles.place, plan, identity, engine, options, snapshot.devices)
 
     async def launch(
         self, request: LaunchRequest, wait: bool = True, preferred: list[list[str]] | None = None
     ) -> RunningModel:
+        if request.gpu_compute is not None and not self.mps.status.enabled:
+            raise InvalidRequest(f"gpu_compute needs CUDA MPS, which is off here: {self.mps.status.reason}")
         family, spec, engine, source, hub = await self._resolve(
             request, request.model_type, request.model_path
         )
@@ -657,8 +669,8 @@ class ModelService:
             for replica in model.replicas
         }
         report = ledger.device_report(states, snapshot, ledger.holdings(models), per_replica, self.policy)
-        health = self.supervisor.health()
-        return [{**device, "supervisor": health} for device in report]
+        health, mps = self.supervisor.health(), self.mps.status.to_dict()
+        return [{**device, "supervisor": health, "mps": mps} for device in report]
 
     # ---- runners -----------------------------------------------------------------------------
     def _runner_config(self, model: RunningModel, reservation: Reservation) -> RunnerConfig:
@@ -686,12 +698,19 @@ class ModelService:
         """Spawn one runner on its reservation and wait until it answers; on failure record why."""
         reservation = replica.reservation
         assert reservation is not None
-        config = self._runner_config(model, reservation).model_copy(update={"replica": replica.index})
+        profile = wants_profile_run(self.profiles.mode, model.plan)
+        config = self._runner_config(model, reservation).model_copy(
+            update={"replica": replica.index, "profile": profile}
+        )
         env = dict(model.request.envs or {})
         real_gpu = model.plan.kind == "gpu" and not model.plan.fake
         env["CUDA_VISIBLE_DEVICES"] = (
             ",".join(d.split(":")[-1] for d in reservation.devices) if real_gpu else ""
         )
+        if real_gpu:  # CUDA MPS on: the runner joins the daemon, capped at its reservation
+            env.update(
+                self.mps.env(reservation.reserved, len(reservation.devices), model.request.gpu_compute)
+            )
         log_name = f"{model.uid}-{replica.index}.log"
         try:
             runner = self.host.runner(reservation.devices[0], config, env, log_name, reservation.cores)
@@ -722,6 +741,48 @@ class ModelService:
                 ",".join(reservation.devices),
                 runner.pid,
             )
+            if profile:
+                await self._record_profile(model, replica)
+
+    async def _record_profile(self, model: RunningModel, replica: Replica) -> None:
+        """After a profile run: the reservation becomes its peak plus the margin, the torch cap
+        follows it, and the profile is stored for the next launch of the same thing."""
+        r, runner = replica.reservation, replica.runner
+        assert r is not None and runner is not None
+        if not await self._profile_ran(runner):  # e.g. out of memory under the formula's cap
+            log.warning("model %s replica %d: its profile run failed; no profile", model.uid, replica.index)
+            return
+        snapshot = await asyncio.to_thread(self.host.snapshot)
+        measured = self.profiles.measured_device(snapshot, r.devices, runner.pid)
+        if measured is None:
+            log.warning("model %s replica %d: its profile peak could not be read", model.uid, replica.index)
+            return
+        stored = await asyncio.to_thread(self.profiles.record, model.plan, model.engine, *measured)
+        r.profile = stored.reserved
+        model.plan = self.profiles.on_profile(model.plan, stored)  # restarts and reloads use it
+        log.info(
+            "model %s replica %d profiled on %s: peak %d bytes, reserved %d (estimate %d)",
+            model.uid, replica.index, measured[0], stored.peak, stored.reserved, r.estimate,
+        )  # fmt: skip
+        real_gpu = model.plan.kind == "gpu" and not model.plan.fake
+        if real_gpu and model.engine in FRACTION_ENGINES and model.engine != "vllm" and r.device_total:
+            fraction = min(1.0, r.reserved / r.device_total)
+            try:
+                async with runner.session.post("/memory_fraction", json={"fraction": fraction}) as answer:
+                    answer.raise_for_status()
+            except Exception as exc:  # the runner serves on under its first cap
+                log.warning("model %s: torch memory cap not moved to %.4f: %s", model.uid, fraction, exc)
+        self._freed.set()  # a smaller reservation can make room for a queued launch
+
+    @staticmethod
+    async def _profile_ran(runner: RunnerHandle) -> bool:
+        """The runner says its profile run completed (runners/app.py counts it on /metrics)."""
+        try:
+            async with runner.session.get("/metrics") as answer:
+                return bool((await answer.json()).get("runner_profile_runs") == 1)
+        except Exception as exc:  # unreadable: not measured, rather than a wrong profile
+            log.warning("runner metrics unread after a profile run: %s", exc)
+            return False
 
     async def _lost_while_starting(self, model: RunningModel, replica: Replica, exc: NodeLost) -> None:
         """Its node left before the replica was ready: place it again on the nodes left."""
@@ -752,3 +813,4 @@ class ModelService:
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()
         await self.host.shutdown()
+        await asyncio.to_thread(self.mps.stop)  # after its clients (the runners) are gone

@@ -136,7 +136,8 @@ def plan_launch(
     runtime = 0 if kind == "gpu" else ESTIMATE_DEFAULTS.get(engine, {}).get("cpu_runtime_bytes", 0)
     # Engines that split a model put 1/N of it on each GPU; every process pays its own CUDA context.
     per_device = (est.total - est.cuda_context) // n_devices + est.cuda_context + runtime
-    breakdown = {**est.to_dict(), "cpu_runtime": runtime, "per_device": per_device, "declared": None}
+    breakdown = {**est.to_dict(), "cpu_runtime": runtime, "per_device": per_device,
+                 "formula_per_device": per_device, "declared": None}  # fmt: skip
     if request.gpu_memory is not None:
         try:
             per_device = parse_size(request.gpu_memory)

@@ -91,6 +91,7 @@ class Replica:
             "device": ",".join(r.devices) if r else None,
             "cores": list(r.cores) if r else [],
             "estimate_bytes": r.estimate if r else None,
+            "profile_bytes": r.profile if r else None,
             "measured_bytes": r.measured if r else None,
             "peak_bytes": r.peak if r else None,
             "reserved_bytes": r.reserved if r else None,
