@@ -44,29 +44,40 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
-    raw = await request.body()
+def validate(model: type[Body], raw: bytes) -> Body:
     try:
-        return model.model_validate_json(raw), raw
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
+    raw = await request.body()
+    return validate(model, raw), raw
 
 
 async def check_model(request: Request, uid: str, ability: str, name: str | None = None) -> ModelService:
     """The model exists (loading it first under --autoload, or when a client unloaded it; `name`:
     the hub name an Ollama client asked for, launched under `uid`) and can do this."""
     service: ModelService = request.app.state.models
-    request.state.model_requested = uid  # logged (clipped) if it turns out unknown
+    await check_model_of(service, request.scope.setdefault("state", {}), uid, ability, name)
+    return service
+
+
+async def check_model_of(
+    service: ModelService, state: dict[str, Any], uid: str, ability: str, name: str | None = None
+) -> None:
+    """check_model with the request's state (scope["state"], which the access log reads)."""
+    state["model_requested"] = uid  # logged (clipped) if it turns out unknown
     if service.settings.autoload or service.parked(uid):
         await service.ensure_ready(uid, name)
     running = service.get(uid)
-    request.state.model = uid  # a model that exists: the metrics' and access log's model label
+    state["model"] = uid  # a model that exists: the metrics' and access log's model label
     if ability not in running.family.model_ability:
         raise InvalidRequest(
             f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
             f"it can do: {', '.join(running.family.model_ability)}"
         )
-    return service
 
 
 def render(result: Forwarded) -> Response:
@@ -82,9 +93,18 @@ def render(result: Forwarded) -> Response:
 
 
 async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
-    body, raw = await parse_body(request, model)
+    state = request.scope.setdefault("state", {})
+    return await serve(request.app.state.models, state, await request.body(), model, ability, path)
+
+
+async def serve(
+    service: ModelService, state: dict[str, Any], raw: bytes, model: type[BaseModel], ability: str, path: str
+) -> Response:
+    """One OpenAI inference request, from its raw body to the answer (gateway.hot serves the same
+    paths without FastAPI's routing; these routes are what it falls back to, and what documents them)."""
+    body = validate(model, raw)
     uid: str = body.model  # type: ignore[attr-defined]
-    service = await check_model(request, uid, ability)
+    await check_model_of(service, state, uid, ability)
     check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream)
@@ -101,10 +121,11 @@ def check_size(service: ModelService, uid: str, body: BaseModel) -> None:
 
 def record_tokens(uid: str, result: Forwarded) -> None:
     """Tokens generated and time to first token, read from what passes through."""
+    generated = metrics.TOKENS.labels(uid)
     if result.stream is None:
         if result.status == 200 and result.body:
             usage = orjson.loads(result.body).get("usage") or {}
-            metrics.TOKENS.labels(uid).inc(usage.get("completion_tokens") or 0)
+            generated.inc(usage.get("completion_tokens") or 0)
         return
     upstream, start = result.stream, time.perf_counter()
 
@@ -117,7 +138,7 @@ def record_tokens(uid: str, result: Forwarded) -> None:
                 if first:
                     metrics.TIME_TO_FIRST_TOKEN.labels(uid).observe(time.perf_counter() - start)
                     first = False
-                metrics.TOKENS.labels(uid).inc(tokens)
+                generated.inc(tokens)
             yield chunk
 
     result.stream = counted()
