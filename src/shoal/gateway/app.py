@@ -30,7 +30,10 @@ from shoal.gateway.middleware import (
     ASGIApp,
     BodyLimit,
     BodyTimeout,
+    Receive,
     RequestLog,
+    Scope,
+    Send,
     UnexpectedErrors,
 )
 from shoal.hosts import Host
@@ -125,16 +128,19 @@ def _supervisor_ended(task: asyncio.Task[None]) -> None:
 
 
 class Gateway(FastAPI):
-    """FastAPI with Shoal's own middleware (plain ASGI) outermost, then gateway.hot's inference
-    routes, then FastAPI's own stack and routes for the rest."""
+    """FastAPI with Shoal's own middleware (plain ASGI) in front, then gateway.hot's inference
+    routes, then FastAPI (its own middleware and routes) for the rest."""
 
     shoal_middleware: Sequence[tuple[Callable[..., ASGIApp], dict[str, Any]]] = ()  # outermost first
+    _front: ASGIApp | None = None
 
-    def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = HotRoutes(super().build_middleware_stack(), self)
-        for factory, options in reversed(self.shoal_middleware):
-            app = factory(app, **options)
-        return app
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._front is None:
+            front: ASGIApp = HotRoutes(super().__call__, self)
+            for factory, options in reversed(self.shoal_middleware):
+                front = factory(front, **options)
+            self._front = front
+        await self._front(scope, receive, send)
 
 
 def build_app(settings: ServerSettings, launch: Sequence[str] = ()) -> FastAPI:

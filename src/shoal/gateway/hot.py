@@ -4,7 +4,7 @@ Same parse, checks, forward, answers and errors as their FastAPI routes in route
 routes_openai.serve and errors.response_for), without FastAPI's route matching over every route,
 its Request object and dependency solving, and its middleware layers: measured with py-spy, those
 took more of the gateway's CPU per one-sentence embeddings request than parsing and forwarding did.
-Any other method, path or root path goes on to the FastAPI app.
+Any other method, path or root path goes on to the FastAPI app (its lifespan too).
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ class HotRoutes:
         # the FastAPI route of each path, for scope["route"]: the access log's and metrics' label
         self.routes: dict[str, Any] = {
             path: route
-            for route in fastapi_app.routes
+            for route in routes_openai.router.routes
             if (path := getattr(route, "path", None)) in ROUTES and "POST" in getattr(route, "methods", ())
         }
+        assert len(self.routes) == len(ROUTES), "gateway.hot.ROUTES names a path routes_openai lacks"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = (
