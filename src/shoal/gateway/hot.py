@@ -13,30 +13,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from shoal.errors import ShoalError
 from shoal.gateway import errors, routes_openai
 from shoal.gateway.middleware import ASGIApp, Receive, Scope, Send
-from shoal.protocol.openai import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    ImageRequest,
-    RerankRequest,
-    SpeechRequest,
-)
-
-ROUTES: dict[str, tuple[type[BaseModel], str]] = {  # path: body model, ability (as in routes_openai)
-    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
-    "/v1/completions": (CompletionRequest, "generate"),
-    "/v1/embeddings": (EmbeddingRequest, "embed"),
-    "/v1/rerank": (RerankRequest, "rerank"),
-    "/v1/audio/speech": (SpeechRequest, "text2audio"),
-    "/v1/images/generations": (ImageRequest, "text2image"),
-}
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -59,9 +41,10 @@ class HotRoutes:
         self.routes: dict[str, Any] = {
             path: route
             for route in routes_openai.router.routes
-            if (path := getattr(route, "path", None)) in ROUTES and "POST" in getattr(route, "methods", ())
+            if (path := getattr(route, "path", None)) in routes_openai.INFERENCE
+            and "POST" in getattr(route, "methods", ())
         }
-        assert len(self.routes) == len(ROUTES), "gateway.hot.ROUTES names a path routes_openai lacks"
+        assert len(self.routes) == len(routes_openai.INFERENCE), "an INFERENCE path has no POST route"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = (
@@ -70,13 +53,10 @@ class HotRoutes:
         if route is None or scope.get("root_path"):
             return await self.app(scope, receive, send)
         scope["app"], scope["route"] = self.fastapi_app, route
-        model, ability = ROUTES[route.path]
         service = self.fastapi_app.state.models
         try:
             raw = await read_body(receive)
-            response = await routes_openai.serve(
-                service, scope.setdefault("state", {}), raw, model, ability, route.path
-            )
+            response = await routes_openai.serve(service, scope.setdefault("state", {}), raw, route.path)
         except (ShoalError, RequestValidationError, HTTPException) as exc:
             response = errors.response_for(route.path, exc)
         await response(scope, receive, send)

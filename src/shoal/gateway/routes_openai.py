@@ -34,6 +34,16 @@ from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+# The inference routes that forward their body as it came: path, body model, ability. gateway.hot
+# serves these same paths without FastAPI's routing.
+INFERENCE: dict[str, tuple[type[BaseModel], str]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
+    "/v1/completions": (CompletionRequest, "generate"),
+    "/v1/embeddings": (EmbeddingRequest, "embed"),
+    "/v1/rerank": (RerankRequest, "rerank"),
+    "/v1/audio/speech": (SpeechRequest, "text2audio"),
+    "/v1/images/generations": (ImageRequest, "text2image"),
+}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -92,16 +102,15 @@ def render(result: Forwarded) -> Response:
     return Response(result.body, status_code=result.status, media_type=result.media_type, headers=headers)
 
 
-async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
+async def _run(request: Request, path: str) -> Response:
     state = request.scope.setdefault("state", {})
-    return await serve(request.app.state.models, state, await request.body(), model, ability, path)
+    return await serve(request.app.state.models, state, await request.body(), path)
 
 
-async def serve(
-    service: ModelService, state: dict[str, Any], raw: bytes, model: type[BaseModel], ability: str, path: str
-) -> Response:
-    """One OpenAI inference request, from its raw body to the answer (gateway.hot serves the same
-    paths without FastAPI's routing; these routes are what it falls back to, and what documents them)."""
+async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: str) -> Response:
+    """One request to an INFERENCE path, from its raw body to the answer (gateway.hot serves these
+    paths without FastAPI's routing; the routes below document them and take what it passes on)."""
+    model, ability = INFERENCE[path]
     body = validate(model, raw)
     uid: str = body.model  # type: ignore[attr-defined]
     await check_model_of(service, state, uid, ability)
@@ -154,31 +163,31 @@ async def list_models(request: Request) -> dict[str, object]:
 
 @router.post("/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    return await _run(request, ChatCompletionRequest, "chat", "/v1/chat/completions")
+    return await _run(request, "/v1/chat/completions")
 
 
 @router.post("/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    return await _run(request, CompletionRequest, "generate", "/v1/completions")
+    return await _run(request, "/v1/completions")
 
 
 @router.post("/embeddings", openapi_extra=body_schema(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
-    return await _run(request, EmbeddingRequest, "embed", "/v1/embeddings")
+    return await _run(request, "/v1/embeddings")
 
 
 @router.post("/rerank", openapi_extra=body_schema(RerankRequest))
 async def rerank(request: Request) -> Response:
-    return await _run(request, RerankRequest, "rerank", "/v1/rerank")
+    return await _run(request, "/v1/rerank")
 
 
 @router.post("/audio/speech", openapi_extra=body_schema(SpeechRequest))
 async def speech(request: Request) -> Response:
     """Audio in the response_format; with `stream`, sent as it is synthesised."""
-    return await _run(request, SpeechRequest, "text2audio", "/v1/audio/speech")
+    return await _run(request, "/v1/audio/speech")
 
 
 @router.post("/images/generations", openapi_extra=body_schema(ImageRequest))
 async def image_generations(request: Request) -> Response:
     """Text to image (diffusers); images come back as b64_json PNGs."""
-    return await _run(request, ImageRequest, "text2image", "/v1/images/generations")
+    return await _run(request, "/v1/images/generations")
