@@ -5,9 +5,16 @@ Shoal server on a free loopback port with a temporary data dir, launches the sam
 POST /v1/models (one at a time, same n_threads, CPU), measures the same requests over a keep-alive
 httpx client, and stops the server. The two phases never overlap, so they never compete for cores.
 
+Both phases also drive one-sentence embeddings from 1, 16 and 64 concurrent clients for --seconds
+each (the in-process side through the engine's own dynamic batching, no HTTP): requests/s, p50/p99,
+and on the Shoal side the gateway process's own CPU time (user + system from /proc) per request.
+With --profile DIR, py-spy records the gateway (--native) during Shoal's phases, one raw collapsed
+stack file per phase.
+
 Prints one JSON document to stdout (everything else goes to stderr).
 
     .venv/bin/python benchmarks/overhead.py [--repeats 10] [--max-tokens 128] [--port 0]
+        [--seconds 8] [--clients 1,16,64] [--parts embed,chat] [--shoal-src OTHER/src] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -97,6 +104,30 @@ async def latencies_ms(call: Timed, warmups: int, runs: int) -> dict[str, Any]:
         "p95_ms": round(percentile(samples, 95), 3),
         "mean_ms": round(sum(samples) / len(samples), 3),
         "n": runs,
+    }
+
+
+async def concurrent(call: Timed, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` loops calling call() back to back until the deadline; requests in flight then are
+    waited for and counted."""
+    samples: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def client() -> None:
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            await call()
+            samples.append((time.perf_counter() - start) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(clients)])
+    wall = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "requests_per_s": round(len(samples) / wall, 1),
+        "p50_ms": round(percentile(samples, 50), 3),
+        "p99_ms": round(percentile(samples, 99), 3),
     }
 
 
@@ -197,7 +228,9 @@ def engine_config(family: ModelFamily, n_threads: int) -> EngineConfig:
     )
 
 
-async def inprocess_embeddings(config: EngineConfig, runs: int, batch_runs: int) -> dict[str, Any]:
+async def inprocess_embeddings(
+    config: EngineConfig, runs: int, batch_runs: int, clients: list[int], seconds: float
+) -> dict[str, Any]:
     engine = SentenceTransformersEngine(config)
     engine.load()
     try:
@@ -205,6 +238,8 @@ async def inprocess_embeddings(config: EngineConfig, runs: int, batch_runs: int)
             "single": await latencies_ms(lambda: engine.embed(embed_body(SINGLE_SENTENCE)), 3, runs),
             "batch64": await latencies_ms(lambda: engine.embed(embed_body(BATCH)), WARMUPS, batch_runs),
         }
+        for n in clients:
+            result[f"c{n}"] = await concurrent(lambda: engine.embed(embed_body(SINGLE_SENTENCE)), n, seconds)
         vector = (await engine.embed(embed_body(SINGLE_SENTENCE)))["data"][0]["embedding"]
         result["_vector"] = [float(x) for x in vector]
         return result
@@ -233,10 +268,12 @@ async def inprocess_chat(config: EngineConfig, max_tokens: int, runs: int) -> li
 
 @contextlib.contextmanager
 def shoal_server(
-    port: int, data_dir: Path, extra_args: tuple[str, ...] = ()
+    port: int, data_dir: Path, extra_args: tuple[str, ...] = (), src: str | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A gateway subprocess with no models; its runners die with it (PR_SET_PDEATHSIG)."""
+    """A gateway subprocess with no models (from `src`, another tree's src/ folder, if given); its
+    runners die with it (PR_SET_PDEATHSIG)."""
     log = (data_dir / "gateway.log").open("wb")
+    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -256,6 +293,7 @@ def shoal_server(
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
     try:
         yield proc
@@ -302,8 +340,42 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def profiled(pid: int, folder: str | None, name: str) -> Iterator[None]:
+    """py-spy (from this interpreter's venv) records `pid` while the block runs, if `folder` is set."""
+    if not folder:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).parent / "py-spy"
+    out = Path(folder) / f"{name}.txt"
+    command = [str(py_spy), "record", "--native", "--rate", "200", "--format", "raw", "--output", str(out),
+               "--pid", str(pid)]  # fmt: skip
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # py-spy attaches
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        recorder.wait(timeout=60)
+
+
+async def gateway_cpu(pid: int, call: Timed, clients: int, seconds: float) -> dict[str, Any]:
+    """concurrent() with the gateway's own CPU time per request beside it (its idle loop included)."""
+    before = cpu_seconds(pid)
+    result = await concurrent(call, clients, seconds)
+    result["gateway_cpu_ms_per_request"] = round((cpu_seconds(pid) - before) / result["requests"] * 1000, 3)
+    return result
+
+
 async def shoal_embeddings(
-    client: httpx.AsyncClient, runs: int, batch_runs: int, gateway_pid: int
+    client: httpx.AsyncClient,
+    runs: int,
+    batch_runs: int,
+    gateway_pid: int,
+    clients: list[int],
+    seconds: float,
+    profile: str | None,
 ) -> dict[str, Any]:
     async def embed(texts: str | list[str]) -> dict[str, Any]:
         resp = await client.post("/v1/embeddings", json=embed_body(texts))
@@ -318,11 +390,18 @@ async def shoal_embeddings(
         "single": {**single, "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 3)},
         "batch64": await latencies_ms(lambda: embed(BATCH), WARMUPS, batch_runs),
     }
+    for n in clients:
+        with profiled(gateway_pid, profile, f"embed-c{n}"):
+            result[f"c{n}"] = await gateway_cpu(gateway_pid, lambda: embed(SINGLE_SENTENCE), n, seconds)
     result["_vector"] = (await embed(SINGLE_SENTENCE))["data"][0]["embedding"]
     return result
 
 
-async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> list[ChatRun]:
+async def shoal_chat(
+    client: httpx.AsyncClient, max_tokens: int, runs: int, gateway_pid: int, profile: str | None
+) -> tuple[list[ChatRun], float]:
+    """The runs, and the gateway's CPU ms per streamed chunk over them."""
+
     async def stream_once() -> ChatRun:
         timer = StreamTimer()
         async with client.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens)) as resp:
@@ -337,7 +416,13 @@ async def shoal_chat(client: httpx.AsyncClient, max_tokens: int, runs: int) -> l
                 timer.feed(json.loads(data))
         return timer.finish()
 
-    return await chat_runs(stream_once, WARMUPS, runs)
+    for _ in range(WARMUPS):
+        await stream_once()
+    before = cpu_seconds(gateway_pid)
+    with profiled(gateway_pid, profile, "chat"):
+        timed = [await stream_once() for _ in range(runs)]
+    tokens = sum(run_.tokens for run_ in timed) or 1  # one SSE event per token
+    return timed, (cpu_seconds(gateway_pid) - before) / tokens * 1000
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -356,17 +441,31 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def build_report(
-    args: argparse.Namespace, n_threads: int, timings: dict[str, Any], load: dict[str, list[float]]
+def embed_report(inproc: dict[str, Any], shoal: dict[str, Any], clients: list[int]) -> dict[str, Any]:
+    vec_in, vec_sh = inproc.pop("_vector"), shoal.pop("_vector")
+    report = {
+        "single": embed_comparison(inproc["single"], shoal["single"]),
+        "batch64": embed_comparison(inproc["batch64"], shoal["batch64"]),
+        "max_abs_diff_vector": max(abs(a - b) for a, b in zip(vec_in, vec_sh, strict=True)),
+    }
+    for n in clients:
+        report[f"c{n}"] = {
+            "inprocess": inproc[f"c{n}"],
+            "shoal": shoal[f"c{n}"],
+            "requests_per_s_ratio": ratio(
+                shoal[f"c{n}"]["requests_per_s"], inproc[f"c{n}"]["requests_per_s"]
+            ),
+        }
+    return report
+
+
+def chat_report(
+    inproc_runs: list[ChatRun], shoal_runs: list[ChatRun], cpu_ms_per_token: float
 ) -> dict[str, Any]:
-    emb_in, emb_sh = timings["embed_inprocess"], timings["embed_shoal"]
-    vec_in, vec_sh = emb_in.pop("_vector"), emb_sh.pop("_vector")
-    chat_in, chat_sh = summarize_chat(timings["chat_inprocess"]), summarize_chat(timings["chat_shoal"])
-    single = embed_comparison(emb_in["single"], emb_sh["single"])
-    batch = embed_comparison(emb_in["batch64"], emb_sh["batch64"])
-    chat = {
+    chat_in, chat_sh = summarize_chat(inproc_runs), summarize_chat(shoal_runs)
+    return {
         "inprocess": chat_in,
-        "shoal": chat_sh,
+        "shoal": {**chat_sh, "gateway_cpu_ms_per_token": round(cpu_ms_per_token, 4)},
         "tokens_per_s_ratio": ratio(chat_sh["tokens_per_s_median"], chat_in["tokens_per_s_median"]),
         "decode_tokens_per_s_ratio": ratio(
             chat_sh["decode_tokens_per_s_median"], chat_in["decode_tokens_per_s_median"]
@@ -374,9 +473,14 @@ def build_report(
         "ttft_ratio": ratio(chat_sh["ttft_ms_median"], chat_in["ttft_ms_median"]),
         "ttft_delta_ms": round(chat_sh["ttft_ms_median"] - chat_in["ttft_ms_median"], 2),
         # temperature 0 and a fixed seed: both sides should generate the very same text
-        "same_output": timings["chat_inprocess"][-1].text == timings["chat_shoal"][-1].text,
+        "same_output": inproc_runs[-1].text == shoal_runs[-1].text,
     }
-    return {
+
+
+def build_report(
+    args: argparse.Namespace, n_threads: int, timings: dict[str, Any], load: dict[str, list[float]]
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
         "benchmark": "shoal-overhead",
         "machine": {**machine_info(), "loadavg_1m": load},
         "config": {
@@ -387,27 +491,35 @@ def build_report(
             "embedding_model": EMBED_MODEL,
             "chat_model": CHAT_MODEL,
             "batch_size": BATCH_SIZE,
-            "single_sentence_runs": emb_in["single"]["n"],
-            "batch_runs": emb_in["batch64"]["n"],
+            "single_sentence_runs": args.repeats * 10,
+            "batch_runs": args.repeats * 2,
+            "clients": args.clients,
+            "seconds_per_concurrency_phase": args.seconds,
+            "shoal_src": args.shoal_src or "this checkout",
             "chat_prompt": PROMPT,
             "temperature": 0,
             "seed": 1,
             "order": "in-process first, then Shoal",
         },
-        "embeddings": {
-            "single": single,
-            "batch64": batch,
-            "max_abs_diff_vector": max(abs(a - b) for a, b in zip(vec_in, vec_sh, strict=True)),
-        },
-        "chat": chat,
-        "summary": {
-            "embed_single_delta_p50_ms": single["delta_p50_ms"],
-            "gateway_cpu_ms_per_embed_request": emb_sh["single"]["gateway_cpu_ms_per_request"],
-            "embed_batch64_delta_p50_ms": batch["delta_p50_ms"],
-            "chat_tokens_per_s_ratio": chat["tokens_per_s_ratio"],
-            "chat_ttft_delta_ms": chat["ttft_delta_ms"],
-        },
     }
+    summary: dict[str, Any] = {}
+    if "embed" in args.parts:
+        emb = embed_report(timings["embed_inprocess"], timings["embed_shoal"], args.clients)
+        report["embeddings"] = emb
+        summary["embed_single_delta_p50_ms"] = emb["single"]["delta_p50_ms"]
+        summary["gateway_cpu_ms_per_embed_request"] = {
+            "sequential": emb["single"]["shoal"]["gateway_cpu_ms_per_request"],
+            **{f"c{n}": emb[f"c{n}"]["shoal"]["gateway_cpu_ms_per_request"] for n in args.clients},
+        }
+        summary["embed_batch64_delta_p50_ms"] = emb["batch64"]["delta_p50_ms"]
+    if "chat" in args.parts:
+        chat = chat_report(timings["chat_inprocess"], *timings["chat_shoal"])
+        report["chat"] = chat
+        summary["chat_tokens_per_s_ratio"] = chat["tokens_per_s_ratio"]
+        summary["chat_ttft_delta_ms"] = chat["ttft_delta_ms"]
+        summary["gateway_cpu_ms_per_chat_token"] = chat["shoal"]["gateway_cpu_ms_per_token"]
+    report["summary"] = summary
+    return report
 
 
 @contextlib.contextmanager
@@ -440,6 +552,10 @@ def in_child(phase: str, args: argparse.Namespace) -> Any:
         str(args.max_tokens),
         "--threads",
         str(args.threads),
+        "--seconds",
+        str(args.seconds),
+        "--clients",
+        ",".join(map(str, args.clients)),
     ]
     return json.loads(subprocess.run(command, stdout=subprocess.PIPE, check=True).stdout)
 
@@ -451,7 +567,9 @@ async def child_phase(args: argparse.Namespace) -> Any:
         catalog = Catalog(StateStore(Path(tmp) / "state.db"))
         if args.phase == "embed":
             config = engine_config(catalog.get(EMBED_MODEL), n_threads)
-            return await inprocess_embeddings(config, args.repeats * 10, args.repeats * 2)
+            return await inprocess_embeddings(
+                config, args.repeats * 10, args.repeats * 2, args.clients, args.seconds
+            )
         config = engine_config(catalog.get(CHAT_MODEL), n_threads)
         return [asdict(run) for run in await inprocess_chat(config, args.max_tokens, args.repeats)]
 
@@ -466,25 +584,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Each in-process phase runs in a fresh child process, as a runner does: no engine shares a
         # process (or torch's thread pool) with another, or with the benchmark's own client code.
-        log(f"in-process embeddings ({single_runs} single, {batch_runs} batches of {BATCH_SIZE})")
-        timings["embed_inprocess"] = in_child("embed", args)
-        log(f"in-process chat ({args.repeats} runs of up to {args.max_tokens} tokens)")
-        timings["chat_inprocess"] = [ChatRun(**run) for run in in_child("chat", args)]
+        if "embed" in args.parts:
+            log(f"in-process embeddings ({single_runs} single, {batch_runs} batches of {BATCH_SIZE})")
+            timings["embed_inprocess"] = in_child("embed", args)
+        if "chat" in args.parts:
+            log(f"in-process chat ({args.repeats} runs of up to {args.max_tokens} tokens)")
+            timings["chat_inprocess"] = [ChatRun(**run) for run in in_child("chat", args)]
         load["after_inprocess"] = list(os.getloadavg())
 
         port = args.port or free_port()
         log(f"starting shoal on 127.0.0.1:{port}")
-        with shoal_server(port, data_dir) as proc:
+        with shoal_server(port, data_dir, src=args.shoal_src) as proc:
+            limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
             async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(600), trust_env=False
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=httpx.Timeout(600),
+                trust_env=False,
+                limits=limits,
             ) as client:
                 await wait_healthy(client, proc, data_dir / "gateway.log")
-                async with launched(client, EMBED_MODEL, n_threads):
-                    log("shoal embeddings")
-                    timings["embed_shoal"] = await shoal_embeddings(client, single_runs, batch_runs, proc.pid)
-                async with launched(client, CHAT_MODEL, n_threads):
-                    log("shoal chat")
-                    timings["chat_shoal"] = await shoal_chat(client, args.max_tokens, args.repeats)
+                if "embed" in args.parts:
+                    async with launched(client, EMBED_MODEL, n_threads):
+                        log("shoal embeddings")
+                        timings["embed_shoal"] = await shoal_embeddings(
+                            client,
+                            single_runs,
+                            batch_runs,
+                            proc.pid,
+                            args.clients,
+                            args.seconds,
+                            args.profile,
+                        )
+                if "chat" in args.parts:
+                    async with launched(client, CHAT_MODEL, n_threads):
+                        log("shoal chat")
+                        timings["chat_shoal"] = await shoal_chat(
+                            client, args.max_tokens, args.repeats, proc.pid, args.profile
+                        )
         load["end"] = list(os.getloadavg())
     return build_report(args, n_threads, timings, load)
 
@@ -508,11 +644,30 @@ def main() -> None:
         default=os.cpu_count() or 1,
         help="engine threads, both sides (default: all cores)",
     )
+    parser.add_argument(
+        "--seconds", type=float, default=8, help="seconds per concurrent-clients phase (default 8)"
+    )
+    parser.add_argument(
+        "--clients",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 16, 64],
+        help="concurrent one-sentence clients, one phase each (default 1,16,64)",
+    )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: set(text.split(",")),
+        default={"embed", "chat"},
+        help="what to measure: embed, chat or both (default embed,chat)",
+    )
+    parser.add_argument("--shoal-src", help="serve Shoal from another tree's src/ folder (before/after)")
+    parser.add_argument("--profile", help="a folder for py-spy's raw stacks of the gateway, per phase")
     # internal: the child process that runs one in-process phase
     parser.add_argument("--phase", choices=["embed", "chat"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if not args.parts <= {"embed", "chat"}:
+        parser.error("--parts takes embed, chat or embed,chat")
     with stdout_to_stderr():
         report = asyncio.run(child_phase(args) if args.phase else run(args))
     print(json.dumps(report, indent=2))

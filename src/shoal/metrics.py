@@ -80,3 +80,28 @@ WAKE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 PARKED_REPLICAS = Gauge("shoal_parked_replicas", "Replicas parked now", registry=REGISTRY)
+
+
+class RequestMetrics:
+    """REQUESTS, LATENCY and ERRORS for one (route, model, status): labels() takes a lock and builds
+    a key on every call, so each label set's children are looked up once and kept (the label sets
+    are bounded, see above)."""
+
+    __slots__ = ("errors", "latency", "requests")
+    _known: dict[tuple[str, str, int], RequestMetrics] = {}
+
+    def __init__(self, route: str, model: str, status: int) -> None:
+        self.requests = REQUESTS.labels(route, model, str(status))
+        self.latency = LATENCY.labels(route, model)
+        self.errors = ERRORS.labels(route, model, str(status)) if status >= 400 else None
+
+    @classmethod
+    def record(cls, route: str, model: str, status: int, seconds: float) -> None:
+        key = (route, model, status)
+        found = cls._known.get(key)
+        if found is None:
+            found = cls._known[key] = cls(route, model, status)
+        found.requests.inc()
+        found.latency.observe(seconds)
+        if found.errors is not None:
+            found.errors.inc()

@@ -30,7 +30,7 @@ OLLAMA_PREFIX = "/api/"
 
 
 def _shaped(
-    request: Request,
+    path: str,
     status: int,
     message: str,
     type_: str,
@@ -38,7 +38,7 @@ def _shaped(
     headers: dict[str, str] | None = None,
     details: dict[str, object] | None = None,
 ) -> JSONResponse:
-    if request.url.path.startswith(OLLAMA_PREFIX):
+    if path.startswith(OLLAMA_PREFIX):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return error_response(status, message, type_, code, headers, details)
 
@@ -53,18 +53,24 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ShoalError)
-    async def _shoal(request: Request, exc: ShoalError) -> JSONResponse:
+def response_for(path: str, exc: Exception) -> JSONResponse:
+    """The answer to a ShoalError, a RequestValidationError or an HTTPException raised while
+    serving `path` (anything else is re-raised, for middleware.UnexpectedErrors)."""
+    if isinstance(exc, ShoalError):
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
         details = exc.details if isinstance(exc, InsufficientMemory) else None
-        return _shaped(request, exc.status, exc.message, exc.type, exc.code, headers, details)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _shaped(request, 400, _describe_validation(exc), "invalid_request_error", "invalid_request")
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _shaped(path, exc.status, exc.message, exc.type, exc.code, headers, details)
+    if isinstance(exc, RequestValidationError):
+        return _shaped(path, 400, _describe_validation(exc), "invalid_request_error", "invalid_request")
+    if isinstance(exc, HTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _shaped(request, exc.status_code, str(exc.detail), type_, None, dict(exc.headers or {}))
+        return _shaped(path, exc.status_code, str(exc.detail), type_, None, dict(exc.headers or {}))
+    raise exc
+
+
+def install(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return response_for(request.url.path, exc)
+
+    for kind in (ShoalError, RequestValidationError, HTTPException):
+        app.add_exception_handler(kind, handle)

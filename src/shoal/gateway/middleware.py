@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -97,9 +97,10 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:128]
-        request_id = incoming or uuid.uuid4().hex
+        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = incoming.decode("latin-1")[:128] or os.urandom(16).hex()  # 32 hex digits, as uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
         start, status = time.perf_counter(), 500
         finishing = hung_up = False  # the last body part went to the server / the client left first
 
@@ -114,7 +115,7 @@ class RequestLog:
             nonlocal status, finishing
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), id_header]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finishing = True
             await send(message)
@@ -132,11 +133,8 @@ class RequestLog:
         route = getattr(scope.get("route"), "path", "unmatched")
         state = scope.get("state", {})
         model = str(state.get("model", ""))
-        metrics.REQUESTS.labels(route, model, str(status)).inc()
-        metrics.LATENCY.labels(route, model).observe(seconds)
-        if status >= 400:
-            metrics.ERRORS.labels(route, model, str(status)).inc()
-        if route == "/metrics":
+        metrics.RequestMetrics.record(route, model, status, seconds)
+        if route == "/metrics" or not access_log.isEnabledFor(logging.INFO):
             return
         line: dict[str, object] = {
             "request_id": request_id,

@@ -34,6 +34,16 @@ from shoal.services.models import ModelService
 from shoal.services.proxy import Forwarded, forward
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+# The inference routes that forward their body as it came: path, body model, ability. gateway.hot
+# serves these same paths without FastAPI's routing.
+INFERENCE: dict[str, tuple[type[BaseModel], str]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
+    "/v1/completions": (CompletionRequest, "generate"),
+    "/v1/embeddings": (EmbeddingRequest, "embed"),
+    "/v1/rerank": (RerankRequest, "rerank"),
+    "/v1/audio/speech": (SpeechRequest, "text2audio"),
+    "/v1/images/generations": (ImageRequest, "text2image"),
+}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -44,29 +54,40 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
-    raw = await request.body()
+def validate(model: type[Body], raw: bytes) -> Body:
     try:
-        return model.model_validate_json(raw), raw
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+async def parse_body(request: Request, model: type[Body]) -> tuple[Body, bytes]:
+    raw = await request.body()
+    return validate(model, raw), raw
 
 
 async def check_model(request: Request, uid: str, ability: str, name: str | None = None) -> ModelService:
     """The model exists (loading it first under --autoload, or when a client unloaded it; `name`:
     the hub name an Ollama client asked for, launched under `uid`) and can do this."""
     service: ModelService = request.app.state.models
-    request.state.model_requested = uid  # logged (clipped) if it turns out unknown
+    await check_model_of(service, request.scope.setdefault("state", {}), uid, ability, name)
+    return service
+
+
+async def check_model_of(
+    service: ModelService, state: dict[str, Any], uid: str, ability: str, name: str | None = None
+) -> None:
+    """check_model with the request's state (scope["state"], which the access log reads)."""
+    state["model_requested"] = uid  # logged (clipped) if it turns out unknown
     if service.settings.autoload or service.parked(uid):
         await service.ensure_ready(uid, name)
     running = service.get(uid)
-    request.state.model = uid  # a model that exists: the metrics' and access log's model label
+    state["model"] = uid  # a model that exists: the metrics' and access log's model label
     if ability not in running.family.model_ability:
         raise InvalidRequest(
             f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
             f"it can do: {', '.join(running.family.model_ability)}"
         )
-    return service
 
 
 def render(result: Forwarded) -> Response:
@@ -81,10 +102,18 @@ def render(result: Forwarded) -> Response:
     return Response(result.body, status_code=result.status, media_type=result.media_type, headers=headers)
 
 
-async def _run(request: Request, model: type[BaseModel], ability: str, path: str) -> Response:
-    body, raw = await parse_body(request, model)
+async def _run(request: Request, path: str) -> Response:
+    state = request.scope.setdefault("state", {})
+    return await serve(request.app.state.models, state, await request.body(), path)
+
+
+async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: str) -> Response:
+    """One request to an INFERENCE path, from its raw body to the answer (gateway.hot serves these
+    paths without FastAPI's routing; the routes below document them and take what it passes on)."""
+    model, ability = INFERENCE[path]
+    body = validate(model, raw)
     uid: str = body.model  # type: ignore[attr-defined]
-    service = await check_model(request, uid, ability)
+    await check_model_of(service, state, uid, ability)
     check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream)
@@ -101,10 +130,11 @@ def check_size(service: ModelService, uid: str, body: BaseModel) -> None:
 
 def record_tokens(uid: str, result: Forwarded) -> None:
     """Tokens generated and time to first token, read from what passes through."""
+    generated = metrics.TOKENS.labels(uid)
     if result.stream is None:
         if result.status == 200 and result.body:
             usage = orjson.loads(result.body).get("usage") or {}
-            metrics.TOKENS.labels(uid).inc(usage.get("completion_tokens") or 0)
+            generated.inc(usage.get("completion_tokens") or 0)
         return
     upstream, start = result.stream, time.perf_counter()
 
@@ -117,7 +147,7 @@ def record_tokens(uid: str, result: Forwarded) -> None:
                 if first:
                     metrics.TIME_TO_FIRST_TOKEN.labels(uid).observe(time.perf_counter() - start)
                     first = False
-                metrics.TOKENS.labels(uid).inc(tokens)
+                generated.inc(tokens)
             yield chunk
 
     result.stream = counted()
@@ -133,31 +163,31 @@ async def list_models(request: Request) -> dict[str, object]:
 
 @router.post("/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    return await _run(request, ChatCompletionRequest, "chat", "/v1/chat/completions")
+    return await _run(request, "/v1/chat/completions")
 
 
 @router.post("/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    return await _run(request, CompletionRequest, "generate", "/v1/completions")
+    return await _run(request, "/v1/completions")
 
 
 @router.post("/embeddings", openapi_extra=body_schema(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
-    return await _run(request, EmbeddingRequest, "embed", "/v1/embeddings")
+    return await _run(request, "/v1/embeddings")
 
 
 @router.post("/rerank", openapi_extra=body_schema(RerankRequest))
 async def rerank(request: Request) -> Response:
-    return await _run(request, RerankRequest, "rerank", "/v1/rerank")
+    return await _run(request, "/v1/rerank")
 
 
 @router.post("/audio/speech", openapi_extra=body_schema(SpeechRequest))
 async def speech(request: Request) -> Response:
     """Audio in the response_format; with `stream`, sent as it is synthesised."""
-    return await _run(request, SpeechRequest, "text2audio", "/v1/audio/speech")
+    return await _run(request, "/v1/audio/speech")
 
 
 @router.post("/images/generations", openapi_extra=body_schema(ImageRequest))
 async def image_generations(request: Request) -> Response:
     """Text to image (diffusers); images come back as b64_json PNGs."""
-    return await _run(request, ImageRequest, "text2image", "/v1/images/generations")
+    return await _run(request, "/v1/images/generations")

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import lru_cache
 
 import aiohttp
 
@@ -29,6 +30,16 @@ class Forwarded:
     body: bytes | None = None  # a whole JSON answer
     stream: AsyncIterator[bytes] | None = None  # SSE bytes, chunk by chunk
     close: Callable[[], Awaitable[None]] | None = None  # idempotent; call when the client is gone
+
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@lru_cache(maxsize=8)
+def _limits(timeout: float, first_byte: float) -> aiohttp.ClientTimeout:
+    """sock_read bounds the wait for the first byte, and then for each next one (one object per
+    pair of settings: aiohttp only reads it)."""
+    return aiohttp.ClientTimeout(total=timeout, sock_connect=5, sock_read=first_byte)
 
 
 def _failure(
@@ -63,15 +74,9 @@ async def forward(
         replica = await held.enter_async_context(service.router.lease(uid))
         runner = replica.runner
         assert runner is not None
-        # sock_read bounds the wait for the first byte, and then for each next one
-        limits = aiohttp.ClientTimeout(total=timeout, sock_connect=5, sock_read=first_byte)
         try:
             response = await runner.session.request(
-                method,
-                path,
-                data=body,
-                headers=headers or {"content-type": "application/json"},
-                timeout=limits,
+                method, path, data=body, headers=headers or JSON_HEADERS, timeout=_limits(timeout, first_byte)
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _failure(service, uid, replica, exc, first_byte) from exc
