@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -160,7 +161,7 @@ def _cli(server: ShoalServer, *args: str) -> str:
 def test_shoal_estimate_by_name_and_size(offline_server: ShoalServer) -> None:
     out = _cli(offline_server, "estimate", "qwen3", "-s", "8", "-c", "8192", "-p", "1")
     # Qwen3-8B: 36 layers × 8 KV heads × 128 × 2 (K and V) × 2 bytes = 144 KiB a token; 8192 tokens.
-    assert "kv_cache     │ 1.12" in out and "Q4_K_M" in out
+    assert re.search(r"kv_cache +│ 1\.12 ", out) and "Q4_K_M" in out
 
 
 def test_models_search_filters_by_name_family_ability_and_description(offline_server: ShoalServer) -> None:
