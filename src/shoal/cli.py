@@ -69,6 +69,9 @@ def serve(
     ray_address: Annotated[
         str, typer.Option(envvar=settings.RAY_ADDRESS.env, help=settings.RAY_ADDRESS.help)
     ] = "",
+    warm_spares: Annotated[
+        str, typer.Option(envvar=settings.WARM_SPARES.env, help=settings.WARM_SPARES.help)
+    ] = settings.WARM_SPARES.default,
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -81,6 +84,12 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     if placement not in ("binpack", "spread"):
         raise typer.BadParameter("placement must be binpack or spread")
+    from shoal.hosts.spares import parse_families
+
+    try:
+        parse_families(warm_spares)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--warm-spares") from None
     from shoal.state import StateStore
 
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -100,6 +109,7 @@ def serve(
         autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
         api_key=api_key or None,
         ray_address=ray_address or None,
+        warm_spares=warm_spares,
     )
     server.serve(build_app(server_settings, launch or []), server_settings, log_level)
 

@@ -78,6 +78,12 @@ BODY_TIMEOUT = Setting(
 IDLE_TIMEOUT = Setting(
     "SHOAL_IDLE_TIMEOUT", "20", "seconds an idle keep-alive connection is kept open between requests"
 )
+WARM_SPARES = Setting(
+    "SHOAL_WARM_SPARES",
+    "all",
+    "warm spare runners that have imported an engine family's libraries, so a launch skips the imports: "
+    "all (each installed family: torch, llama.cpp, onnx), none, or a comma-separated list",
+)
 MAX_CONNECTIONS = Setting(
     "SHOAL_MAX_CONNECTIONS",
     "auto",
@@ -94,7 +100,7 @@ ALL: tuple[Setting, ...] = (
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT,
+    MAX_CONNECTIONS_PER_CLIENT, WARM_SPARES,
 )  # fmt: skip
 
 
@@ -137,4 +143,5 @@ class ServerSettings:
     model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
+    warm_spares: str = field(default_factory=WARM_SPARES.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

@@ -150,6 +150,14 @@ async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
     timings["warm_up_seconds"] = time.monotonic() - started
 
 
+def _threads() -> dict[str, float]:
+    """The cores this runner may use and, when it runs torch, torch's intra-op thread count."""
+    counts: dict[str, float] = {"cpus": len(os.sched_getaffinity(0))}
+    if "torch" in sys.modules:
+        counts["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return counts
+
+
 def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, warm: bool = True) -> Starlette:
     """The runner's routes. With `warm`, the engine's warm-up runs in the app's startup, which uvicorn
     completes before it listens: the gateway sees /health only once the model has answered once.
@@ -163,10 +171,18 @@ def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, wa
         yield
 
     async def health(_: Request) -> Response:
-        return _json({"status": "ready", "pid": os.getpid(), "engine": engine.name})
+        return _json(
+            {
+                "status": "ready",
+                "pid": os.getpid(),
+                "engine": engine.name,
+                "prewarmed": bool(stats.get("prewarmed")),  # born from a warm spare
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            }
+        )
 
     async def metrics(engine: Engine, _: Request) -> Response:
-        return _json({**engine.metrics(), **{f"runner_{k}": v for k, v in stats.items()}})
+        return _json({**engine.metrics(), **{f"runner_{k}": v for k, v in {**stats, **_threads()}.items()}})
 
     post = ["POST"]
     return Starlette(
