@@ -64,8 +64,9 @@ class SentenceTransformersEngine(Engine):
     def metrics(self) -> dict[str, float]:
         return {**self._batcher.counters}
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> str:
         await self.embed({"input": "Shoal warms the model up with one sentence."})
+        return "embed"
 
     def _embed_batch(self, texts: list[str]) -> Any:
         """One forward pass over many requests' inputs: full-size vectors, as the model makes them

@@ -140,13 +140,17 @@ async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
     runner still serves, and the first request meets the same error with its own answer."""
     started = time.monotonic()
     try:
-        await engine.warm_up()
+        ability = await engine.warm_up()
     except Exception:
         print(f"shoal runner: {engine.name} warm-up failed; serving anyway", file=sys.stderr)
         traceback.print_exc()
         timings["warm_up_failed"] = 1
     else:
-        timings["warm_ups"] = timings.get("warm_ups", 0) + 1
+        if ability is None:
+            print(f"shoal runner: {engine.name} has nothing to warm up with", file=sys.stderr)
+            timings["warm_up_skipped"] = 1
+        else:
+            timings["warm_ups"] = timings.get("warm_ups", 0) + 1
     timings["warm_up_seconds"] = time.monotonic() - started
 
 
