@@ -9,8 +9,9 @@ process (pid, exit code, SIGTERM/SIGKILL and PR_SET_PDEATHSIG work as for a cold
 At the handoff the spare writes its output to the runner's log, takes the launch's cores (every
 thread, since the imports started some) and its CUDA_VISIBLE_DEVICES, then loads the model; the
 engine sets torch's thread count at load, as in a cold runner. Nothing here initialises CUDA, and a
-GPU launch is served warm only if libcuda is still unmapped. A launch with environment variables of
-its own (`envs`) is run cold, by exec in the same process: libraries read some variables at import.
+GPU launch is served warm only if the CUDA driver has still not started. A launch with environment
+variables of its own (`envs`) is run cold, by exec in the same process: libraries read some variables
+at import.
 
 The gateway's side (the pool that starts, replaces and stops spares) is shoal.hosts.spares.
 """
@@ -81,9 +82,21 @@ def cold_reason(env: dict[str, str]) -> str | None:
     own = sorted(k for k in env if k not in WARM_ENV and os.environ.get(k) != env[k])
     if own:
         return f"the launch sets its own environment ({', '.join(own)})"
-    if env.get("CUDA_VISIBLE_DEVICES") and "libcuda" in open("/proc/self/maps").read():
-        return "CUDA was loaded before the launch"  # its device list may be fixed already
+    if env.get("CUDA_VISIBLE_DEVICES") and cuda_initialised():
+        return "CUDA was initialised before the launch"  # its device list is fixed already
     return None
+
+
+def cuda_initialised() -> bool:
+    """Whether the CUDA driver has started in this process: cuInit opens /dev/nvidiactl (and reads
+    CUDA_VISIBLE_DEVICES then), merely loading libcuda does not."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/nvidia"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def take_cores(cpus: set[int]) -> None:
