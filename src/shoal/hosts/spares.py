@@ -5,8 +5,9 @@ A spare is a child of the gateway like a runner (PR_SET_PDEATHSIG: it dies with 
 becomes the runner in the same process, so the runner's handle works on it unchanged. Spares hold
 no model and are no replica: `shoal ps`, the model list and /metrics never show them. The memory
 they take is counted as any non-runner process's is, in the CPU's "used by others". A spare that is
-taken or dies is started again once no launch is in progress (its imports would slow a loading model
-down on a small machine), after a backoff that grows while a family's spares keep dying.
+taken or dies is started again once no launch is in progress and no other spare is importing (imports
+side by side would slow a loading model, and each other, down on a small machine), after a backoff
+that grows while a family's spares keep dying.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def parse_families(value: str) -> tuple[str, ...]:
 class _Spare:
     family: str
     popen: subprocess.Popen[bytes]
+    ready_fd: int  # the spare writes one line here once its imports are done
+    ready: bool = False
+
+    def imported(self) -> bool:
+        if not self.ready:
+            try:
+                self.ready = bool(os.read(self.ready_fd, 64))
+            except BlockingIOError:  # still importing
+                pass
+        return self.ready
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.ready_fd)
 
 
 class Spares:
@@ -94,29 +109,43 @@ class Spares:
             code = spare.popen.poll()
             if code is not None:
                 del self._spares[family]
+                spare.release()
                 self._died(spare, code)
 
     def _refill(self) -> None:
-        if self._launching:
+        """Start the first missing spare, in the families' order, when no launch is in progress and
+        no other spare is importing: one import at a time finishes sooner on a small machine."""
+        if self._launching or not all(spare.imported() for spare in self._spares.values()):
             return
         now = time.monotonic()
         for family in self.families:
             if family not in self._spares and now >= self._retry_at.get(family, 0.0):
-                self._spares[family] = _Spare(family, self._spawn(family))
+                self._spares[family] = self._spawn(family)
+                return
 
-    def _spawn(self, family: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, family: str) -> _Spare:
         # From the event loop's thread, as runners are: PR_SET_PDEATHSIG fires when the forking
         # thread ends, so a worker thread's exit would kill the spare.
-        with open(self.logs / f"spare-{family}.log", "ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "shoal.runners.spare", family],
-                stdin=subprocess.PIPE,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ),
-                preexec_fn=child_setup(()),
-                close_fds=True,
-            )
+        ready_r, ready_w = os.pipe()
+        try:
+            with open(self.logs / f"spare-{family}.log", "ab") as out:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "shoal.runners.spare", family, str(ready_w)],
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=dict(os.environ),
+                    preexec_fn=child_setup(()),
+                    close_fds=True,
+                    pass_fds=(ready_w,),
+                )
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        os.set_blocking(ready_r, False)
+        return _Spare(family, popen, ready_r)
 
     def launching(self, runner: object) -> None:
         self._launching.add(id(runner))
@@ -132,6 +161,7 @@ class Spares:
         if spare is None:
             return None
         assert spare.popen.stdin is not None
+        spare.release()
         try:
             spare.popen.stdin.write(json.dumps(launch).encode() + b"\n")
             spare.popen.stdin.close()
@@ -162,3 +192,4 @@ class Spares:
                 await asyncio.to_thread(spare.popen.wait)
             if spare.popen.stdin is not None:
                 spare.popen.stdin.close()
+            spare.release()

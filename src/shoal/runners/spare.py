@@ -1,4 +1,4 @@
-"""A warm spare runner: `python -m shoal.runners.spare FAMILY`.
+"""A warm spare runner: `python -m shoal.runners.spare FAMILY READY_FD`.
 
 Most of a cold launch is the runner importing its engine's libraries (torch and transformers: seconds;
 the model itself often loads in a fraction of that). A spare is a runner that did those imports ahead
@@ -120,9 +120,14 @@ def redirect_output(log: str) -> None:
     os.close(null)
 
 
-def main(family: str) -> int:
+def main(family: str, ready_fd: int) -> int:
     warm_imports(family)
     print(f"shoal spare {family}: ready (pid {os.getpid()})", flush=True)
+    try:
+        os.write(ready_fd, b"ready\n")  # the gateway starts the next family's spare now
+    except BrokenPipeError:
+        pass  # the gateway handed this spare a launch while it imported, and stopped listening
+    os.close(ready_fd)
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return 0  # the gateway closed the pool
@@ -144,4 +149,4 @@ def main(family: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
