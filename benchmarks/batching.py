@@ -19,12 +19,14 @@ Sides:
   batching), the model launched with `n_threads` = all cores; its launch time against the in-process
   load time, and the first request's latency after ready;
 - `infinity`: `infinity_emb v2` from `--infinity-venv` (torch engine), skipped when it is absent;
-- Xinference is not run here: benchmarks/load.py --xinference-venv runs it with its own launcher.
+- `xinference`: `xinference-local` from `--xinference-venv` (sentence_transformers engine), the
+  folder registered as a custom embedding model as benchmarks/load.py does; skipped when absent.
 
 Prints one JSON document on stdout; progress on stderr.
 
     PYTHONPATH=src .venv/bin/python benchmarks/batching.py --seconds 8 [--infinity-venv PATH]
-        [--shoal-src OTHER_TREE/src] [--sides inprocess,shoal,unbatched,infinity]
+        [--xinference-venv PATH] [--shoal-src OTHER_TREE/src]
+        [--sides inprocess,shoal,unbatched,infinity,xinference]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any
 
 import httpx
 
+import load  # benchmarks/load.py: Xinference's launcher
 from common import free_port, machine_info, server_process  # benchmarks/common.py
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
@@ -260,6 +263,29 @@ async def bench_infinity(args: argparse.Namespace) -> dict[str, Any] | str:
     return result
 
 
+async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
+    venv = Path(args.xinference_venv or "/nonexistent")
+    executable = venv / "bin" / "xinference-local"
+    if not executable.exists():
+        return f"not run: no xinference-local at {executable} (pass --xinference-venv)"
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="xinference-batching-") as tmp:
+        log_path = Path(tmp) / "xinference.log"
+        command = [str(executable), "--host", "127.0.0.1", "--port", str(port)]
+        started = time.monotonic()
+        with server_process(command, log_path, load.xinference_env(venv, Path(tmp))) as proc:
+            async with http(port) as client:
+                await wait_for(client, "/v1/models", proc, log_path)
+                result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
+                launched = time.monotonic()
+                uid, _ = await load.xinference_launch(f"http://127.0.0.1:{port}", "embed", minilm())
+                result["launch_s"] = round(time.monotonic() - launched, 3)
+                result.update(await phases(embed_call(client, "/v1/embeddings", uid), args.seconds,
+                                           tuple(p[0] for p in PHASES)))  # fmt: skip
+        result["version"] = load.xinference_version(venv)
+    return result
+
+
 async def guarded(name: str, run: Callable[[], Awaitable[Any]]) -> Any:
     log(name)
     try:
@@ -283,10 +309,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if "infinity" in sides:
         report["infinity"] = await guarded("infinity", lambda: bench_infinity(args))
-    report["xinference"] = (
-        "not run: Xinference is measured by benchmarks/load.py --xinference-venv (its launcher), "
-        "and needs a virtual environment with Xinference installed"
-    )
+    if "xinference" in sides:
+        report["xinference"] = await guarded("xinference", lambda: bench_xinference(args))
     return report
 
 
@@ -295,11 +319,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=8, help="seconds per phase (default 8)")
-    parser.add_argument("--sides", default="inprocess,shoal,unbatched,infinity",
-                        help="comma-separated: inprocess, shoal, unbatched, infinity")  # fmt: skip
+    parser.add_argument("--sides", default="inprocess,shoal,unbatched,infinity,xinference",
+                        help="comma-separated: inprocess shoal unbatched infinity xinference")  # fmt: skip
     parser.add_argument("--threads", type=int, help="n_threads of Shoal's runner (default: all cores)")
     parser.add_argument("--shoal-src", help="the src/ folder of another Shoal tree to serve from")
     parser.add_argument("--infinity-venv", help="a virtual environment with infinity-emb installed")
+    parser.add_argument("--xinference-venv", help="a virtual environment with Xinference installed")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
 

@@ -433,16 +433,7 @@ async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
         home = Path(tmp)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        # XINFERENCE_AUTH_ADVANCED=false: no authentication, as Shoal runs here (Xinference 4 otherwise
-        # waits for a first admin account to be set up before it serves anything)
-        env = {
-            **os.environ,
-            "XINFERENCE_HOME": str(home),
-            "HF_HUB_OFFLINE": "1",
-            "XINFERENCE_AUTH_ADVANCED": "false",
-        }
-        env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
-        env.pop("VIRTUAL_ENV", None)
+        env = xinference_env(venv, home)
         command = [str(executable), "--host", "127.0.0.1", "--port", str(port)]
         log(f"starting xinference-local on {base_url}")
         with server_process(command, home / "server.log", env) as proc:
@@ -455,6 +446,18 @@ async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
             report["launch"] = launches
             report["version"] = xinference_version(venv)
             return report
+
+
+def xinference_env(venv: Path, home: Path) -> dict[str, str]:
+    """xinference-local's environment: its own venv first on PATH, its home in `home`, offline.
+    XINFERENCE_AUTH_ADVANCED=false: no authentication, as Shoal runs here (Xinference 4 otherwise
+    waits for a first admin account to be set up before it serves anything)."""
+    env = {**os.environ, "XINFERENCE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env["XINFERENCE_AUTH_ADVANCED"] = "false"
+    env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def xinference_version(venv: Path) -> str | None:

@@ -10,6 +10,11 @@ ROOT/ORG/REPO/... are the repos' files (symbolic links are followed). Routes:
 - a missing repo or file: 404 with X-Error-Code RepoNotFound / EntryNotFound, as the Hub answers
 - a repo holding a file `.gated` is gated: 401 X-Error-Code GatedRepo unless the request carries
   `Authorization: Bearer <the file's text>`
+ModelScope's routes, as its repo API answers them (MODELSCOPE_DOMAIN points here):
+- GET /api/v1/models/ORG/REPO/repo/files?Revision=REV&Recursive=True  {"Code": 200, "Data": {"Files":
+                                          [{"Path", "Name", "Size", "Sha256", "Type": "blob"}]}}
+- GET /api/v1/models/ORG/REPO/repo?Revision=REV&FilePath=PATH         a file, Range answered 206
+- a missing repo or file: 404 with {"Code": 10010205001, "Success": false, "Message": ...}
 Test controls (not Hub routes): GET /_stats (requests, file body bytes sent in all and per path,
 and each file GET with its Range header), POST /_reset, POST /_hold?after=N (file bodies stop
 after N bytes in all, until POST /_release). Standard library only.
@@ -132,6 +137,8 @@ class Handler(BaseHTTPRequestHandler):
         if parts == ["_stats"]:
             with self.hub.lock:
                 return self._json(200, self.hub.stats)
+        if len(parts) >= 6 and parts[:3] == ["api", "v1", "models"] and parts[5] == "repo":
+            return self._modelscope(parts[3], parts[4], parts[6:], parse_qs(url.query))
         if len(parts) >= 3 and parts[0] == "api" and parts[1] == "models":
             return self._info(parts[2:])
         if len(parts) >= 5 and parts[2] == "resolve":
@@ -161,6 +168,24 @@ class Handler(BaseHTTPRequestHandler):
         }  # fmt: skip
         self._json(200, body)
 
+    def _modelscope(self, org: str, name: str, rest: list[str], query: dict[str, list[str]]) -> None:
+        repo = self.hub.repo(org, name)
+        missing = {"Code": 10010205001, "Success": False, "Message": f"model {org}/{name} does not exist"}
+        if repo is None:
+            return self._json(404, missing)
+        if rest == ["files"]:
+            files = []
+            for file in self.hub.files(repo):
+                path = str(file.relative_to(repo))
+                files.append({"Name": file.name, "Path": path, "Size": file.stat().st_size,
+                              "Sha256": self.hub.hashes(file)[1], "Type": "blob"})  # fmt: skip
+            return self._json(200, {"Code": 200, "Success": True, "Data": {"Files": files}})
+        path = (query.get("FilePath") or [""])[0]
+        file = repo / path
+        if rest or not path or ".." in path.split("/") or not file.is_file() or file.name == ".gated":
+            return self._json(404, {**missing, "Message": f"file {path} does not exist"})
+        self._send_file(file, f"ms/{org}/{name}/{path}", {})
+
     def _resolve(self, org: str, name: str, path: str) -> None:
         repo = self.hub.repo(org, name)
         if repo is None:
@@ -172,6 +197,14 @@ class Handler(BaseHTTPRequestHandler):
         if ".." in path.split("/") or not file.is_file() or file.name == ".gated":
             return self._error(404, "EntryNotFound", f"{path} does not exist", commit)
         git, sha256 = self.hub.hashes(file)
+        lfs = file.suffix in LFS_SUFFIXES
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{sha256 if lfs else git}"'}
+        if lfs:
+            headers.update({"X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(file.stat().st_size)})
+        self._send_file(file, f"{org}/{name}/{path}", headers)
+
+    def _send_file(self, file: Path, label: str, headers: dict[str, str]) -> None:
+        """A file's bytes (a Range request answered 206), counted under `label`."""
         size = file.stat().st_size
         start, end, status = 0, size - 1, 200
         range_header = self.headers.get("Range")
@@ -181,12 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             end = min(int(last), size - 1) if first and last else size - 1
             status = 206
         self.send_response(status)
-        self.send_header("X-Repo-Commit", commit)
-        lfs = file.suffix in LFS_SUFFIXES
-        self.send_header("ETag", f'"{sha256 if lfs else git}"')
-        if lfs:
-            self.send_header("X-Linked-Etag", f'"{sha256}"')
-            self.send_header("X-Linked-Size", str(size))
+        for key, value in headers.items():
+            self.send_header(key, value)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(max(0, end - start + 1)))
         if status == 206:
@@ -194,8 +223,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self.hub.got(f"{org}/{name}/{path}", range_header)
-        self._body(file, start, end, f"{org}/{name}/{path}")
+        self.hub.got(label, range_header)
+        self._body(file, start, end, label)
 
     def _body(self, file: Path, start: int, end: int, label: str) -> None:
         try:

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from shoal import cli
 from shoal.cli import devices_table, group_by_node
 
 GIB = 1024**3
@@ -135,3 +136,23 @@ def test_ps_renders_every_state() -> None:
     text = out.getvalue()
     assert "big" in text and "failed" in text and "-,gpu:0" in text and "-,42" in text
     assert "loading" in text
+
+
+def test_ps_shows_parked_replicas_and_their_last_wake() -> None:
+    from shoal.cli import models_table
+
+    parked = {"id": "emb", "status": "parked", "replicas": [
+        {"index": 0, "state": "parked", "device": None, "parked_from": "gpu:1", "pid": 7,
+         "last_wake_seconds": 0.214, "last_woken": 0.0}]}  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=200).print(models_table([parked]))
+    text = out.getvalue()
+    assert "parked" in text and "RAM (from gpu:1)" in text and "0.21 s at" in text
+
+
+def test_launch_shows_the_copies_to_nodes_under_way() -> None:
+    copying = {"status": "copying", "node": "node-b", "completed_bytes": 3 * 2**20, "total_bytes": 12 * 2**20,
+               "rate_bytes_per_s": 2**21}  # fmt: skip
+    state = {"replicas": [{"files": copying}, {"files": None}, {"files": {**copying, "status": "copied"}}]}
+    assert cli._copies(state) == " (copying to node-b: 25%, 2 MiB/s)"
+    assert cli._copies({"replicas": [{"files": None}]}) == ""

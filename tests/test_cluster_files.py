@@ -4,6 +4,7 @@ cache that finds, receives and completes a copy."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def test_a_new_copy_of_changed_files_removes_the_old_one_unless_in_use(tmp_path:
     assert files.prune(cache, second, in_use=set()) == [old]
     assert [entry["path"] for entry in files.listing(cache)] == [new]
     assert files.find(cache, second) == str(model)  # this host sees the files in place
+
+
+def test_copy_progress_reports_bytes_rate_and_eta() -> None:
+    progress = files.CopyProgress("node-a", "/models/m", total=100, started=time.monotonic() - 1)
+    progress.done = 25
+    shown = progress.progress()
+    assert shown["status"] == "copying" and shown["node"] == "node-a"
+    assert (shown["completed_bytes"], shown["total_bytes"]) == (25, 100)
+    assert shown["rate_bytes_per_s"] > 0 and shown["eta_s"] > 0
+    progress.done, progress.ended = 100, progress.started + 2
+    done = progress.progress()
+    assert (done["status"], done["rate_bytes_per_s"], done["eta_s"], done["seconds"]) == (
+        "copied",
+        50,
+        0.0,
+        2.0,
+    )
+    progress.error = "OSError: disk full"
+    assert progress.progress()["status"] == "failed"

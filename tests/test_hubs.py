@@ -94,7 +94,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 def _env(hub: Hub, cache: Path, **extra: str) -> dict[str, str]:
     return {"HF_ENDPOINT": hub.url, "SHOAL_MODEL_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_TOKEN": "", **extra}  # fmt: skip
+            "HF_TOKEN": "", "MODELSCOPE_DOMAIN": hub.url,
+            **extra}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,9 @@ def test_bad_names_and_hub_errors_are_clear(shoal: ShoalServer) -> None:
         ("hf.co/just-org", 400, "hf.co/ORG/REPO"),
         ("hf.co/a--b/c", 400, "not a valid hub repo name"),
         ("hf.co/test-org/minilm/model.safetensors", 400, ".gguf"),
-        ("modelscope.cn/qwen/Qwen2.5-0.5B", 400, "ModelScope"),
+        ("modelscope.cn/qwen/Qwen2.5-0.5B", 404, "qwen/Qwen2.5-0.5B"),  # ModelScope's 404
+        ("modelscope.cn/test-org/smollm2-gguf:Q8_0", 404, "Q4_1"),
+        ("modelscope.cn/just-org", 400, "modelscope.cn/ORG/REPO"),
     ]:
         for route in ("/v1/models", "/v1/models/estimate"):
             answer = shoal.http.post(route, json={"model_name": name})
@@ -189,6 +192,85 @@ def test_launch_by_hub_name_shows_progress_and_downloads_once(shoal: ShoalServer
     assert refused.status_code == 409 and "hub-a" in refused.json()["error"]["message"]
     for uid in ("hub-a", "hub-b"):
         assert shoal.http.delete(f"/v1/models/{uid}").status_code == 200
+
+
+def test_launch_from_modelscope_shows_progress_and_catalog_specs_follow_download_hub(
+    shoal: ShoalServer, hub: Hub
+) -> None:
+    hub.post("/_reset")
+    hub.post(f"/_hold?after={24 * 1024**2}")
+    name = "modelscope.cn/test-org/smollm2-gguf:Q4_1"
+    try:
+        answer = shoal.http.post(
+            "/v1/models?wait_ready=false", json={"model_name": name, "model_uid": "ms-a"}
+        )
+        assert answer.status_code == 200, answer.text
+        seen = _until(shoal, "ms-a", lambda d: (d.get("download") or {}).get("completed_bytes"))
+        assert seen["status"] == "downloading" and seen["download"]["total_bytes"] == GGUF.stat().st_size
+        assert 0 < seen["download"]["completed_bytes"] < GGUF.stat().st_size
+    finally:
+        hub.post("/_release")
+    assert wait_until_ready(shoal, "ms-a")["model_name"] == name
+    gets = [r for r in hub.stats()["gets"] if r[0] == f"ms/test-org/smollm2-gguf/{GGUF_NAME}"]
+    assert [r[1] for r in gets if not r[1].endswith(f"-{2 * 1024**2 - 1}")] == [""], gets  # one download
+    # A catalog spec on both hubs: download_hub picks ModelScope's copy (already in its cache).
+    family = {
+        "model_name": "smollm2-both-hubs", "model_ability": ["chat"], "context_length": 2048,
+        "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_1", "model_size_in_billions": 0.135,
+                         "source": {"hf_repo": "test-org/not-on-hf", "ms_repo": "test-org/smollm2-gguf",
+                                    "ms_file": GGUF_NAME}}],
+    }  # fmt: skip
+    registered = shoal.http.post("/v1/model_registrations/LLM", json={"model": family, "persist": False})
+    assert registered.status_code == 200, registered.text
+    est = shoal.http.post(
+        "/v1/models/estimate", json={"model_name": "smollm2-both-hubs", "download_hub": "modelscope"}
+    ).json()
+    assert est["download"]["name"] == f"modelscope.cn/test-org/smollm2-gguf/{GGUF_NAME}", est
+    assert est["download"]["cached"] is True
+    on_hf = shoal.http.post("/v1/models/estimate", json={"model_name": "smollm2-both-hubs"})
+    assert on_hf.status_code == 200 and on_hf.json()["download"] is None  # HF's repo 404s: catalog size
+    body = {"model_name": "smollm2-both-hubs", "model_uid": "ms-b", "download_hub": "modelscope"}
+    assert shoal.http.post("/v1/models", json=body).status_code == 200
+    answer = shoal.http.post("/v1/chat/completions", json={
+        "model": "ms-b", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    missing = shoal.http.post("/v1/models", json={**body, "model_uid": "ms-c", "download_hub": "huggingface"})
+    assert missing.status_code == 404 and "test-org/not-on-hf" in missing.json()["error"]["message"]
+    listed = {e["name"]: e for e in shoal.http.get("/v1/cache/models").json()["data"]}
+    entry = listed["modelscope.cn/test-org/smollm2-gguf"]
+    assert entry["hub"] == "modelscope" and sorted(entry["model_uids"]) == ["ms-a", "ms-b"]
+    for uid in ("ms-a", "ms-b"):
+        assert shoal.http.delete(f"/v1/models/{uid}").status_code == 200
+    assert shoal.http.delete("/v1/cache/models/modelscope.cn/test-org/smollm2-gguf").status_code == 200
+    assert shoal.http.delete("/v1/model_registrations/LLM/smollm2-both-hubs").status_code == 200
+
+
+def test_modelscope_download_resumes_after_a_restart(hub: Hub, cache: Path, tmp_path: Path) -> None:
+    srv = ShoalServer(tmp_path / "data", tmp_path / "server.log", env=_env(hub, cache))
+    srv.start()
+    label = "ms/test-org/minilm/model.safetensors"
+    try:
+        hub.post("/_reset")
+        hub.post(f"/_hold?after={24 * 1024**2}")
+        body = {"model_name": "modelscope.cn/test-org/minilm", "model_uid": "ms-minilm"}
+        assert srv.http.post("/v1/models?wait_ready=false", json=body).status_code == 200
+        seen = _until(srv, "ms-minilm", lambda d: any(
+            f["path"] == "model.safetensors" and f["completed"] >= 10 * 1024**2
+            for f in (d.get("download") or {}).get("files", [])))  # fmt: skip
+        first = next(f["completed"] for f in seen["download"]["files"] if f["path"] == "model.safetensors")
+    finally:
+        assert srv.stop() == 0  # mid-download: the partial blob stays
+        hub.post("/_release")
+    srv.start()  # the desired state launches it again, and the download goes on from the partial blob
+    try:
+        wait_until_ready(srv, "ms-minilm", timeout=180)
+        ranges = [r[1] for r in hub.stats()["gets"] if r[0] == label]
+        offsets = [int(r[len("bytes=") : -1]) for r in ranges if r.endswith("-") and r != "bytes=0-"]
+        assert len(offsets) == 1 and offsets[0] >= first, (ranges, first)
+        answer = srv.http.post("/v1/embeddings", json={"model": "ms-minilm", "input": "hello"})
+        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+    finally:
+        srv.stop()
 
 
 def test_offline_launch_from_the_cache_makes_no_network_call(

@@ -149,11 +149,16 @@ def test_a_local_path_model_is_copied_to_the_worker_and_listed(gateway: Gateway)
     path = gateway.cluster.tmp / "models" / "smollm2.gguf"
     gateway.launch("copied", model_name=CHAT_MODEL, model_path=str(path), worker_ip=gateway.worker,
                    gpu_memory="6GiB", **SMALL)  # fmt: skip
-    assert [r["node"] for r in gateway.replicas("copied")] == [gateway.worker]
+    (replica,) = gateway.replicas("copied")
+    assert replica["node"] == gateway.worker
+    size = path.stat().st_size
+    assert replica["files"]["status"] == "copied" and replica["files"]["node"] == gateway.worker
+    assert replica["files"]["completed_bytes"] == replica["files"]["total_bytes"] == size
     assert gateway.chat("copied").status_code == 200
+    assert gateway.workers()[gateway.worker]["copying"] == []  # none under way now
     (copy,) = gateway.workers()[gateway.worker]["model_cache"]
     assert copy["complete"] and copy["source"] == str(path)
-    assert copy["bytes"] >= path.stat().st_size and copy["path"].endswith("smollm2.gguf")
+    assert copy["bytes"] >= size and copy["path"].endswith("smollm2.gguf")
     assert gateway.workers()[gateway.head]["model_cache"] == []  # the head saw the file in place
     assert gateway.http.delete("/v1/models/copied").status_code == 200
 

@@ -65,6 +65,9 @@ class FakeRunner:
     def failure_reason(self) -> str:
         return f"runner exited with code {self.exit}"
 
+    def files_progress(self) -> dict[str, Any] | None:
+        return None
+
     async def start(self) -> None:
         pass
 

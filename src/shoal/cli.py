@@ -72,6 +72,18 @@ def serve(
     warm_spares: Annotated[
         str, typer.Option(envvar=settings.WARM_SPARES.env, help=settings.WARM_SPARES.help)
     ] = settings.WARM_SPARES.default,
+    mps: Annotated[
+        bool,
+        typer.Option(
+            help=settings.MPS.help + " (where MPS cannot run, the server says why and serves without it)"
+        ),
+    ] = False,
+    profile: Annotated[
+        str, typer.Option(envvar=settings.PROFILE.env, help=settings.PROFILE.help)
+    ] = settings.PROFILE.default,
+    profile_margin: Annotated[
+        float, typer.Option(envvar=settings.PROFILE_MARGIN.env, help=settings.PROFILE_MARGIN.help)
+    ] = float(settings.PROFILE_MARGIN.default),
 ) -> None:
     """Start the server (gateway) in the foreground."""
     import logging
@@ -90,6 +102,10 @@ def serve(
         parse_families(warm_spares)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--warm-spares") from None
+    if profile.lower() not in ("gpu", "all", "off"):
+        raise typer.BadParameter("profile must be gpu, all or off")
+    if not 0 <= profile_margin <= 1:
+        raise typer.BadParameter("profile-margin must be between 0 and 1")
     from shoal.state import StateStore
 
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -110,15 +126,29 @@ def serve(
         api_key=api_key or None,
         ray_address=ray_address or None,
         warm_spares=warm_spares,
+        mps=mps or settings.MPS.get().lower() in ("1", "true", "yes"),
+        profile=profile.lower(),
+        profile_margin=profile_margin,
     )
     server.serve(build_app(server_settings, launch or []), server_settings, log_level)
 
 
 @app.command()
 def launch(
-    name: Annotated[str, typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] (docs/models.md)")],
+    name: Annotated[
+        str,
+        typer.Argument(help="catalog name, or hf.co/ORG/REPO[:QUANT] or modelscope.cn/... (docs/models.md)"),
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     uid: Annotated[str | None, typer.Option("--uid", help="model uid (default: the model name)")] = None,
+    size_in_billions: Annotated[
+        str | None, typer.Option("--size-in-billions", "-s", help="which spec of a catalog family")
+    ] = None,
+    model_format: Annotated[str | None, typer.Option("--model-format", "-f", help="which spec")] = None,
+    quantization: Annotated[str | None, typer.Option("--quantization", "-q", help="which spec")] = None,
+    download_hub: Annotated[
+        str | None, typer.Option("--download-hub", help="huggingface or modelscope, where a spec names both")
+    ] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="llama.cpp or sentence_transformers")] = None,
     replica: Annotated[int, typer.Option(help="number of replicas")] = 1,
     n_gpu: Annotated[
@@ -134,6 +164,10 @@ def launch(
     ] = None,
     pinned: Annotated[bool, typer.Option("--pinned", help="never evict this model")] = False,
     queue_timeout: Annotated[float, typer.Option("--queue-timeout", help="seconds to wait for memory")] = 0,
+    gpu_compute: Annotated[
+        int | None,
+        typer.Option("--gpu-compute", help="CUDA MPS only: percent (1-100) of the GPU's SMs it may use"),
+    ] = None,
     worker_ip: Annotated[
         str | None,
         typer.Option("--worker-ip", help="Ray cluster: only this node (its IP, name or Ray node id)"),
@@ -146,6 +180,17 @@ def launch(
         "keep_alive": keep_alive,
         "pinned": pinned,
         "queue_timeout": queue_timeout,
+        **{
+            k: v
+            for k, v in {
+                "model_size_in_billions": size_in_billions,
+                "model_format": model_format,
+                "quantization": quantization,
+                "download_hub": download_hub,
+            }.items()
+            if v is not None
+        },
+        "gpu_compute": gpu_compute,
     }
     for item in option or []:
         key, _, value = item.partition("=")
@@ -169,7 +214,7 @@ def launch(
             start = time.monotonic()
             with console.status(f"loading {model_uid}...") as status:
                 while (state := client.describe(model_uid))["status"] == "loading":
-                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s")
+                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s{_copies(state)}")
                     time.sleep(0.2)
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
@@ -178,6 +223,18 @@ def launch(
         console.print(f"[red]{model_uid} failed to load:[/red] {errors}")
         raise typer.Exit(1)
     console.print(f"[green]{model_uid}[/green] ready in {time.monotonic() - start:.1f} s")
+
+
+def _copies(state: dict[str, Any]) -> str:
+    """Ray: the model's files on their way to the nodes its replicas are placed on."""
+    shown = []
+    for replica in state.get("replicas", []):
+        files = replica.get("files") or {}
+        if files.get("status") == "copying" and files.get("total_bytes"):
+            rate = f", {files['rate_bytes_per_s'] / 2**20:.0f} MiB/s" if files.get("rate_bytes_per_s") else ""
+            percent = 100 * files["completed_bytes"] // files["total_bytes"]
+            shown.append(f"copying to {files['node']}: {percent}%{rate}")
+    return f" ({'; '.join(shown)})" if shown else ""
 
 
 def _progress_bar() -> Progress:
@@ -212,7 +269,10 @@ def _show_download(client: Client, uid: str) -> dict[str, Any]:
 @app.command()
 def pull(
     name: Annotated[
-        str, typer.Argument(help="hf.co/ORG/REPO[:QUANT] or hf.co/ORG/REPO/FILE.gguf, or a catalog name")
+        str,
+        typer.Argument(
+            help="hf.co/ORG/REPO[:QUANT], hf.co/ORG/REPO/FILE.gguf, modelscope.cn/..., or a catalog name"
+        ),
     ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     model_type: Annotated[
@@ -255,7 +315,9 @@ def cached(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 @app.command("rm-cache")
 def rm_cache(
-    name: Annotated[str, typer.Argument(help="hf.co/ORG/REPO, as `shoal cached` lists it")],
+    name: Annotated[
+        str, typer.Argument(help="hf.co/ORG/REPO or modelscope.cn/ORG/REPO, as `shoal cached` lists it")
+    ],
     endpoint: Endpoint = settings.ENDPOINT.default,
 ) -> None:
     """Remove a model's files from the server's cache (refused while a model uses them)."""
@@ -279,21 +341,41 @@ def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
-    """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet)."""
-    table = Table("UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS")
+    """`shoal ps`: one row per model, whatever state its replicas are in (no device, no pid yet); a
+    LAST WAKE column once some replica has been woken from parked."""
+    woke = any(r.get("last_wake_seconds") is not None for m in models for r in m.get("replicas") or [])
+    columns = ["UID", "NAME", "TYPE", "ENGINE", "STATUS", "REPLICAS", "DEVICE", "PIDS"]
+    table = Table(*columns, *(["LAST WAKE"] if woke else []))
     for m in models:
         replicas = m.get("replicas") or []
-        table.add_row(
+        row = [
             str(m.get("id") or m.get("model_uid") or "-"),
             str(m.get("model_name") or "-"),
             str(m.get("model_type") or "-"),
             str(m.get("model_engine") or "-"),
             str(m.get("status") or "-"),
             str(m.get("replica", len(replicas))),
-            ",".join(sorted({str(r.get("device") or "-") for r in replicas})) or "-",
+            ",".join(sorted({_where(r) for r in replicas})) or "-",
             ",".join(str(r.get("pid") or "-") for r in replicas) or "-",
-        )
+        ]
+        if woke:
+            row.append(",".join(_wake(r) for r in replicas if r.get("last_wake_seconds") is not None) or "-")
+        table.add_row(*row)
     return table
+
+
+def _where(replica: dict[str, Any]) -> str:
+    """Its device; a parked replica's weights are in host RAM, its process on the GPU it left."""
+    if replica.get("state") == "parked":
+        return f"RAM (from {replica.get('parked_from') or '-'})"
+    return str(replica.get("device") or "-")
+
+
+def _wake(replica: dict[str, Any]) -> str:
+    """ "0.21 s, 14:02:07": how long its last wake took, and when."""
+    seconds, when = replica.get("last_wake_seconds"), replica.get("last_woken")
+    at = time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "-"
+    return f"{seconds:.2f} s at {at}" if isinstance(seconds, int | float) else "-"
 
 
 @app.command()
@@ -352,13 +434,36 @@ def group_by_node(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) 
     return list(groups.values())
 
 
+def _memory_sides(m: dict[str, Any]) -> str:
+    """Beside a replica's reservation: its estimate (with what it came from) when that is not simply
+    the reservation, its own profile and its measured use."""
+    source = (m.get("breakdown") or {}).get("memory_source")
+    parts = []
+    plain = source in (None, "formula", "declared") and m.get("estimate_bytes") == m.get("reserved_bytes")
+    if m.get("estimate_bytes") is not None and not plain:
+        parts.append(f"estimate {_gib(m['estimate_bytes'])}" + (f" {source}" if source else ""))
+    if m.get("profile_bytes"):
+        parts.append(f"profile {_gib(m['profile_bytes'])}")
+    if m.get("measured_bytes"):
+        parts.append(f"measured {_gib(m['measured_bytes'])}")
+    return " (" + ", ".join(parts) + ")" if parts else ""
+
+
+def mps_line(devices: list[dict[str, Any]]) -> str | None:
+    """`shoal gpus`' line on CUDA MPS, when it was asked for or the server has GPUs (real or fake)."""
+    mps = next((d["mps"] for d in devices if d.get("mps")), None)
+    has_gpu = any(d.get("kind") == "gpu" for d in devices)
+    if mps is None or not (has_gpu or mps.get("requested")):
+        return None
+    return "CUDA MPS: " + ("on" if mps["enabled"] else "off") + f" ({mps['reason']})"
+
+
 def _device_cells(d: dict[str, Any]) -> list[str]:
     held = [
-        f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}"
-        + (f" (measured {_gib(m['measured_bytes'])})" if m.get("measured_bytes") else "")
+        f"{m['model_uid']}/{m['index']} {_gib(m['reserved_bytes'])}" + _memory_sides(m)
         + (" [red]OVER[/red]" if m.get("over_reservation") else "")
         for m in d["models"]
-    ]
+    ]  # fmt: skip
     name = d["name"] + (" (fake)" if d.get("fake") else "")
     return [
         name,
@@ -404,11 +509,28 @@ def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
     console.print(devices_table(devices, workers))
+    if (line := mps_line(devices)) is not None:
+        console.print(line)
+
+
+def profile_line(est: dict[str, Any]) -> str:
+    """What `shoal estimate` says of measured profiles: the stored one (used, or stale), the
+    correction learned from similar models, or that there is none."""
+    profile = est.get("profile")
+    if profile is not None:
+        state = "stale (library versions changed), not used" if profile["stale"] else "used"
+        return (
+            f"measured profile on {profile['device_model']}: peak {_gib(profile['peak_bytes'])} GiB, "
+            f"reserved {_gib(profile['reserved_bytes'])} GiB ({state})"
+        )
+    if est.get("correction") is not None:
+        return f"no profile yet; formula × {est['correction']} learned from similar models' profiles"
+    return "no measured profile yet: the formula places it"
 
 
 @app.command()
 def estimate(
-    name: Annotated[str, typer.Argument(help="catalog name or hf.co/ORG/REPO[:QUANT]")],
+    name: Annotated[str, typer.Argument(help="catalog name, hf.co/ORG/REPO[:QUANT] or modelscope.cn/...")],
     endpoint: Endpoint = settings.ENDPOINT.default,
     context_length: Annotated[
         int | None, typer.Option("--context-length", "-c", help="tokens per sequence")
@@ -452,8 +574,11 @@ def estimate(
     )
     for part in ("weights", "kv_cache", "activations", "cuda_context", "cpu_runtime"):
         table.add_row(part, _gib(est.get(part, 0)))
-    table.add_row("[bold]per device[/bold]", _gib(est["per_device"]))
+    if est.get("formula_per_device") is not None and est.get("memory_source") != "formula":
+        table.add_row("formula per device", _gib(est["formula_per_device"]))
+    table.add_row(f"[bold]per device[/bold] ({est.get('memory_source', 'formula')})", _gib(est["per_device"]))
     console.print(table)
+    console.print(profile_line(est))
     console.print(
         f"context {est.get('context_length')} × {est.get('parallel')} sequences, dtype {est.get('dtype')}"
     )
@@ -474,25 +599,51 @@ def estimate(
 @app.command()
 def models(
     endpoint: Endpoint = settings.ENDPOINT.default,
-    model_type: Annotated[str, typer.Option("--type", help="LLM or embedding")] = "LLM",
+    model_type: Annotated[
+        str, typer.Option("--type", help="LLM, embedding, rerank, audio, image, or all")
+    ] = "LLM",
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            "-S",
+            help="only models whose name, family, description, abilities or licence hold every word",
+        ),
+    ] = None,
 ) -> None:
     """List the catalog: built-in and registered models."""
     with _client(endpoint) as client:
         try:
-            families = client.registrations(model_type, detailed=True)
+            families = client.registrations(model_type, detailed=True, search=search)
         except ShoalAPIError as exc:
             raise _fail(exc) from exc
-    table = Table("NAME", "TYPE", "ABILITY", "FORMATS", "BUILT-IN")
+    console.print(catalog_table(families))
+
+
+def catalog_table(families: list[dict[str, Any]]) -> Table:
+    """`shoal models`: one row per family, its sizes and formats, abilities, context and licence."""
+    table = Table("NAME", "TYPE", "ABILITY", "SIZES (B)", "FORMATS", "CONTEXT", "LICENCE", "BUILT-IN")
     for f in families:
-        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in f["model_specs"]}))
+        specs = f.get("model_specs") or []
+        formats = ", ".join(sorted({f"{s['model_format']}/{s['quantization']}" for s in specs}))
+        sizes = ", ".join(dict.fromkeys(_size(s.get("model_size_in_billions")) for s in specs))
         table.add_row(
             f["model_name"],
             f["model_type"],
             ",".join(f["model_ability"]),
+            sizes or "-",
             formats,
+            str(f.get("context_length") or "-"),
+            str(f.get("license") or "-"),
             "yes" if f["is_builtin"] else "no",
         )
-    console.print(table)
+    return table
+
+
+def _size(size: Any) -> str:
+    if isinstance(size, int | float) and not isinstance(size, bool):
+        return f"{size:g}"
+    return str(size) if size is not None else "-"
 
 
 @app.command()

@@ -122,8 +122,11 @@ class Client:
     def terminate(self, uid: str) -> None:
         _check(self.http.delete(f"/v1/models/{uid}"))
 
-    def registrations(self, model_type: str = "LLM", detailed: bool = False) -> list[dict[str, Any]]:
-        return list(self._get(f"/v1/model_registrations/{model_type}", detailed=detailed))
+    def registrations(
+        self, model_type: str = "LLM", detailed: bool = False, search: str | None = None
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"detailed": detailed, **({"search": search} if search else {})}
+        return list(self._get(f"/v1/model_registrations/{model_type}", **query))
 
     def register(self, model_type: str, model: dict[str, Any] | str, persist: bool = True) -> str:
         result = self._post(f"/v1/model_registrations/{model_type}", {"model": model, "persist": persist})

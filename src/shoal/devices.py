@@ -95,13 +95,24 @@ def gpu_process_usage() -> dict[tuple[str, int], int]:
         usage: dict[tuple[str, int], int] = {}
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            for proc in [*pynvml.nvmlDeviceGetComputeRunningProcesses(handle), *_mps_clients(handle)]:
                 used = proc.usedGpuMemory  # None when the driver cannot say (e.g. in some containers)
                 if used is not None:
-                    usage[(f"gpu:{i}", int(proc.pid))] = int(used)
+                    key = (f"gpu:{i}", int(proc.pid))
+                    usage[key] = max(usage.get(key, 0), int(used))
         return usage
     finally:
         pynvml.nvmlShutdown()
+
+
+def _mps_clients(handle: object) -> list[object]:
+    """Processes that run through CUDA MPS (shoal serve --mps), listed apart from the others by NVML."""
+    import pynvml
+
+    try:
+        return list(pynvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
+    except pynvml.NVMLError:  # a driver without MPS client accounting
+        return []
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -110,6 +121,37 @@ def rss_bytes(pid: int) -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and its descendants on this machine (vLLM's engine core is a child of its runner)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])  # the name may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(current := todo.pop())
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def rss_peak_bytes(pid: int) -> int | None:
+    """The process's resident high-water mark (VmHWM), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def all_devices(fake_spec: str = "") -> list[Device]:
@@ -135,6 +177,23 @@ class Snapshot:
         if device.kind == "cpu":
             return rss_bytes(pid) if self.cpu_usage is None else self.cpu_usage.get((device.id, pid))
         return self.gpu_usage.get((device.id, pid), 0)
+
+    def peak(self, device: Device, pid: int | None) -> int | None:
+        """The highest use a runner (with its child processes) reached on a device, for a profile.
+        Real GPU: NVML's per-pid use now, which keeps what the warm-up took (torch's caching allocator
+        holds it; llama.cpp and vLLM allocate up front). CPU and fake GPUs (their runners compute on
+        the CPU): the processes' RSS high-water marks. None where this machine cannot read it (a
+        runner on a Ray node's CPU)."""
+        if pid is None:
+            return None
+        on_gpu = device.kind == "gpu" and not device.fake
+        if self.cpu_usage is not None:  # Ray: the pid lives on another node; no /proc to walk here
+            return self.gpu_usage.get((device.id, pid)) if on_gpu else None
+        pids = process_tree(pid)
+        if on_gpu:
+            return sum(self.gpu_usage.get((device.id, p), 0) for p in pids)
+        peaks = [rss_peak_bytes(p) for p in pids]
+        return sum(p for p in peaks if p is not None) or None
 
 
 def read(fake_spec: str = "") -> Snapshot:

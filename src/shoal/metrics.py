@@ -60,3 +60,23 @@ SLOW_CLIENTS = Counter(
     ["phase"],
     registry=REGISTRY,
 )
+PARKS = Counter(
+    "shoal_parks",
+    "Replicas parked (weights to host RAM, process kept) to make room",
+    ["model"],
+    registry=REGISTRY,
+)
+MOVES = Counter(
+    "shoal_moves",
+    "Replicas moved to another GPU to make room (defragmentation)",
+    ["model"],
+    registry=REGISTRY,
+)
+WAKE_SECONDS = Histogram(
+    "shoal_wake_seconds",
+    "A parked replica's wake: from the request that woke it to ready (how: same_process or new_runner)",
+    ["model", "how"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+PARKED_REPLICAS = Gauge("shoal_parked_replicas", "Replicas parked now", registry=REGISTRY)

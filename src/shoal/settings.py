@@ -47,13 +47,16 @@ RAY_ADDRESS = Setting(
 MODEL_CACHE = Setting(
     "SHOAL_MODEL_CACHE",
     str(Path.home() / ".cache" / "shoal" / "models"),
-    "where hub downloads (hub/, Hugging Face's cache layout) and, on a Ray node, copied model files are kept",
+    "where hub downloads (hub/ and modelscope/, in Hugging Face's cache layout) and, on a Ray node, "
+    "copied model files are kept",
 )
 DISK_HEADROOM = Setting(
     "SHOAL_DISK_HEADROOM", "1GiB", "disk left free after a download; a download that needs more is a 507"
 )
 DOWNLOAD_HUB = Setting(
-    "SHOAL_DOWNLOAD_HUB", "huggingface", "hub that catalog models download from (only huggingface is built)"
+    "SHOAL_DOWNLOAD_HUB",
+    "huggingface",
+    "hub catalog models download from when their spec names it: huggingface or modelscope",
 )
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 LIVENESS_INTERVAL = Setting(
@@ -94,13 +97,32 @@ MAX_CONNECTIONS_PER_CLIENT = Setting(
     "auto",
     "open connections from one client address, past it 503 (auto: a quarter of the total; 0: no cap)",
 )
+PARK_MEMORY = Setting(
+    "SHOAL_PARK_MEMORY",
+    "auto",
+    "host RAM parked models may hold per node (auto: the node's free RAM; 0: never park, evict instead)",
+)
+PROFILE = Setting(
+    "SHOAL_PROFILE",
+    "gpu",
+    "profile runs after a load (a warm-up at the launch's largest batch x context, then its peak use is "
+    "the reservation): gpu (real GPUs), all (also CPU and fake GPUs), off",
+)
+PROFILE_MARGIN = Setting(
+    "SHOAL_PROFILE_MARGIN", "0.05", "fraction added to a measured profile's peak to make its reservation"
+)
+MPS = Setting(
+    "SHOAL_MPS",
+    "0",
+    "run the CUDA MPS control daemon and cap each GPU runner's memory at its reservation (SHOAL_MPS=1)",
+)
 
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT, WARM_SPARES,
+    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY, PROFILE, PROFILE_MARGIN, MPS, WARM_SPARES,
 )  # fmt: skip
 
 
@@ -143,5 +165,14 @@ class ServerSettings:
     model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
+    # bytes parked replicas may hold per node; None: its free RAM ("auto"); 0: never park
+    park_memory: int | None = field(
+        default_factory=lambda: (
+            None if PARK_MEMORY.get().strip().lower() in ("", "auto") else parse_size(PARK_MEMORY.get())
+        )
+    )
+    profile: str = field(default_factory=lambda: PROFILE.get().lower())
+    profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
+    mps: bool = field(default_factory=lambda: MPS.get().lower() in ("1", "true", "yes"))
     warm_spares: str = field(default_factory=WARM_SPARES.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

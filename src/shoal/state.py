@@ -1,5 +1,6 @@
 """Desired state that survives a restart, in SQLite under the data dir: user registrations, the
-models that should be running (with their launch settings and last devices), and API keys (hashed).
+models that should be running (with their launch settings and last devices), API keys (hashed),
+and measured memory profiles (services/profiles.py).
 
 The standard library's sqlite3, one short transaction per change; the gateway is the only writer
 besides `shoal keys`, and SQLite's own locking covers that.
@@ -28,8 +29,18 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, scope TEXT NOT NULL, name TEXT, created REAL NOT NULL
 );
+-- Measured memory profiles (services/profiles.py): one row per model, engine, memory settings and
+-- device model; `versions` are the engine's libraries when it was measured.
+CREATE TABLE IF NOT EXISTS profiles (
+    key TEXT PRIMARY KEY, model TEXT NOT NULL, engine TEXT NOT NULL, device_model TEXT NOT NULL,
+    settings TEXT NOT NULL, versions TEXT NOT NULL, estimate INTEGER NOT NULL, peak INTEGER NOT NULL,
+    reserved INTEGER NOT NULL, margin REAL NOT NULL, measured REAL NOT NULL
+);
 """
 SCOPES = ("inference", "admin")
+PROFILE_COLUMNS = (
+    "key, model, engine, device_model, settings, versions, estimate, peak, reserved, margin, measured"
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,23 @@ class SavedModel:
     uid: str
     request: dict[str, Any]
     devices: list[list[str]]  # per replica, where it last ran
+
+
+@dataclass(frozen=True)
+class StoredProfile:
+    """A replica's measured peak (bytes per device) under one key; `reserved` = peak × (1 + margin)."""
+
+    key: str
+    model: str
+    engine: str
+    device_model: str
+    settings: dict[str, Any]
+    versions: dict[str, str]
+    estimate: int  # the formula's bytes per device for the same launch
+    peak: int
+    reserved: int
+    margin: float
+    measured: float  # time.time() of the measurement
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,28 @@ class StateStore:
     def delete_model(self, uid: str) -> None:
         with self._db() as db:
             db.execute("DELETE FROM models WHERE uid = ?", (uid,))
+
+    # ---- measured profiles --------------------------------------------------------------------
+    def save_profile(self, p: StoredProfile) -> None:
+        with self._db() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO profiles ({PROFILE_COLUMNS}) VALUES ({', '.join('?' * 11)})",
+                (p.key, p.model, p.engine, p.device_model, json.dumps(p.settings, sort_keys=True),
+                 json.dumps(p.versions, sort_keys=True), p.estimate, p.peak, p.reserved, p.margin,
+                 p.measured),
+            )  # fmt: skip
+
+    def profiles(self, key: str | None = None) -> list[StoredProfile]:
+        """All profiles, or the one under `key`."""
+        query = f"SELECT {PROFILE_COLUMNS} FROM profiles" + (
+            " WHERE key = ?" if key else " ORDER BY measured"
+        )
+        with self._db() as db:
+            rows = db.execute(query, (key,) if key else ()).fetchall()
+        return [
+            StoredProfile(k, m, e, d, json.loads(s), json.loads(v), est, peak, res, margin, when)
+            for k, m, e, d, s, v, est, peak, res, margin, when in rows
+        ]
 
     # ---- API keys ------------------------------------------------------------------------------
     def create_key(self, scope: str, name: str | None = None) -> tuple[ApiKey, str]:

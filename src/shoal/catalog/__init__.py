@@ -42,10 +42,14 @@ class Catalog:
             raise ModelNotFound(f"model {name!r} is not in the catalog (see GET /v1/model_registrations/LLM)")
         return family
 
-    def list(self, model_type: str | None = None) -> list[ModelFamily]:
+    def list(self, model_type: str | None = None, search: str | None = None) -> list[ModelFamily]:
+        """Families of one type ("all" or None: every type) whose text holds every word of `search`."""
         merged = {**self._builtin, **self._user}
+        wanted = None if model_type is None or model_type.lower() == "all" else model_type.lower()
         return [
-            f for f in merged.values() if model_type is None or f.model_type.lower() == model_type.lower()
+            f
+            for f in merged.values()
+            if wanted in (None, f.model_type.lower()) and (not search or f.matches(search))
         ]
 
     def register(self, model_type: str, raw: dict | str, persist: bool = True) -> ModelFamily:

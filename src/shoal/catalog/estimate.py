@@ -444,9 +444,11 @@ def estimate(
     kv_cache_dtype: str | None = None,
     on_gpu: bool = True,
     remote: RemoteWeights | None = None,
+    catalog_shape: ModelShape | None = None,
 ) -> Estimate:
     """Bytes one replica needs: from its files when local, from the hub's metadata (`remote`) when
-    not downloaded yet, else from the catalog size (noted).
+    not downloaded yet, else from the catalog: its architecture (`catalog_shape`, the published
+    config.json's numbers) or, without one, its size (noted).
 
     Raises ValueError when there are neither local weights nor a size: placement must not see 0.
     """
@@ -476,13 +478,17 @@ def estimate(
             remote.weights, remote.config or {}, list(remote.tensors), engine, dtype, notes
         )
         notes.append("read from the hub before download: file sizes, config.json, safetensors headers")
+    if not weights and shape is None and catalog_shape is not None:
+        shape = catalog_shape
+        notes.append("shape from the catalog (the published config.json), not read from the files")
     if not weights:
-        if not size_in_billions:
+        counted = shape.n_params / 1e9 if shape is not None and shape.n_params else size_in_billions
+        if not counted:
             raise ValueError("cannot estimate memory: no local weights and no model_size_in_billions")
         bpp, label, known = _bytes_per_param(quant, dtype, embedding)
-        weights = int(size_in_billions * 1e9 * bpp)
+        weights = int(counted * 1e9 * bpp)
         notes.append(
-            f"weights not on disk: {size_in_billions:g}B parameters × {bpp:g} bytes ({label})"
+            f"weights not on disk: {counted:.4g}B parameters × {bpp:g} bytes ({label})"
             + ("" if known else f"; quantization {quant!r} unknown, assumed 16-bit")
         )
 

@@ -59,7 +59,8 @@ def materialize(source: Source) -> Path:
         return target
     from huggingface_hub import hf_hub_download, snapshot_download  # runner-only import
 
-    assert source.hf_repo
+    if not source.hf_repo:  # the gateway downloads ModelScope repos before a runner starts
+        raise InvalidRequest(f"ModelScope repo {source.ms_repo!r} is not in the cache; launch it again")
     if source.hf_file:
         return Path(hf_hub_download(source.hf_repo, source.hf_file))
     return Path(snapshot_download(source.hf_repo))

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ModelType = Literal["LLM", "embedding", "rerank", "audio", "image"]
 MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding", "rerank", "audio", "image")
 DEFAULT_ABILITIES = {"LLM": ["chat", "generate"], "embedding": ["embed"], "rerank": ["rerank"]}
+# What a model can do (Xinference's model_ability values). chat/generate/embed/rerank/audio2text/
+# text2audio/text2image/ocr pick the routes a model answers; tools, vision and reasoning say what the
+# model itself was trained for (whether an engine serves it is the engine's part: docs/models.md).
+KNOWN_ABILITIES = (
+    "chat", "generate", "tools", "vision", "reasoning", "embed", "rerank",
+    "audio2text", "text2audio", "text2image", "ocr",
+)  # fmt: skip
 
 # Which engine serves a (model type, format) when the launch names none; then by format alone.
 DEFAULT_ENGINE_BY_TYPE_FORMAT = {
@@ -60,7 +67,8 @@ def default_engine(model_type: str, model_format: str) -> str | None:
 
 
 class Source(BaseModel):
-    """Where a spec's weights come from: exactly one of package, local path, or Hugging Face."""
+    """Where a spec's weights come from: a package, a local path, or a hub repo (Hugging Face,
+    ModelScope, or both: download_hub picks one)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,13 +81,31 @@ class Source(BaseModel):
     path: str | None = Field(None, description="local file (GGUF) or folder")
     hf_repo: str | None = None
     hf_file: str | None = None
+    ms_repo: str | None = Field(None, description="the same weights on ModelScope (ORG/REPO)")
+    ms_file: str | None = None
 
     @model_validator(mode="after")
     def _one_origin(self) -> Source:
-        origins = [o for o in (self.python_package, self.path, self.hf_repo) if o]
+        origins = [o for o in (self.python_package, self.path, self.hf_repo or self.ms_repo) if o]
         if len(origins) != 1:
-            raise ValueError("a source needs exactly one of python_package, path, hf_repo")
+            raise ValueError(
+                "a source needs exactly one of python_package, path, or a hub repo (hf_repo/ms_repo)"
+            )
         return self
+
+
+class Architecture(BaseModel):
+    """A model's shape as its published config.json gives it, kept in the catalog so an estimate
+    is right before (or without) any download; the files, once local, take precedence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_layers: int = Field(gt=0)
+    n_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    n_params: int = Field(gt=0, description="every parameter the weights hold (all experts of a MoE)")
 
 
 class ModelSpec(BaseModel):
@@ -90,6 +116,7 @@ class ModelSpec(BaseModel):
     quantization: str = "none"
     source: Source | None = None
     model_uri: str | None = Field(None, description="Xinference's name for a local path")
+    architecture: Architecture | None = None
 
     @model_validator(mode="after")
     def _source_from_uri(self) -> ModelSpec:
@@ -109,6 +136,8 @@ class ModelFamily(BaseModel):
     context_length: int | None = Field(None, gt=0)
     dimensions: int | None = None
     model_description: str = ""
+    model_family: str | None = Field(None, description="the family a model belongs to (qwen3, llama, ...)")
+    license: str | None = Field(None, description="the weights' licence (SPDX id or the licence's name)")
     model_specs: list[ModelSpec] = Field(min_length=1)
     builtin: bool = False
 
@@ -121,6 +150,20 @@ class ModelFamily(BaseModel):
                 )
             self.model_ability = list(DEFAULT_ABILITIES[self.model_type])
         return self
+
+    def matches(self, text: str) -> bool:
+        """Whether every word of `text` is in the name, family, description, an ability or the
+        licence (case-insensitive): `shoal models --search`."""
+        haystack = " ".join(
+            [
+                self.model_name,
+                self.model_family or "",
+                self.model_description,
+                self.license or "",
+                *self.model_ability,
+            ]
+        ).lower()
+        return all(word in haystack for word in text.lower().split())
 
     def pick_spec(
         self, model_format: str | None, quantization: str | None, size: float | str | None

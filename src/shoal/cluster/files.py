@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CHUNK = 32 * 1024 * 1024  # bytes per object-store chunk: bounds the memory a copy holds
 DONE = ".complete"  # marks a finished copy
@@ -32,6 +34,38 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size, _ in self.files)
+
+
+@dataclass
+class CopyProgress:
+    """One copy of a model's files to one node: what GET /v1/models/{uid} shows on the replica
+    being placed there (and on any replica waiting for the same copy)."""
+
+    node: str
+    source: str
+    total: int
+    done: int = 0  # bytes the node has written
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    error: str | None = None
+
+    def progress(self) -> dict[str, Any]:
+        now = self.ended if self.ended is not None else time.monotonic()
+        took = now - self.started
+        rate = self.done / took if took > 0 and self.done else None
+        left = self.total - self.done
+        status = "failed" if self.error else "copied" if self.ended is not None else "copying"
+        return {
+            "status": status,
+            "node": self.node,
+            "source": self.source,
+            "completed_bytes": self.done,
+            "total_bytes": self.total,
+            "rate_bytes_per_s": round(rate) if rate else None,
+            "eta_s": round(left / rate, 1) if rate and left > 0 else (0.0 if left <= 0 else None),
+            "seconds": round(took, 2),
+            "error": self.error,
+        }
 
 
 def manifest(path: Path) -> Manifest:

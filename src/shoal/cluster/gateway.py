@@ -127,6 +127,13 @@ class RemoteRunner:
         self._exit: int | None = None
         self._lost: str | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.copy: files.CopyProgress | None = None  # its model's files on their way to the node
+
+    def _seen_copy(self, progress: files.CopyProgress) -> None:
+        self.copy = progress
+
+    def files_progress(self) -> dict[str, Any] | None:
+        return self.copy.progress() if self.copy is not None else None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -143,7 +150,7 @@ class RemoteRunner:
         node.spawning.add(self.tag)
         try:
             if self.config.source.path:
-                path = await self.cluster.stage(node, Path(self.config.source.path))
+                path = await self.cluster.stage(node, Path(self.config.source.path), self._seen_copy)
                 self.config = self.config.model_copy(update={"source": Source(path=path)})
             ref = node.agent.spawn.remote(
                 self.config.model_dump_json(), self._env, self._log_name, list(self._cores), self.tag
@@ -229,6 +236,7 @@ class RayHost:
         self.on_change = on_change
         self._actor_cls: Any = None
         self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
+        self._copying: dict[tuple[str, str], files.CopyProgress] = {}  # the copies under way
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
@@ -436,17 +444,32 @@ class RayHost:
             taken=time.monotonic(),
         )
 
-    async def stage(self, node: Node, path: Path) -> str:
-        """The path `node` loads a local-path model from; copies the files there when it lacks them."""
+    async def stage(
+        self, node: Node, path: Path, seen: Callable[[files.CopyProgress], None] = lambda _: None
+    ) -> str:
+        """The path `node` loads a local-path model from; copies the files there when it lacks them.
+        `seen` is handed the copy's progress (also when another launch's copy of the same files to
+        the same node is under way: this one waits for it)."""
         m = await asyncio.to_thread(files.manifest, path)
-        async with self._copies.setdefault((node.name, m.key), asyncio.Lock()):
+        key = (node.name, m.key)
+        if key in self._copying:
+            seen(self._copying[key])
+        async with self._copies.setdefault(key, asyncio.Lock()):
             found = await self.call(node, node.agent.find_files.remote(m), timeout=60)
             if found is not None:
                 return str(found)
-            started = time.monotonic()
+            progress = self._copying[key] = files.CopyProgress(node.name, m.root, m.total_bytes)
+            seen(progress)
             log.info("copying %s (%d bytes) to %s", m.root, m.total_bytes, node.name)
-            copied = await asyncio.to_thread(self._copy, node, m)
-            took = time.monotonic() - started
+            try:
+                copied = await asyncio.to_thread(self._copy, node, m, progress)
+            except Exception as exc:
+                progress.error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                progress.ended = time.monotonic()
+                del self._copying[key]
+            took = progress.ended - progress.started
             log.info("copied %s to %s in %.1f s (%.0f MiB/s)", m.root, node.name, took,
                      m.total_bytes / 2**20 / max(took, 1e-6))  # fmt: skip
             try:
@@ -455,17 +478,21 @@ class RayHost:
                 log.info("listing the model cache on %s: %s", node.name, type(exc).__name__)
             return copied
 
-    def _copy(self, node: Node, m: files.Manifest) -> str:
-        """Chunk by chunk through Ray's object store, a few chunks in flight (runs in a thread)."""
+    def _copy(self, node: Node, m: files.Manifest, progress: files.CopyProgress) -> str:
+        """Chunk by chunk through Ray's object store, a few chunks in flight (runs in a thread);
+        `progress` counts the bytes the node has written."""
         import ray
 
-        pending: list[Any] = []
+        pending: list[tuple[Any, int]] = []
         for rel, offset, data in files.chunks(m):
-            pending.append(node.agent.write_chunk.remote(m, rel, offset, ray.put(data)))
+            pending.append((node.agent.write_chunk.remote(m, rel, offset, ray.put(data)), len(data)))
             if len(pending) >= COPY_IN_FLIGHT:
-                self.wait(node, pending.pop(0), timeout=300)
-        for ref in pending:
+                ref, size = pending.pop(0)
+                self.wait(node, ref, timeout=300)
+                progress.done += size
+        for ref, size in pending:
             self.wait(node, ref, timeout=300)
+            progress.done += size
         return str(self.wait(node, node.agent.finish_files.remote(m), timeout=300))
 
     def node_of(self, device_id: str) -> Node:
@@ -504,7 +531,10 @@ class RayHost:
         return replace(demand, allowed=allowed, avoid=avoid)
 
     def workers(self, runners: int = 0) -> list[dict[str, Any]]:
-        return [n.describe() for n in self.nodes.values()]
+        copying: dict[str, list[dict[str, Any]]] = {}
+        for (name, _), progress in self._copying.items():
+            copying.setdefault(name, []).append(progress.progress())
+        return [{**n.describe(), "copying": copying.get(n.name, [])} for n in self.nodes.values()]
 
     async def shutdown(self) -> None:
         """Each agent stops its runners and removes its folder, then goes."""

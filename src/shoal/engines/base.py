@@ -4,6 +4,7 @@ numpy arrays are allowed)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ class Engine:
     # launched with a tool parser), so Shoal's tool layer passes the request through.
     template_tools: bool = False
     native_tools: bool = False
+    # Park (docs/gpu-sharing.md, "Park and wake"): the weights go to host RAM and the GPU memory is
+    # given back while the process stays; wake brings them back to the same device. An engine that
+    # cannot park is stopped instead when its room is needed (registry.PARKS lists those that can).
+    can_park: bool = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -49,6 +54,14 @@ class Engine:
 
     def close(self) -> None:
         """Free what load() took."""
+
+    def park(self) -> None:
+        """Move the weights to host RAM and release the GPU memory (blocking; no request in flight)."""
+        raise NotImplementedError(f"{self.name} cannot park")
+
+    def wake(self) -> None:
+        """Bring parked weights back onto the device they left (blocking)."""
+        raise NotImplementedError(f"{self.name} cannot park")
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) does not support chat")
@@ -115,6 +128,26 @@ class Engine:
                     pass
             return ability
         return None
+
+    async def profile_run(self) -> None:
+        """The warm-up at the launch's largest batch × context, so the runner's peak memory afterwards
+        is what it will need at worst (what vLLM's own profile run does at load). By default the plain
+        warm-up: engines that allocate their worst case at load (llama.cpp's KV cache and compute
+        buffers for n_ctx × n_parallel, vLLM's profile run and KV pool, and engines without a KV cache)
+        reach it already. Engines whose memory grows with the batch override this."""
+        await self.warm_up()
+
+    def set_memory_fraction(self, fraction: float) -> bool:
+        """Move the torch cap to `fraction` of the GPU (after a profile set the reservation); False
+        when this runner holds no torch CUDA context to cap."""
+        if self.config.device != "cuda" or "torch" not in sys.modules:
+            return False
+        import torch
+
+        if not torch.cuda.is_initialized():
+            return False
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        return True
 
     def metrics(self) -> dict[str, float]:
         """The engine's own counters (e.g. llama.cpp's tokens predicted), for diagnostics and tests."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from shoal.engines.base import Engine
 from shoal.engines.batching import Batcher, BatchSettings
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest
 
 MAX_DOCUMENTS = 1000
@@ -80,6 +81,7 @@ def rerank_response(request: RerankRequest, scores: Sequence[float], tokens: int
 
 class CrossEncoderEngine(Engine):
     name = "cross_encoder"
+    can_park = True
 
     def load(self) -> None:
         import torch
@@ -110,6 +112,12 @@ class CrossEncoderEngine(Engine):
         self._batcher: Batcher[tuple[str, str], tuple[Any, int | None]] = Batcher(
             self._score_batch, BatchSettings.from_options(opts)
         )
+
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
 
     def close(self) -> None:
         self._batcher.close()

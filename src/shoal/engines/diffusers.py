@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from shoal.engines.base import Engine
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest
 
 MAX_PROMPT_CHARS = 4000
@@ -67,6 +68,7 @@ def _guidance(raw: Any) -> float | None:
 
 class DiffusersEngine(Engine):
     name = "diffusers"
+    can_park = True
 
     def load(self) -> None:
         import torch
@@ -123,6 +125,17 @@ class DiffusersEngine(Engine):
         if not 0 <= value <= MAX_GUIDANCE:
             raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE:g}, not {value}")
         return value
+
+    def _modules(self) -> list[Any]:
+        import torch
+
+        return [c for c in self._pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+    def park(self) -> None:
+        park_modules(self._modules(), self.config.device)
+
+    def wake(self) -> None:
+        wake_modules(self._modules(), self.config.device)
 
     def close(self) -> None:
         del self._pipe

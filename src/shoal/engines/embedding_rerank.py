@@ -15,12 +15,14 @@ from typing import Any
 from shoal.engines.base import Engine
 from shoal.engines.batching import Batcher, BatchSettings
 from shoal.engines.cross_encoder import WARM_UP, parse_rerank, rerank_response, rough_tokens
+from shoal.engines.torch_park import park_modules, wake_modules
 
 SCORES = ("unit", "cosine")
 
 
 class EmbeddingRerankEngine(Engine):
     name = "embedding_rerank"
+    can_park = True
 
     def load(self) -> None:
         import torch
@@ -48,6 +50,12 @@ class EmbeddingRerankEngine(Engine):
         self._batcher: Batcher[tuple[str, str], tuple[Any, int]] = Batcher(
             self._embed_batch, BatchSettings.from_options(opts)
         )
+
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
 
     def close(self) -> None:
         self._batcher.close()

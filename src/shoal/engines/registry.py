@@ -59,6 +59,11 @@ ALIASES: dict[str, str] = {
     "diffusers": "diffusers",
     "vllm": "vllm",
 }
+# Engines that can park (Engine.can_park): weights to host RAM and back, the process kept. The
+# gateway reads this table (it imports no engine); the others are stopped when their room is needed.
+PARKS = frozenset(
+    {"sentence_transformers", "transformers", "cross_encoder", "embedding_rerank", "diffusers", "vllm"}
+)
 # Which engines can serve which model format.
 FORMATS: dict[str, tuple[str, ...]] = {
     "llama.cpp": ("ggufv2", "gguf"),

@@ -18,6 +18,7 @@ import numpy as np
 
 from shoal.engines.base import Engine
 from shoal.engines.batching import Batcher, BatchSettings
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest
 
 # Who sends another tokenizer's ids, and the fix: LangChain's OpenAIEmbeddings at its defaults
@@ -30,6 +31,7 @@ FOREIGN_IDS = (
 
 class SentenceTransformersEngine(Engine):
     name = "sentence_transformers"
+    can_park = True
 
     def load(self) -> None:
         import torch
@@ -56,6 +58,12 @@ class SentenceTransformersEngine(Engine):
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="shoal-check")
         self._batcher: Batcher[str, Any] = Batcher(self._embed_batch, BatchSettings.from_options(opts))
 
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
+
     def close(self) -> None:
         self._batcher.close()
         self._checks.shutdown()
@@ -67,6 +75,12 @@ class SentenceTransformersEngine(Engine):
     async def warm_up(self) -> str:
         await self.embed({"input": "Shoal warms the model up with one sentence."})
         return "embed"
+
+    async def profile_run(self) -> None:
+        """A full batch of inputs at the model's longest length (each cut there by the model)."""
+        longest = int(getattr(self._model, "max_seq_length", None) or 512)
+        texts = [" ".join(["memory"] * longest)] * self._batch_size
+        await asyncio.to_thread(self._embed_batch, texts)
 
     def _embed_batch(self, texts: list[str]) -> Any:
         """One forward pass over many requests' inputs: full-size vectors, as the model makes them

@@ -29,6 +29,7 @@ import torch
 
 from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
 from shoal.engines.structured import Grammars, Matcher, constraint, llg_tokenizer, mask_logits
+from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest, ModelUnavailable, ShoalError
 
 # The memory estimate assumes these when a launch names no max_batch_size / context_length.
@@ -205,6 +206,7 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
 
 class TransformersEngine(Engine):
     name = "transformers"
+    can_park = True
 
     def load(self) -> None:
         opts = self.pop_options()
@@ -305,6 +307,12 @@ class TransformersEngine(Engine):
         # transformers 5 renamed past_key_values to cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = "logits_to_keep" in params
+
+    def park(self) -> None:
+        park_modules([self._model], self.config.device)
+
+    def wake(self) -> None:
+        wake_modules([self._model], self.config.device)
 
     def close(self) -> None:
         with self._cond:
@@ -555,6 +563,24 @@ class TransformersEngine(Engine):
         finally:  # also when this call is cancelled: the worker drops the rows at its next step
             _cancel(requests)
         return ["".join(texts.get(i, [])) for i in sorted(done)], [done[i] for i in sorted(done)]
+
+    async def profile_run(self) -> None:
+        """One prefill of a full batch (max_batch_size) of full-context prompts, keeping their KV
+        cache: the most this engine's batches hold at once. Run before any request is taken."""
+
+        def prefill() -> None:
+            from transformers import DynamicCache
+
+            shape = (self.max_batch_size, self.context)
+            ids = torch.full(shape, self._pad, dtype=torch.long, device=self._device)
+            mask = torch.ones(shape, dtype=torch.long, device=self._device)
+            pos = mask.cumsum(-1) - 1
+            with torch.inference_mode():  # as a batch's prefill does it (last logits only)
+                self._forward(ids, mask, pos, DynamicCache(config=self._model.config))
+            # the caching allocator keeps the blocks freed here: NVML's per-pid use shows the peak
+
+        await asyncio.to_thread(prefill)
+        await self.warm_up()
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         texts, done = await self._collect(body, chat=True)

@@ -390,6 +390,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 class VllmEngine(Engine):
     name = "vllm"
+    can_park = True  # sleep mode level 1 (written against vLLM's documented API; not run here without a GPU)
 
     def load(self) -> None:
         opts = self.pop_options()
@@ -448,7 +449,11 @@ class VllmEngine(Engine):
     def _start(self, opts: dict[str, Any], timeout: float) -> None:
         for attempt in range(3):  # the free port can be taken between choosing it and vLLM's bind
             self.port = _free_port()
-            self._spawn(vllm_command(self.config.model_path, self.config.model_uid, self.port, opts))
+            # Sleep mode, for park and wake: its /sleep and /wake_up routes need the server's dev mode
+            # (they answer on loopback only, as the whole server does here).
+            os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+            argv = vllm_command(self.config.model_path, self.config.model_uid, self.port, opts)
+            self._spawn([*argv, "--enable-sleep-mode"])
             try:
                 self._wait_ready(timeout)
                 return
@@ -530,6 +535,19 @@ class VllmEngine(Engine):
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._proc.pid, sig)  # start_new_session: the group's id is the child's pid
+
+    def park(self) -> None:
+        """Sleep level 1: vLLM copies the weights to host RAM and drops the KV cache."""
+        self._control("/sleep", {"level": "1"})
+
+    def wake(self) -> None:
+        self._control("/wake_up", {})
+
+    def _control(self, path: str, params: dict[str, str]) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120, trust_env=False) as http:
+            response = http.post(path, params=params)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
     def close(self) -> None:
         self._closing = True

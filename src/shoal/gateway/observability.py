@@ -1,5 +1,5 @@
 """What /metrics adds at scrape time to the counters of shoal.metrics: queue depths, each device's
-memory, and each replica's estimate, reservation and measured use."""
+memory, each replica's formula, estimate, profile, reservation and measured use, and CUDA MPS."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ class ServiceCollector(Collector):
         )
         replica = GaugeMetricFamily(
             "shoal_replica_memory_bytes",
-            "Replica memory: estimate, reserved, measured",
+            "Replica memory: formula (the estimator's), estimate (what placed it: formula, corrected "
+            "or stored profile), profile (its own profile run's), reserved, measured",
             labels=["model", "replica", "device", "kind"],
         )
         over = GaugeMetricFamily(
@@ -43,13 +44,19 @@ class ServiceCollector(Collector):
                 device.add_metric([d["id"], part], d[f"{part}_bytes"])
             for m in d["models"]:
                 labels = [m["model_uid"], str(m["index"]), d["id"]]
-                for kind in ("estimate", "reserved", "measured"):
+                for kind in ("estimate", "profile", "reserved", "measured"):
                     if m.get(f"{kind}_bytes") is not None:
                         replica.add_metric([*labels, kind], m[f"{kind}_bytes"])
+                formula = (m.get("breakdown") or {}).get("formula_per_device")
+                if formula is not None:
+                    replica.add_metric([*labels, "formula"], formula)
                 over.add_metric([m["model_uid"], str(m["index"])], 1 if m.get("over_reservation") else 0)
         yield device
         yield replica
         yield over
+        mps = GaugeMetricFamily("shoal_mps_enabled", "1 while the CUDA MPS daemon caps GPU runners")
+        mps.add_metric([], 1 if self.service.mps.status.enabled else 0)
+        yield mps
         health = self.service.supervisor.health()
         ago = GaugeMetricFamily(
             "shoal_supervisor_seconds_since_success",

@@ -389,7 +389,7 @@ def show(model: RunningModel, context_length: int) -> dict[str, Any]:
         "modelfile": "",
         "parameters": "",
         "template": "",
-        "license": "",
+        "license": model.family.license or "",
         "details": details(model),
         "model_info": info,
         "capabilities": list(dict.fromkeys(abilities)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -67,9 +67,14 @@ async def terminate_model(request: Request, model_uid: str) -> dict[str, Any]:
 
 @router.get("/v1/model_registrations/{model_type}")
 async def list_registrations(
-    request: Request, model_type: str, detailed: bool = False
+    request: Request,
+    model_type: str,
+    detailed: bool = False,
+    search: Annotated[str | None, Query(max_length=200)] = None,
 ) -> list[dict[str, Any]]:
-    families = _service(request).catalog.list(model_type)
+    """The catalog of one model type ("all": every type); `search`: families whose name, family,
+    description, abilities or licence hold every word of it."""
+    families = _service(request).catalog.list(model_type, search)
     if detailed:
         return [{**f.model_dump(exclude={"builtin"}), "is_builtin": f.builtin} for f in families]
     return [{"model_name": f.model_name, "is_builtin": f.builtin} for f in families]

@@ -1,5 +1,6 @@
-"""The model cache: hub downloads under SHOAL_MODEL_CACHE/hub, in Hugging Face's own cache layout,
-so `huggingface_hub` (offline too) and the `hf cache` commands read it as theirs:
+"""The model cache: hub downloads under SHOAL_MODEL_CACHE/hub (Hugging Face) and
+SHOAL_MODEL_CACHE/modelscope (ModelScope), both in Hugging Face's own cache layout, so
+`huggingface_hub` (offline too) and the `hf cache` commands read the first as theirs:
 
     models--ORG--REPO/blobs/ETAG                  a file's bytes, named by its etag
     models--ORG--REPO/blobs/ETAG.shoal.incomplete what a download has so far (resumed from here)
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.errors import InvalidRequest
-from shoal.hub.names import HF_PREFIXES, PART
+from shoal.hub.names import HF_PREFIXES, HUB_PREFIX, MODELSCOPE_PREFIXES, PART
 
 INCOMPLETE = ".shoal.incomplete"
 LAST_USE = ".shoal-last-use"
@@ -51,21 +52,28 @@ def touch(root: Path, repo: str) -> None:
     path.touch()
 
 
-def repo_of(name: str) -> str:
-    """ORG/REPO from a cache name: hf.co/ORG/REPO, ORG/REPO, or models--ORG--REPO."""
+def repo_of(name: str) -> tuple[str, str]:
+    """(hub, ORG/REPO) from a cache name: hf.co/ORG/REPO, modelscope.cn/ORG/REPO, ORG/REPO or
+    models--ORG--REPO (Hugging Face unless the name says ModelScope)."""
     lowered = name.lower()
-    prefix = next((p for p in HF_PREFIXES if lowered.startswith(p)), "")
-    rest = name[len(prefix) :].split(":", 1)[0].strip("/")
+    hub, prefix = "huggingface", next((p for p in HF_PREFIXES if lowered.startswith(p)), None)
+    if prefix is None:
+        prefix = next((p for p in MODELSCOPE_PREFIXES if lowered.startswith(p)), None)
+        hub = "modelscope" if prefix else "huggingface"
+    rest = name[len(prefix or "") :].split(":", 1)[0].strip("/")
     if rest.startswith("models--"):
         rest = rest.removeprefix("models--").replace("--", "/", 1)
     parts = rest.split("/")
     if len(parts) != 2 or not all(PART.match(p) for p in parts) or ".." in parts:
-        raise InvalidRequest(f"{name!r} is not a cached model name (hf.co/ORG/REPO)")
-    return "/".join(parts)
+        raise InvalidRequest(
+            f"{name!r} is not a cached model name (hf.co/ORG/REPO or modelscope.cn/ORG/REPO)"
+        )
+    return hub, "/".join(parts)
 
 
 @dataclass(frozen=True)
 class CacheEntry:
+    hub: str
     repo: str
     path: Path
     size: int  # bytes of complete files
@@ -77,8 +85,8 @@ class CacheEntry:
 
     def describe(self, uids: list[str]) -> dict[str, Any]:
         return {
-            "name": f"hf.co/{self.repo}",
-            "hub": "huggingface",
+            "name": f"{HUB_PREFIX[self.hub]}{self.repo}",
+            "hub": self.hub,
             "repo": self.repo,
             "revision": self.revisions.get("main") or next(iter(self.revisions.values()), None),
             "revisions": self.revisions,
@@ -92,7 +100,7 @@ class CacheEntry:
         }
 
 
-def entries(root: Path) -> list[CacheEntry]:
+def entries(root: Path, hub: str = "huggingface") -> list[CacheEntry]:
     """Every repo in the cache (none when the cache does not exist yet)."""
     out: list[CacheEntry] = []
     if not root.is_dir():
@@ -118,6 +126,7 @@ def entries(root: Path) -> list[CacheEntry]:
         last = folder / LAST_USE
         out.append(
             CacheEntry(
+                hub,
                 repo,
                 folder,
                 size,

@@ -3,10 +3,12 @@ however many launches or pulls want it, resumed from what an interrupted one lef
 `ETAG.shoal.incomplete` blob continued with a Range request, after a failure or a restart), with
 progress per model: bytes done, total, rate, ETA.
 
-The bytes move through `huggingface_hub`'s own `get_hf_file_metadata` (HEAD: etag, size, where)
-and `http_get` (GET, resuming at an offset, retrying a dropped connection), so HF_ENDPOINT,
-HF_TOKEN and proxies apply; each file lands in Hugging Face's cache layout (hub/cache.py). A file
-lock beside each partial blob keeps two gateways sharing one cache from writing it together.
+From Hugging Face the bytes move through `huggingface_hub`'s own `get_hf_file_metadata` (HEAD:
+etag, size, where) and `http_get` (GET, resuming at an offset, retrying a dropped connection), so
+HF_ENDPOINT, HF_TOKEN and proxies apply; from ModelScope through hub/modelscope.py (the blob named
+by the sha256 its file list gives). Either way each file lands in Hugging Face's cache layout
+(hub/cache.py), one cache root per hub, and the resume, lock and progress below are the same. A
+file lock beside each partial blob keeps two gateways sharing one cache from writing it together.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from shoal.errors import HubUnreachable, InsufficientDisk, ShoalError
-from shoal.hub import cache
+from shoal.hub import cache, modelscope
 from shoal.hub.remote import RemoteFile, hub_errors
 
 log = logging.getLogger("shoal.hub")
@@ -41,6 +43,7 @@ class FileJob:
     commit: str
     path: str
     size: int
+    sha256: str | None = None  # from the hub's file list (ModelScope), where it gives one
     done: int = 0
     resumed_from: int = 0  # bytes already there when this download started
     started: float | None = None  # when its GET began (time.monotonic)
@@ -180,8 +183,9 @@ def digest(job: FileJob) -> str:
 
 
 class Downloader:
-    def __init__(self, root: Path, disk_headroom: int) -> None:
+    def __init__(self, root: Path, disk_headroom: int, hub: str = "huggingface") -> None:
         self.root = root
+        self.hub = hub
         self.disk_headroom = disk_headroom
         self._jobs: dict[tuple[str, str, str], FileJob] = {}
         self._stop = threading.Event()
@@ -211,7 +215,7 @@ class Downloader:
             key = (repo, commit, f.path)
             job = self._jobs.get(key)
             if job is None or (job.task is not None and job.task.done() and job.task.exception()):
-                job = FileJob(repo, commit, f.path, f.size)
+                job = FileJob(repo, commit, f.path, f.size, f.sha256)
                 job.task = _in_daemon_thread(self._fetch, job, revision)
                 job.task.add_done_callback(functools.partial(self._finished, key))
                 self._jobs[key] = job
@@ -227,6 +231,31 @@ class Downloader:
 
     def _fetch(self, job: FileJob, revision: str) -> Path:
         from filelock import FileLock
+
+        what = f"hub file {job.repo}/{job.path}"
+        etag, get = self._modelscope(job, revision) if self.hub == "modelscope" else self._huggingface(job)
+        job.etag = etag
+        blobs = cache.repo_dir(self.root, job.repo) / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        blob = blobs / etag
+        part = blobs / (etag + cache.INCOMPLETE)
+        with FileLock(str(part) + ".lock"):
+            if not blob.exists():
+                resume = part.stat().st_size if part.exists() else 0
+                job.done = job.resumed_from = resume
+                job.started = time.monotonic()
+                if resume:
+                    log.info("resuming %s at byte %d of %s", what, resume, job.size)
+                with part.open("ab") as f, hub_errors(what):
+                    get(_Counting(f, job, self._stop), resume)
+                os.replace(part, blob)
+        job.done = job.size = blob.stat().st_size
+        link = cache.link(self.root, job.repo, job.commit, job.path, etag)
+        cache.write_ref(self.root, job.repo, revision, job.commit)
+        return link
+
+    def _huggingface(self, job: FileJob) -> tuple[str, Callable[[_Counting, int], None]]:
+        """The file's etag, and how to GET it from an offset (huggingface_hub's own calls)."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
@@ -237,31 +266,20 @@ class Downloader:
             meta = get_hf_file_metadata(url)
         if not meta.etag:
             raise HubUnreachable(f"{what}: the hub sent no etag")
-        job.etag = meta.etag
-        blobs = cache.repo_dir(self.root, job.repo) / "blobs"
-        blobs.mkdir(parents=True, exist_ok=True)
-        blob = blobs / meta.etag
-        part = blobs / (meta.etag + cache.INCOMPLETE)
-        with FileLock(str(part) + ".lock"):
-            if not blob.exists():
-                resume = part.stat().st_size if part.exists() else 0
-                job.done = job.resumed_from = resume
-                job.started = time.monotonic()
-                headers = build_hf_headers()
-                if urlparse(meta.location).netloc != urlparse(url).netloc:
-                    headers.pop("authorization", None)  # a signed CDN URL: the token stays home
-                if resume:
-                    log.info("resuming %s at byte %d of %s", what, resume, meta.size)
-                with part.open("ab") as f, hub_errors(what):
-                    http_get(
-                        meta.location,
-                        _Counting(f, job, self._stop),  # type: ignore[arg-type]
-                        resume_size=resume,
-                        headers=headers,
-                        expected_size=meta.size,
-                    )
-                os.replace(part, blob)
-        job.done = job.size = blob.stat().st_size
-        link = cache.link(self.root, job.repo, job.commit, job.path, meta.etag)
-        cache.write_ref(self.root, job.repo, revision, job.commit)
-        return link
+        headers = build_hf_headers()
+        if urlparse(meta.location).netloc != urlparse(url).netloc:
+            headers.pop("authorization", None)  # a signed CDN URL: the token stays home
+
+        def get(sink: _Counting, resume: int) -> None:
+            http_get(meta.location, sink, resume_size=resume, headers=headers, expected_size=meta.size)  # type: ignore[arg-type]
+
+        return meta.etag, get
+
+    def _modelscope(self, job: FileJob, revision: str) -> tuple[str, Callable[[_Counting, int], None]]:
+        """The blob name (the listing's sha256, else one of the file's name and snapshot), and the GET."""
+        etag = job.sha256 or hashlib.sha256(f"{job.repo}/{job.commit}/{job.path}".encode()).hexdigest()
+
+        def get(sink: _Counting, resume: int) -> None:
+            modelscope.download(job.repo, revision, job.path, sink, resume, job.size)
+
+        return etag, get

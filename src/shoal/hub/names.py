@@ -1,7 +1,7 @@
 """Hub references in model names, Ollama's spelling: `hf.co/ORG/REPO` (a safetensors or
 sentence-transformers folder, or a repo of GGUFs), `hf.co/ORG/REPO:QUANT` and
-`hf.co/ORG/REPO/FILE.gguf` (one GGUF). `huggingface.co/` works too. `modelscope.cn/...` is
-recognised and refused: ModelScope downloads are not built. Pure: no I/O.
+`hf.co/ORG/REPO/FILE.gguf` (one GGUF). `huggingface.co/` works too, and `modelscope.cn/...` names
+the same forms on ModelScope. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ MODELSCOPE_PREFIXES = ("modelscope.cn/", "https://modelscope.cn/", "https://www.
 PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the Hub's rule for user and repo names
 _QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UID_BAD = re.compile(r"[^A-Za-z0-9._-]")
+HUB_PREFIX = {"huggingface": "hf.co/", "modelscope": "modelscope.cn/"}  # how names spell each hub
+DEFAULT_REVISION = {"huggingface": "main", "modelscope": "master"}
 
 
 @dataclass(frozen=True)
 class HubRef:
     """One model on a hub: the repo, and for GGUF repos which file (or which quantization)."""
 
-    hub: str  # "huggingface"
+    hub: str  # "huggingface" or "modelscope"
     repo: str  # ORG/REPO
     file: str | None = None  # a .gguf path inside the repo
     quant: str | None = None  # Ollama's tag: the quantization in a GGUF file name
@@ -32,7 +34,7 @@ class HubRef:
     def name(self) -> str:
         """The canonical spelling, as launches, the cache and Ollama's routes show it."""
         tail = f"/{self.file}" if self.file else f":{self.quant}" if self.quant else ""
-        return f"hf.co/{self.repo}{tail}"
+        return f"{HUB_PREFIX[self.hub]}{self.repo}{tail}"
 
     def default_uid(self) -> str:
         """A model uid for a launch that names none: the repo's name, or the GGUF file's stem, or
@@ -52,16 +54,14 @@ def is_hub_name(name: str) -> bool:
 
 def parse(name: str) -> HubRef | None:
     """The hub reference in a model name, or None for a catalog name. Raises InvalidRequest (400)
-    for a hub name that is malformed or names a hub that is not built."""
+    for a hub name that is malformed."""
     lowered = name.lower()
-    if lowered.startswith(MODELSCOPE_PREFIXES):
-        raise InvalidRequest(
-            f"{name!r}: ModelScope downloads are not built in Shoal yet; use hf.co/ORG/REPO (or a "
-            "mirror through HF_ENDPOINT), or download the files and launch them with model_path"
-        )
-    prefix = next((p for p in HF_PREFIXES if lowered.startswith(p)), None)
+    hub, prefix = "huggingface", next((p for p in HF_PREFIXES if lowered.startswith(p)), None)
+    if prefix is None:
+        hub, prefix = "modelscope", next((p for p in MODELSCOPE_PREFIXES if lowered.startswith(p)), None)
     if prefix is None:
         return None
+    short = HUB_PREFIX[hub]
     rest = name[len(prefix) :].strip("/")
     quant = None
     parts = rest.split("/")
@@ -71,8 +71,8 @@ def parse(name: str) -> HubRef | None:
             quant = None
     if len(parts) < 2 or not all(PART.match(p) for p in parts[:2]):
         raise InvalidRequest(
-            f"{name!r} is not a hub model name: write hf.co/ORG/REPO, hf.co/ORG/REPO:QUANT or "
-            "hf.co/ORG/REPO/FILE.gguf"
+            f"{name!r} is not a hub model name: write {short}ORG/REPO, {short}ORG/REPO:QUANT or "
+            f"{short}ORG/REPO/FILE.gguf"
         )
     if quant is not None and not _QUANT.match(quant):
         raise InvalidRequest(f"{name!r}: the quantization {quant!r} is not a name (letters, digits, . _ -)")
@@ -81,7 +81,7 @@ def parse(name: str) -> HubRef | None:
         file = "/".join(parts[2:])
         if not file.endswith(".gguf") or not all(PART.match(p) for p in parts[2:]):
             raise InvalidRequest(
-                f"{name!r}: a file in a hub name must be a .gguf path (hf.co/ORG/REPO/FILE.gguf); a "
-                "safetensors model is the whole repo, hf.co/ORG/REPO"
+                f"{name!r}: a file in a hub name must be a .gguf path ({short}ORG/REPO/FILE.gguf); a "
+                f"safetensors model is the whole repo, {short}ORG/REPO"
             )
-    return HubRef("huggingface", f"{parts[0]}/{parts[1]}", file, quant)
+    return HubRef(hub, f"{parts[0]}/{parts[1]}", file, quant, DEFAULT_REVISION[hub])

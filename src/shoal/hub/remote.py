@@ -1,5 +1,6 @@
 """What a hub says about a repo before anything is downloaded, through `huggingface_hub` (so
-HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply as they do for every Hugging Face tool): the file
+HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply as they do for every Hugging Face tool), or through
+hub/modelscope.py for ModelScope (HF_HUB_OFFLINE=1 keeps it offline too): the file
 list with sizes and the commit, which files a launch needs, and the estimate's inputs read with
 HTTP range requests (the GGUF header, config.json, the safetensors headers). Hub errors become
 Shoal's: a missing repo or file 404, a gated or private one 403, an unreachable hub 502.
@@ -17,7 +18,8 @@ from typing import Any
 
 from shoal.catalog.estimate import RemoteWeights, gguf_shape
 from shoal.errors import HubAccessDenied, HubNotFound, HubUnreachable, InsufficientDisk, InvalidRequest
-from shoal.hub.names import HubRef
+from shoal.hub import modelscope
+from shoal.hub.names import HUB_PREFIX, HubRef
 
 GGUF_FIRST_READ = 2 * 1024**2  # the first read of a GGUF header; doubled while it is truncated
 GGUF_HEADER_LIMIT = 64 * 1024**2  # a header that needs more than this is not estimated from it
@@ -35,6 +37,7 @@ _FOLDER_MARKERS = ("config.json", "modules.json", "model.safetensors", "model.sa
 class RemoteFile:
     path: str
     size: int
+    sha256: str | None = None  # where the hub's listing gives it (ModelScope: the cache's blob name)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class RemoteRepo:
     repo: str
     commit: str
     files: tuple[RemoteFile, ...]
+    hub: str = "huggingface"
+    revision: str = "main"  # what file requests name (ModelScope's files are read by revision)
 
     def get(self, path: str) -> RemoteFile | None:
         return next((f for f in self.files if f.path == path), None)
@@ -103,6 +108,10 @@ def _first_line(exc: Exception) -> str:
 
 def repo_info(ref: HubRef) -> RemoteRepo:
     """The repo's files with their sizes, and the commit its revision points to."""
+    if ref.hub == "modelscope":
+        snapshot, listed = modelscope.list_files(ref)
+        files = tuple(RemoteFile(path, size, sha) for path, size, sha in listed)
+        return RemoteRepo(ref.repo, snapshot, files, "modelscope", ref.revision)
     from huggingface_hub import HfApi
 
     with hub_errors(f"hub repo {ref.repo!r}"):
@@ -129,10 +138,8 @@ def select(ref: HubRef, remote: RemoteRepo, model_type: str | None) -> Selection
     if ref.quant is None and folder:
         return _folder(remote, model_type)
     if not ggufs:
-        raise InvalidRequest(
-            f"hub repo {ref.repo!r} holds no GGUF files"
-            + (" (it is a safetensors folder: launch hf.co/" + ref.repo + " without a tag)" if folder else "")
-        )
+        hint = f" (a safetensors folder: launch {HUB_PREFIX[ref.hub]}{ref.repo} without a tag)"
+        raise InvalidRequest(f"hub repo {ref.repo!r} holds no GGUF files" + (hint if folder else ""))
     if ref.quant is not None:
         matching = [f for f in ggufs if _has_quant(f.path, ref.quant)]
     else:  # Ollama's default: Q4_K_M when there is one, else the only quantization there is
@@ -144,7 +151,8 @@ def select(ref: HubRef, remote: RemoteRepo, model_type: str | None) -> Selection
     if len(firsts) > 1:
         raise InvalidRequest(
             f"hub repo {ref.repo!r} has several GGUF files ({', '.join(sorted(firsts))}); name one with "
-            f"hf.co/{ref.repo}:QUANT (one of {', '.join(quants)}) or hf.co/{ref.repo}/FILE.gguf"
+            f"{HUB_PREFIX[ref.hub]}{ref.repo}:QUANT (one of {', '.join(quants)}) or "
+            f"{HUB_PREFIX[ref.hub]}{ref.repo}/FILE.gguf"
         )
     return _gguf(ref, remote, min(matching, key=lambda f: f.path), model_type)
 
@@ -197,6 +205,8 @@ def read_range(remote: RemoteRepo, path: str, start: int, end: int) -> bytes:
 
     if constants.HF_HUB_OFFLINE:
         raise HubUnreachable(f"{remote.repo}/{path}: HF_HUB_OFFLINE=1 forbids reading it from the hub")
+    if remote.hub == "modelscope":
+        return modelscope.read_range(remote.repo, remote.revision, path, start, end)
     url = hf_hub_url(remote.repo, path, revision=remote.commit)
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}"}
     with hub_errors(f"hub file {remote.repo}/{path}"):

@@ -50,7 +50,7 @@ def _cached_repo(root: Path, ref: HubRef) -> RemoteRepo | None:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     )
-    return RemoteRepo(ref.repo, commit, files)
+    return RemoteRepo(ref.repo, commit, files, ref.hub, ref.revision)
 
 
 def _local_context(path: Path, model_format: str) -> int | None:

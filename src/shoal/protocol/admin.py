@@ -43,6 +43,9 @@ class LaunchRequest(BaseModel):
         None, description="idle time before it may be evicted: 300, 5m, 1h; -1 never"
     )
     pinned: bool = Field(False, description="never evicted")
+    gpu_compute: int | None = Field(
+        None, ge=1, le=100, strict=True, description="CUDA MPS only: percent of the GPU's SMs it may use"
+    )
     request_limits: int | None = Field(
         None, ge=1, le=100_000, description="requests served at once (Xinference)"
     )

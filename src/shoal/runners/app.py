@@ -3,6 +3,7 @@ engine supports. Bodies arrive validated by the gateway; answers are OpenAI-shap
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -135,12 +136,38 @@ async def _ocr(engine: Engine, request: Request) -> Response:
     return _json(await engine.ocr(await request.body(), _params(request)))
 
 
-async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
-    """The engine's one real inference (Engine.warm_up), timed. A failure is logged, not fatal: the
-    runner still serves, and the first request meets the same error with its own answer."""
+async def _park(engine: Engine, _: Request) -> Response:
+    """The weights to host RAM, the GPU memory given back; the process and its sockets stay."""
+    if not engine.can_park:
+        return _error(
+            409, f"{engine.name} cannot park; stop the runner instead", "invalid_request_error", None
+        )
+    started = time.monotonic()
+    await asyncio.to_thread(engine.park)
+    return _json({"parked": True, "seconds": time.monotonic() - started})
+
+
+async def _wake(engine: Engine, _: Request) -> Response:
+    """Back onto the device it left (a wake on another GPU is a new runner there: see
+    docs/gpu-sharing.md, "Park and wake")."""
+    if not engine.can_park:
+        return _error(409, f"{engine.name} cannot park", "invalid_request_error", None)
+    started = time.monotonic()
+    await asyncio.to_thread(engine.wake)
+    return _json({"parked": False, "seconds": time.monotonic() - started})
+
+
+async def warm_up(engine: Engine, timings: dict[str, float], profile: bool = False) -> None:
+    """The engine's one real inference (Engine.warm_up; with `profile`, Engine.profile_run at the
+    launch's largest batch × context), timed. A failure is logged, not fatal: the runner still
+    serves, and the first request meets the same error with its own answer."""
     started = time.monotonic()
     try:
-        ability = await engine.warm_up()
+        if profile:
+            await engine.profile_run()
+            ability: str | None = "profile_run"
+        else:
+            ability = await engine.warm_up()
     except Exception:
         print(f"shoal runner: {engine.name} warm-up failed; serving anyway", file=sys.stderr)
         traceback.print_exc()
@@ -152,6 +179,8 @@ async def warm_up(engine: Engine, timings: dict[str, float]) -> None:
         else:
             timings["warm_ups"] = timings.get("warm_ups", 0) + 1
     timings["warm_up_seconds"] = time.monotonic() - started
+    if profile and "warm_up_failed" not in timings:
+        timings["profile_runs"] = 1
 
 
 def _threads() -> dict[str, float]:
@@ -162,16 +191,30 @@ def _threads() -> dict[str, float]:
     return counts
 
 
-def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, warm: bool = True) -> Starlette:
-    """The runner's routes. With `warm`, the engine's warm-up runs in the app's startup, which uvicorn
-    completes before it listens: the gateway sees /health only once the model has answered once.
+async def _memory_fraction(engine: Engine, request: Request) -> Response:
+    """POST {"fraction": f}: the torch memory cap follows the reservation once a profile set it."""
+    body = orjson.loads(await request.body())
+    fraction = body.get("fraction") if isinstance(body, dict) else None
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        return _error(
+            400, f"fraction must be a number in (0, 1], not {fraction!r}", "invalid_request_error", None
+        )
+    return _json({"applied": engine.set_memory_fraction(float(fraction))})
+
+
+def build_runner_app(
+    engine: Engine, timings: dict[str, float] | None = None, warm: bool = True, profile: bool = False
+) -> Starlette:
+    """The runner's routes. With `warm`, the engine's warm-up (its profile run with `profile`) runs in
+    the app's startup, which uvicorn completes before it listens: the gateway sees /health only once
+    the model has answered once, so the peak it then reads includes the warm-up.
     `timings` (the runner's load times) are reported with the engine's counters on /metrics."""
     stats: dict[str, float] = timings if timings is not None else {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         if warm:
-            await warm_up(engine, stats)
+            await warm_up(engine, stats, profile)
         yield
 
     async def health(_: Request) -> Response:
@@ -194,6 +237,9 @@ def build_runner_app(engine: Engine, timings: dict[str, float] | None = None, wa
         routes=[
             Route("/health", health),
             Route("/metrics", _guarded(metrics, engine)),
+            Route("/park", _guarded(_park, engine), methods=post),
+            Route("/wake", _guarded(_wake, engine), methods=post),
+            Route("/memory_fraction", _guarded(_memory_fraction, engine), methods=post),
             Route(
                 "/v1/chat/completions", _guarded(_openai(tools.chat, tools.chat_stream), engine), methods=post
             ),

@@ -63,7 +63,7 @@ def main(config_path: str, started: float = STARTED, prewarmed: bool = False) ->
         where = {"uds": str(socket_path)}
     server = uvicorn.Server(
         uvicorn.Config(
-            build_runner_app(engine, timings),
+            build_runner_app(engine, timings, profile=config.profile),
             **where,  # type: ignore[arg-type]
             log_level="warning",
             access_log=False,

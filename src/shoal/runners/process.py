@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -202,6 +202,9 @@ class RunnerProcess:
 
     def failure_reason(self) -> str:
         return failure_reason(Path(self.config.status_file), self.log_path, self.exited())
+
+    def files_progress(self) -> dict[str, Any] | None:
+        return None  # one machine: a runner loads its files where they are
 
     async def ping(self, timeout: float) -> bool:
         return await ping(self, timeout)

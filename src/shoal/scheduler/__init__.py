@@ -4,14 +4,19 @@
 
 Every model kind follows the same rule: there are no per-kind slots and no order rules, so whether
 a launch fits depends only on the memory (and, for the CPU, cores) that earlier launches hold.
-When nothing fits, idle and unpinned replicas past their keep-alive are evicted in
-least-recently-used order if that makes room; otherwise the answer explains the numbers.
+When nothing fits: first an idle replica is moved to another GPU if that makes room (`Move`: the
+fewest bytes moved); else idle, unpinned replicas past their keep-alive make room in
+least-recently-used order (`Evict`), each *parked* (its weights to the node's host RAM, its process
+alive) where its engine can park and host RAM holds it, else stopped; otherwise the answer explains
+the numbers. Host RAM is the node's CPU device: a parked replica is a holding there, so parked
+weights and CPU models share one budget, and the least recently used parked replicas are stopped
+first when it runs out.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Kind = Literal["gpu", "cpu"]
@@ -38,6 +43,9 @@ class Holding:
     keep_alive: float  # seconds idle before it may be evicted; negative: never
     pinned: bool = False
     cores: tuple[int, ...] = ()
+    can_park: bool = False  # its engine can move its weights to host RAM and back (a GPU holding)
+    can_move: bool = False  # one device, no gpu_idx: a defragmenting move may take it to another GPU
+    parked: bool = False  # a parked replica's weights, held in its node's host RAM (the CPU device)
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,16 @@ class Demand:
     allowed: tuple[str, ...] | None = None  # gpu_idx pinning: only these device ids
     cores: int = 0  # runners that compute on the CPU (CPU or fake-GPU replicas): cores wanted
     avoid: frozenset[str] = frozenset()  # devices already holding a replica of this model
+    prefer: tuple[str, ...] = ()  # a parked replica's wake: the devices it left (its process is there)
 
 
 @dataclass(frozen=True)
 class Policy:
     name: Literal["binpack", "spread"] = "binpack"
     headroom: float = 0.05  # fraction of each device kept free
+    park_limit: int | None = (
+        None  # bytes parked replicas may hold per node (None: its free RAM; 0: never park)
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,19 @@ class Place:
 @dataclass(frozen=True)
 class Evict:
     victims: tuple[str, ...]  # replicas to stop first, least recently used first
+    then: Place
+    park: tuple[str, ...] = ()  # replicas to park instead (weights to host RAM, process kept)
+    drop: tuple[str, ...] = ()  # parked replicas to stop first so those parks fit in host RAM (LRU)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Defragment: move one idle replica to another GPU, then place the demand where it was."""
+
+    replica: str
+    source: str
+    to: str
+    moved: int  # bytes that move
     then: Place
 
 
@@ -85,7 +110,7 @@ class NoFit:
     blocked: tuple[str, ...] = field(default=())  # replicas that hold memory but may not be evicted
 
 
-Decision = Place | Evict | NoFit
+Decision = Place | Move | Evict | NoFit
 
 
 def node_of(device_id: str) -> str:
@@ -144,7 +169,7 @@ def share_cores(n_cores: int, holdings: list[Holding], wanted: int) -> tuple[int
 def place(
     demand: Demand, devices: list[DeviceState], holdings: list[Holding], policy: Policy, now: float
 ) -> Decision:
-    """Where one replica goes, what must be evicted first, or why it cannot go anywhere."""
+    """Where one replica goes, what must move, park or be evicted first, or why it cannot go anywhere."""
     candidates = _candidates(demand, devices)
     by_device: dict[str, list[Holding]] = {}
     for holding in holdings:  # one pass: placement stays linear in devices + holdings
@@ -155,24 +180,141 @@ def place(
         free = free_bytes(device, here, policy)
         victims = _victims_for(device, here, free, demand, now)
         if victims is not None:
-            # fewest evictions first; then other replicas of the same model elsewhere; then the policy
+            # fewest evictions first; then other replicas of the same model elsewhere; then where a
+            # parked replica's process is; then the policy
             fit = free if policy.name == "binpack" else -free
-            options.append((len(victims), device.id in demand.avoid, fit, device.id, victims))
+            options.append(
+                (
+                    len(victims),
+                    device.id in demand.avoid,
+                    device.id not in demand.prefer,
+                    fit,
+                    device.id,
+                    victims,
+                )
+            )
     options.sort()
+    if demand.n_devices == 1 and not (options and not options[0][5]):
+        moved = plan_move(demand, devices, candidates, holdings, policy, now)
+        if moved is not None:  # nothing fits as it is: a move keeps every model loaded
+            return moved
     if len(options) >= demand.n_devices:
         chosen = options[: demand.n_devices]
-        ids = tuple(sorted(o[3] for o in chosen))
-        victims = tuple(v for o in chosen for v in o[4])
-        # Cores are those of the chosen devices' node (a cluster has one CPU per node).
-        node = node_of(ids[0])
-        cpu = next((d for d in devices if d.kind == "cpu" and node_of(d.id) == node), None)
-        cores: tuple[int, ...] = ()
-        if demand.cores and cpu is not None and cpu.cores:
-            same_node = [h for h in holdings if h.replica not in victims and node_of(h.device) == node]
-            cores = share_cores(cpu.cores, same_node, demand.cores)
-        target = Place(ids, cores)
-        return Evict(victims, target) if victims else target
+        ids = tuple(sorted(o[4] for o in chosen))
+        victims = tuple(dict.fromkeys(v for o in chosen for v in o[5]))  # a multi-GPU victim once
+        target = Place(ids, _cores(demand, devices, holdings, ids, victims))
+        return park_or_stop(victims, target, devices, holdings, policy) if victims else target
     return _explain(demand, candidates, holdings, policy, now)
+
+
+def _cores(
+    demand: Demand,
+    devices: list[DeviceState],
+    holdings: list[Holding],
+    ids: tuple[str, ...],
+    gone: tuple[str, ...],
+) -> tuple[int, ...]:
+    """Cores are those of the chosen devices' node (a cluster has one CPU per node)."""
+    node = node_of(ids[0])
+    cpu = next((d for d in devices if d.kind == "cpu" and node_of(d.id) == node), None)
+    if not demand.cores or cpu is None or not cpu.cores:
+        return ()
+    same_node = [h for h in holdings if h.replica not in gone and node_of(h.device) == node]
+    return share_cores(cpu.cores, same_node, demand.cores)
+
+
+def movable(holding: Holding) -> bool:
+    """An idle replica a defragmenting move may take elsewhere (it need not be past its keep-alive:
+    it stays loaded)."""
+    return (
+        holding.can_move
+        and not holding.pinned
+        and not holding.parked
+        and holding.idle_since is not None
+        and holding.keep_alive >= 0
+    )
+
+
+def plan_move(
+    demand: Demand,
+    devices: list[DeviceState],
+    candidates: list[DeviceState],
+    holdings: list[Holding],
+    policy: Policy,
+    now: float,
+) -> Move | None:
+    """The move of one idle single-device replica to another GPU of its node, with room there as it
+    is, after which the demand fits where the replica was: the fewest bytes moved; None when no
+    single move makes room."""
+    spans = Counter(h.replica for h in holdings)
+    free = {d.id: free_bytes(d, holdings, policy) for d in devices}
+    best: tuple[tuple[int, int, str, str, str], Holding, str, str] | None = None
+    for device in candidates:
+        for holding in holdings:
+            if holding.device != device.id or spans[holding.replica] != 1 or not movable(holding):
+                continue
+            if free[device.id] + holding.reserved < demand.per_device:
+                continue
+            for target in devices:
+                same_pool = target.kind == device.kind and node_of(target.id) == node_of(device.id)
+                if target.id == device.id or not same_pool or free[target.id] < holding.reserved:
+                    continue
+                fit = free[target.id] if policy.name == "binpack" else -free[target.id]
+                key = (holding.reserved, fit, device.id, target.id, holding.replica)
+                if best is None or key < best[0]:
+                    best = (key, holding, device.id, target.id)
+    if best is None:
+        return None
+    _, holding, source, to = best
+    after = [replace(h, device=to) if h is holding else h for h in holdings]
+    then = place(replace(demand, allowed=(source,), prefer=()), devices, after, policy, now)
+    assert isinstance(then, Place)  # it fits there directly once the replica has gone
+    return Move(holding.replica, source, to, holding.reserved, then)
+
+
+def park_or_stop(
+    victims: tuple[str, ...],
+    target: Place,
+    devices: list[DeviceState],
+    holdings: list[Holding],
+    policy: Policy,
+) -> Evict:
+    """Which victims park (their engine can, and the node's host RAM holds their bytes, perhaps after
+    stopping parked replicas used less recently than they were) and which are stopped."""
+    node = node_of(target.devices[0])
+    cpu = next((d for d in devices if d.kind == "cpu" and node_of(d.id) == node), None)
+    if cpu is None or policy.park_limit == 0:
+        return Evict(victims, target)
+    by_replica: dict[str, list[Holding]] = {}
+    for h in holdings:
+        by_replica.setdefault(h.replica, []).append(h)
+    on_cpu = [h for h in holdings if h.device == cpu.id]
+    parked = sorted((h for h in on_cpu if h.parked), key=lambda h: (h.last_used, h.replica))
+    room = free_bytes(cpu, on_cpu, policy)
+    if policy.park_limit is not None:
+        room = min(room, policy.park_limit - sum(h.reserved for h in parked))
+    stop: list[str] = []
+    park: list[str] = []
+    drop: list[str] = []
+    for key in victims:
+        held = by_replica.get(key, [])
+        if not held or any(h.device == cpu.id or not h.can_park for h in held):
+            stop.append(key)
+            continue
+        need = sum(h.reserved for h in held)  # its bytes on each of its GPUs
+        older = [h for h in parked if h.last_used <= held[0].last_used]
+        freed, n = 0, 0
+        while room + freed < need and n < len(older):
+            freed += older[n].reserved
+            n += 1
+        if room + freed < need:
+            stop.append(key)
+            continue
+        drop += [h.replica for h in older[:n]]
+        parked = [h for h in parked if h not in older[:n]]
+        room += freed - need
+        park.append(key)
+    return Evict(tuple(stop), target, tuple(park), tuple(drop))
 
 
 def _explain(

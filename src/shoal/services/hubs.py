@@ -13,46 +13,72 @@ from shoal.catalog import ModelFamily, Source
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound, ShoalError
 from shoal.hub import cache
 from shoal.hub.download import Downloader, Pull
-from shoal.hub.names import HubRef
+from shoal.hub.names import HUB_PREFIX, HubRef
 from shoal.hub.resolve import HubModel, resolve
 from shoal.services.replicas import RunningModel
 from shoal.settings import ServerSettings
 
-BUILT_HUBS = ("huggingface", "hf")
-KNOWN_HUBS = ("huggingface", "hf", "modelscope", "openmind_hub", "csghub")
+HUBS = ("huggingface", "modelscope")
+HUB_ALIASES = {
+    "huggingface": "huggingface",
+    "hf": "huggingface",
+    "modelscope": "modelscope",
+    "ms": "modelscope",
+}
+KNOWN_HUBS = ("openmind_hub", "csghub")
 HUB_TYPES = ("LLM", "embedding", "rerank")
 
 
-def check_hub(download_hub: str | None) -> None:
-    """Xinference's download_hub (or SHOAL_DOWNLOAD_HUB): only Hugging Face is built."""
-    if download_hub is None or download_hub.lower() in BUILT_HUBS:
-        return
+def check_hub(download_hub: str | None) -> str:
+    """Xinference's download_hub (or SHOAL_DOWNLOAD_HUB) as a hub name: huggingface or modelscope."""
+    if download_hub is None:
+        return "huggingface"
+    hub = HUB_ALIASES.get(download_hub.lower())
+    if hub is not None:
+        return hub
     if download_hub.lower() in KNOWN_HUBS:
         raise InvalidRequest(
-            f"download_hub {download_hub!r} is not built in Shoal yet: only huggingface (HF_ENDPOINT "
-            "may point at a mirror)"
+            f"download_hub {download_hub!r} is not built in Shoal: huggingface (HF_ENDPOINT may point "
+            "at a mirror) or modelscope"
         )
-    raise InvalidRequest(f"download_hub must be huggingface, not {download_hub!r}")
+    raise InvalidRequest(f"download_hub must be huggingface or modelscope, not {download_hub!r}")
 
 
-def catalog_ref(source: Source) -> HubRef | None:
-    if not source.hf_repo:
-        return None
-    return HubRef("huggingface", source.hf_repo, source.hf_file)
+def catalog_ref(source: Source, hub: str) -> HubRef | None:
+    """The hub reference of a catalog source: on `hub` when the spec names a repo there, else on
+    the hub it names (download_hub is a preference, so a spec on one hub still launches)."""
+    on_modelscope = (
+        HubRef("modelscope", source.ms_repo, source.ms_file, None, "master") if source.ms_repo else None
+    )
+    on_hf = HubRef("huggingface", source.hf_repo, source.hf_file) if source.hf_repo else None
+    return (on_modelscope or on_hf) if hub == "modelscope" else (on_hf or on_modelscope)
+
+
+def _source(ref: HubRef, file: str | None) -> Source:
+    if ref.hub == "modelscope":
+        return Source(ms_repo=ref.repo, ms_file=file)
+    return Source(hf_repo=ref.repo, hf_file=file)
 
 
 class HubService:
     def __init__(self, settings: ServerSettings) -> None:
-        self.root = settings.model_cache.expanduser() / "hub"
-        self.downloads = Downloader(self.root, settings.disk_headroom)
+        base = settings.model_cache.expanduser()
+        self.roots = {"huggingface": base / "hub", "modelscope": base / "modelscope"}
+        self.downloads = {
+            hub: Downloader(root, settings.disk_headroom, hub) for hub, root in self.roots.items()
+        }
         self.default_hub = settings.download_hub
+
+    @property
+    def root(self) -> Path:  # Hugging Face's, where most callers look
+        return self.roots["huggingface"]
 
     async def resolve(self, ref: HubRef, model_type: str | None) -> HubModel:
         if model_type is not None and model_type not in HUB_TYPES:
             raise InvalidRequest(
                 f"hub names launch {', '.join(HUB_TYPES)} models; {model_type!r} needs a catalog entry"
             )
-        return await asyncio.to_thread(resolve, ref, model_type, self.root)
+        return await asyncio.to_thread(resolve, ref, model_type, self.roots[ref.hub])
 
     @staticmethod
     def family(hub: HubModel) -> ModelFamily:
@@ -68,7 +94,7 @@ class HubService:
                     {
                         "model_format": sel.model_format,
                         "quantization": sel.quantization,
-                        "source": {"hf_repo": hub.ref.repo, "hf_file": sel.target or None},
+                        "source": _source(hub.ref, sel.target or None).model_dump(exclude_none=True),
                     }
                 ],
             }
@@ -77,46 +103,56 @@ class HubService:
 
     def source(self, hub: HubModel) -> Source:
         if hub.local is not None:
-            cache.touch(self.root, hub.ref.repo)
+            cache.touch(self.roots[hub.ref.hub], hub.ref.repo)
             return Source(path=str(hub.local))
-        return Source(hf_repo=hub.ref.repo, hf_file=hub.selection.target or None)
+        return _source(hub.ref, hub.selection.target or None)
 
     def start(self, hub: HubModel) -> Pull:
         """Check the disk (507 up front), then start or join the downloads."""
-        folder = cache.snapshot(self.root, hub.ref.repo, hub.commit)
+        root, downloads = self.roots[hub.ref.hub], self.downloads[hub.ref.hub]
+        folder = cache.snapshot(root, hub.ref.repo, hub.commit)
         files = [f for f in hub.missing if not (folder / f.path).is_file()]
-        self.downloads.check_disk(hub.ref.repo, files)
-        cache.touch(self.root, hub.ref.repo)
-        return self.downloads.pull(hub.ref.name, hub.ref.repo, hub.commit, hub.ref.revision, files)
+        downloads.check_disk(hub.ref.repo, files)
+        cache.touch(root, hub.ref.repo)
+        return downloads.pull(hub.ref.name, hub.ref.repo, hub.commit, hub.ref.revision, files)
 
     async def fetch(self, hub: HubModel, pull: Pull) -> Source:
-        path = await pull.wait(self.root, hub.selection.target)
+        path = await pull.wait(self.roots[hub.ref.hub], hub.selection.target)
         return Source(path=str(path))
 
+    def stop(self) -> None:
+        for downloads in self.downloads.values():
+            downloads.stop()
+
     # ---- the cache ---------------------------------------------------------------------------
-    def _users(self, repo: str, models: Iterable[RunningModel]) -> list[str]:
-        folder = str(cache.repo_dir(self.root, repo))
+    def _users(self, hub: str, repo: str, models: Iterable[RunningModel]) -> list[str]:
+        folder = str(cache.repo_dir(self.roots[hub], repo))
+        named = (lambda s: s.ms_repo == repo) if hub == "modelscope" else (lambda s: s.hf_repo == repo)
         return [
             m.uid
             for m in models
-            if (m.source.path and Path(m.source.path).as_posix().startswith(folder + "/"))
-            or m.source.hf_repo == repo
+            if (m.source.path and Path(m.source.path).as_posix().startswith(folder + "/")) or named(m.source)
         ]
 
     def cached(self, models: Iterable[RunningModel]) -> list[dict[str, Any]]:
         running = list(models)
-        return [e.describe(self._users(e.repo, running)) for e in cache.entries(self.root)]
+        return [
+            e.describe(self._users(hub, e.repo, running))
+            for hub, root in self.roots.items()
+            for e in cache.entries(root, hub)
+        ]
 
     def remove(self, name: str, models: Iterable[RunningModel]) -> dict[str, Any]:
-        repo = cache.repo_of(name)
-        users = self._users(repo, models)
+        hub, repo = cache.repo_of(name)
+        shown = f"{HUB_PREFIX[hub]}{repo}"
+        users = self._users(hub, repo, models)
         if users:
-            raise Conflict(f"hf.co/{repo} is in use by {', '.join(users)}; stop them first (shoal stop UID)")
-        if self.downloads.active(repo):
-            raise Conflict(f"hf.co/{repo} is being downloaded; wait for it or stop the launch")
-        if not cache.remove(self.root, repo):
-            raise ModelNotFound(f"hf.co/{repo} is not in the cache ({self.root})")
-        return {"name": f"hf.co/{repo}", "status": "removed"}
+            raise Conflict(f"{shown} is in use by {', '.join(users)}; stop them first (shoal stop UID)")
+        if self.downloads[hub].active(repo):
+            raise Conflict(f"{shown} is being downloaded; wait for it or stop the launch")
+        if not cache.remove(self.roots[hub], repo):
+            raise ModelNotFound(f"{shown} is not in the cache ({self.roots[hub]})")
+        return {"name": shown, "status": "removed"}
 
 
 PROGRESS_EVERY = 0.5  # seconds between progress lines of a pull

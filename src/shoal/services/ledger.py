@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from shoal.devices import Snapshot
-from shoal.scheduler import DeviceState, Holding, NoFit, Policy, free_bytes, headroom_bytes
-from shoal.services.replicas import HOLDS_MEMORY, Replica, ReplicaState, RunningModel
+from shoal.engines.registry import PARKS
+from shoal.scheduler import DeviceState, Holding, NoFit, Policy, free_bytes, headroom_bytes, node_of
+from shoal.services.replicas import HOLDS_HOST_RAM, HOLDS_MEMORY, Replica, ReplicaState, RunningModel
 from shoal.units import gib
 
 
@@ -29,14 +30,21 @@ class Reservation:
     device_total: int = 0  # bytes of the smallest of its devices (for a torch memory fraction)
     measured: int | None = None  # per device: the latest use seen (NVML per pid, or RSS on the CPU)
     peak: int | None = None  # per device: the highest use seen since it was placed
+    # per device: this replica's own profile run, peak × (1 + margin); once set it replaces the estimate
+    profile: int | None = None
+
+    @property
+    def base(self) -> int:
+        """What it holds before measurements raise it: its profile once measured, else the estimate."""
+        return self.estimate if self.profile is None else self.profile
 
     @property
     def reserved(self) -> int:
-        return max(self.estimate, self.measured or 0)
+        return max(self.base, self.measured or 0)
 
     @property
     def over(self) -> bool:
-        return self.measured is not None and self.measured > self.estimate
+        return self.measured is not None and self.measured > self.base
 
     def record(self, used: int) -> bool:
         """A new measurement; True when it first goes over the estimate."""
@@ -119,14 +127,39 @@ def _replicas(models: Iterable[RunningModel]) -> Iterator[tuple[RunningModel, Re
             yield model, replica
 
 
+def host_ram_device(devices: tuple[str, ...]) -> str:
+    """The CPU device of the node these devices are on: where a parked replica's bytes are held."""
+    node = node_of(devices[0]) if devices else ""
+    return f"{node}/cpu" if node else "cpu"
+
+
 def holdings(models: Iterable[RunningModel]) -> list[Holding]:
-    """Every reservation, as the scheduler's frozen values."""
+    """Every reservation, as the scheduler's frozen values; a parked replica as a holding of its
+    node's host RAM (idle, keep-alive 0: the first to go when RAM is short, least recently used first)."""
     held = []
     for model, replica in _replicas(models):
+        key = f"{model.uid}/{replica.index}"
+        if replica.state in HOLDS_HOST_RAM:
+            ram = host_ram_device(replica.parked_from)
+            held.append(
+                Holding(
+                    key, ram, replica.parked_bytes, replica.last_used, replica.last_used, 0.0, parked=True
+                )
+            )
+            continue
         r = replica.reservation
         if r is None or replica.state not in HOLDS_MEMORY:
             continue
         idle = replica.in_flight == 0 and replica.state is ReplicaState.READY
+        on_gpu = model.plan.kind == "gpu"
+        can_park = on_gpu and model.engine in PARKS and replica.runner is not None
+        # a move is a new runner on another GPU: only for a replica free to go to any of them
+        can_move = (
+            on_gpu
+            and model.plan.n_devices == 1
+            and model.plan.allowed is None
+            and not model.request.worker_ip
+        )
         for i, device in enumerate(r.devices):
             held.append(
                 Holding(
@@ -138,6 +171,8 @@ def holdings(models: Iterable[RunningModel]) -> list[Holding]:
                     model.keep_alive,
                     model.request.pinned,
                     r.cores if i == 0 else (),
+                    can_park=can_park,
+                    can_move=can_move,
                 )
             )
     return held
@@ -149,7 +184,10 @@ def shoal_use(models: Iterable[RunningModel], snapshot: Snapshot) -> dict[str, i
     by_id = {d.id: d for d in snapshot.devices}
     for _, replica in _replicas(models):
         pid = replica.runner.pid if replica.runner else None
-        for device_id in replica.reservation.devices if replica.reservation else ():
+        held = replica.reservation.devices if replica.reservation else ()
+        if replica.state in HOLDS_HOST_RAM:  # its process's RSS is the parked weights: Shoal's, not others'
+            held = (host_ram_device(replica.parked_from),)
+        for device_id in held:
             measured = snapshot.measure(by_id[device_id], pid) if device_id in by_id else None
             use[device_id] = use.get(device_id, 0) + (measured or 0)
     return use
@@ -173,7 +211,7 @@ def blocked_reasons(models: Iterable[RunningModel], now: float | None = None) ->
 
 
 def measure(models: Iterable[RunningModel], snapshot: Snapshot) -> list[tuple[str, int, int]]:
-    """Record each ready replica's use; returns (replica, used, estimate) of those that just went over."""
+    """Record each ready replica's use; returns (replica, used, base) of those that just went over."""
     by_id = {d.id: d for d in snapshot.devices}
     went_over = []
     for model, replica in _replicas(models):
@@ -183,5 +221,5 @@ def measure(models: Iterable[RunningModel], snapshot: Snapshot) -> list[tuple[st
         seen = [snapshot.measure(by_id[d], replica.runner.pid) for d in r.devices if d in by_id]
         values = [v for v in seen if v is not None]
         if values and r.record(max(values)):
-            went_over.append((f"{model.uid}/{replica.index}", r.measured or 0, r.estimate))
+            went_over.append((f"{model.uid}/{replica.index}", r.measured or 0, r.base))
     return went_over

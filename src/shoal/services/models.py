@@ -34,7 +34,8 @@ from shoal.errors import (
     NodeLost,
     ShoalError,
 )
-from shoal.hosts import Host
+from shoal.hosts import Host, RunnerHandle
+from shoal.hosts.mps import MpsControl
 from shoal.hub import names as hub_names
 from shoal.hub.download import Pull
 from shoal.hub.resolve import HubModel
@@ -46,16 +47,18 @@ from shoal.scheduler import (
     DeviceState,
     Evict,
     Holding,
+    Move,
     NoFit,
     Place,
     Policy,
     node_of,
     place,
 )
-from shoal.services import ledger
-from shoal.services.hubs import HubService, catalog_ref, check_hub
+from shoal.services import ledger, parking
+from shoal.services.hubs import HUB_TYPES, HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
+from shoal.services.profiles import ProfileBook, model_identity, wants_profile_run
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
 from shoal.services.router import Router
 from shoal.services.supervisor import Supervisor
@@ -91,7 +94,7 @@ class ModelService:
         self.settings = settings
         self.host = host
         self.clock = clock
-        self.policy = Policy(settings.placement, settings.headroom)  # type: ignore[arg-type]
+        self.policy = Policy(settings.placement, settings.headroom, settings.park_memory)  # type: ignore[arg-type]
         self._models: dict[str, RunningModel] = {}
         self.router = Router(self._models)
         self.supervisor = Supervisor(
@@ -106,10 +109,19 @@ class ModelService:
         self.hubs = HubService(settings)
         self._placing = asyncio.Lock()  # one placement decision at a time
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
+        # Measured profiles (services/profiles.py) and CUDA MPS (hosts/mps.py):
+        self.profiles = ProfileBook(store, settings.profile, settings.profile_margin)
+        self.mps = MpsControl(settings.data_dir, bool(settings.fake_gpus), bool(settings.ray_address))
+        metrics.PARKED_REPLICAS.set_function(self._parked_count)
+
+    def _parked_count(self) -> int:
+        return sum(r.state is ReplicaState.PARKED for m in self._models.values() for r in m.replicas)
 
     async def start(self) -> None:
-        """Join the Ray cluster (Ray mode); on one machine there is nothing to start."""
+        """Join the Ray cluster (Ray mode); start the MPS daemon when asked for."""
         await self.host.start()
+        if self.settings.mps:
+            await asyncio.to_thread(self.mps.start)  # off with its reason where it cannot run
 
     def memory_freed(self) -> None:
         self._freed.set()
@@ -144,7 +156,7 @@ class ModelService:
         """The family, spec, engine and source of a launch, and for hub weights what the hub (or
         the cache) says of them: nothing is downloaded here."""
         assert request.model_name is not None
-        check_hub(request.download_hub or self.hubs.default_hub)
+        preferred = check_hub(request.download_hub or self.hubs.default_hub)
         ref = hub_names.parse(request.model_name)  # a malformed hub name or ModelScope: 400
         if ref is not None and model_path:
             raise InvalidRequest("model_path names local weights; a hub name names the hub's: give one")
@@ -172,7 +184,14 @@ class ModelService:
             registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
-        if hub is None and (ref := catalog_ref(source)) is not None:  # a catalog model from the hub
+        if family.model_type not in HUB_TYPES and source.ms_repo and not source.hf_repo:
+            raise InvalidRequest(
+                f"{family.model_name}: ModelScope downloads serve {', '.join(HUB_TYPES)} models; "
+                "an audio or image model downloads from Hugging Face (hf_repo) or a local path"
+            )
+        # (audio and image models from a hub are still fetched by their runner, from Hugging Face)
+        ref = catalog_ref(source, preferred) if family.model_type in HUB_TYPES else None
+        if hub is None and ref is not None:  # a catalog model from the hub
             try:
                 hub = await self.hubs.resolve(ref, family.model_type)
             except (HubUnreachable, HubNotFound):
@@ -201,7 +220,7 @@ class ModelService:
             if isinstance(request, LaunchRequest)
             else dict(request.model_extra or {})
         )
-        return await asyncio.to_thread(
+        plan = await asyncio.to_thread(
             plan_launch,
             request,
             engine,
@@ -213,10 +232,15 @@ class ModelService:
             options,
             hub.weights if hub is not None else None,
         )
+        # On its stored profile, or on the formula corrected by similar models' profiles.
+        identity = model_identity(family, spec, source)
+        return await asyncio.to_thread(self.profiles.place, plan, identity, engine, options, snapshot.devices)
 
     async def launch(
         self, request: LaunchRequest, wait: bool = True, preferred: list[list[str]] | None = None
     ) -> RunningModel:
+        if request.gpu_compute is not None and not self.mps.status.enabled:
+            raise InvalidRequest(f"gpu_compute needs CUDA MPS, which is off here: {self.mps.status.reason}")
         family, spec, engine, source, hub = await self._resolve(
             request, request.model_type, request.model_path
         )
@@ -361,7 +385,11 @@ class ModelService:
             for replica in evicted:  # at once: a request that comes meanwhile waits for these
                 move(replica, ReplicaState.STARTING, self.clock())
             await self._bring_up(model, evicted, forget_on_failure=False)
-            model.parked = False
+            model.unloaded = False
+        elif model.status == "parked":
+            await parking.wake(self, model)
+        elif model.waking:  # woken (or moved) by another request: wait with it
+            await parking.wait_until_awake(model, self.settings.launch_timeout)
         deadline = time.monotonic() + self.settings.launch_timeout
         while (model := self._models.get(uid)) is not None and model.status == "loading":
             if time.monotonic() > deadline:
@@ -369,9 +397,14 @@ class ModelService:
             await asyncio.sleep(0.05)
 
     def parked(self, uid: str) -> bool:
-        """Unloaded at a client's request (`unload`): its next request loads it again."""
+        """Its next request brings it back and waits for it: parked (or waking, or moving), or
+        unloaded at a client's request (`unload`)."""
         model = self._models.get(uid)
-        return model is not None and model.parked and model.status == "evicted"
+        if model is None:
+            return False
+        return (
+            bool(model.waking) or model.status == "parked" or (model.unloaded and model.status == "evicted")
+        )
 
     def set_keep_alive(self, uid: str, seconds: float | None) -> None:
         """A client's keep-alive for this model (Ollama's per-request keep_alive): idle that long, it
@@ -394,7 +427,7 @@ class ModelService:
             if not idle:
                 return False
             if len(idle) == sum(r.state is ReplicaState.READY for r in model.replicas):
-                model.parked = True
+                model.unloaded = True
             await self._evict(tuple(f"{uid}/{r.index}" for r in idle), "at the client's request")
         self._freed.set()
         return True
@@ -426,7 +459,10 @@ class ModelService:
             d for r in model.replicas if r is not replica and r.reservation for d in r.reservation.devices
         )
         plan = model.plan
-        demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others)
+        # a parked replica's wake: the devices its live process is on come first among equals
+        waking = replica.runner is not None and replica.runner.exited() is None
+        prefer = replica.parked_from if waking else ()
+        demand = Demand(plan.per_device, plan.kind, plan.n_devices, plan.allowed, plan.cores, others, prefer)
         demand = self.host.restrict(demand, model.request.worker_ip, states)
         holdings, now = ledger.holdings(models), time.monotonic()
         if plan.n_devices > 1:
@@ -467,8 +503,11 @@ class ModelService:
         while True:
             async with self._placing:
                 decision, snapshot = await self._decide(model, replica)
+                if isinstance(decision, Move):
+                    await parking.move_replica(self, decision, f"to make room for {model.uid}")
+                    continue
                 if isinstance(decision, Evict):
-                    await self._evict(decision.victims, f"to make room for {model.uid}")
+                    await self._make_room(decision, f"to make room for {model.uid}")
                     continue
                 if isinstance(decision, Place):
                     totals = [d.total_bytes for d in snapshot.devices if d.id in decision.devices]
@@ -497,12 +536,23 @@ class ModelService:
             except TimeoutError:
                 pass
 
+    async def _make_room(self, decision: Evict, why: str) -> None:
+        """Parked replicas stopped for host RAM, then the parks, then the evictions. A replica that
+        became busy meanwhile is left be: the caller decides again."""
+        for key in decision.drop:
+            await parking.drop(self, key, f"(host RAM is short) {why}")
+        for key in decision.park:
+            await parking.park(self, key, why)
+        await self._evict(decision.victims, why)
+
     async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         """Stop these replicas and wait until their memory is really back."""
         stopped = []
         for key in victims:
             uid, _, index = key.rpartition("/")
             replica = self._models[uid].replicas[int(index)]
+            if replica.state is ReplicaState.PARKED:  # stopped for RAM: its next request loads it again
+                self._models[uid].unloaded = True
             log.info("evicting %s (idle %.0f s) %s", key, time.monotonic() - replica.last_used, why)
             stopped.extend(self._runner_ids(replica))
             move(replica, ReplicaState.EVICTED, self.clock())
@@ -549,7 +599,16 @@ class ModelService:
                 "cores": list(decision.cores),
             }
         elif isinstance(decision, Evict):
-            where = {"fits": True, "devices": list(decision.then.devices), "evict": list(decision.victims)}
+            where = {
+                "fits": True,
+                "devices": list(decision.then.devices),
+                "evict": list(decision.victims),
+                "park": list(decision.park),
+                "stop_parked": list(decision.drop),
+            }
+        elif isinstance(decision, Move):
+            move_to = {"replica": decision.replica, "from": decision.source, "to": decision.to}
+            where = {"fits": True, "devices": list(decision.then.devices), "evict": [], "move": move_to}
         else:
             blocked = ledger.blocked_reasons(self.running())
             where = {
@@ -610,8 +669,8 @@ class ModelService:
             for replica in model.replicas
         }
         report = ledger.device_report(states, snapshot, ledger.holdings(models), per_replica, self.policy)
-        health = self.supervisor.health()
-        return [{**device, "supervisor": health} for device in report]
+        health, mps = self.supervisor.health(), self.mps.status.to_dict()
+        return [{**device, "supervisor": health, "mps": mps} for device in report]
 
     # ---- runners -----------------------------------------------------------------------------
     def _runner_config(self, model: RunningModel, reservation: Reservation) -> RunnerConfig:
@@ -639,12 +698,19 @@ class ModelService:
         """Spawn one runner on its reservation and wait until it answers; on failure record why."""
         reservation = replica.reservation
         assert reservation is not None
-        config = self._runner_config(model, reservation).model_copy(update={"replica": replica.index})
+        profile = wants_profile_run(self.profiles.mode, model.plan)
+        config = self._runner_config(model, reservation).model_copy(
+            update={"replica": replica.index, "profile": profile}
+        )
         env = dict(model.request.envs or {})
         real_gpu = model.plan.kind == "gpu" and not model.plan.fake
         env["CUDA_VISIBLE_DEVICES"] = (
             ",".join(d.split(":")[-1] for d in reservation.devices) if real_gpu else ""
         )
+        if real_gpu:  # CUDA MPS on: the runner joins the daemon, capped at its reservation
+            env.update(
+                self.mps.env(reservation.reserved, len(reservation.devices), model.request.gpu_compute)
+            )
         log_name = f"{model.uid}-{replica.index}.log"
         try:
             runner = self.host.runner(reservation.devices[0], config, env, log_name, reservation.cores)
@@ -675,6 +741,48 @@ class ModelService:
                 ",".join(reservation.devices),
                 runner.pid,
             )
+            if profile:
+                await self._record_profile(model, replica)
+
+    async def _record_profile(self, model: RunningModel, replica: Replica) -> None:
+        """After a profile run: the reservation becomes its peak plus the margin, the torch cap
+        follows it, and the profile is stored for the next launch of the same thing."""
+        r, runner = replica.reservation, replica.runner
+        assert r is not None and runner is not None
+        if not await self._profile_ran(runner):  # e.g. out of memory under the formula's cap
+            log.warning("model %s replica %d: its profile run failed; no profile", model.uid, replica.index)
+            return
+        snapshot = await asyncio.to_thread(self.host.snapshot)
+        measured = self.profiles.measured_device(snapshot, r.devices, runner.pid)
+        if measured is None:
+            log.warning("model %s replica %d: its profile peak could not be read", model.uid, replica.index)
+            return
+        stored = await asyncio.to_thread(self.profiles.record, model.plan, model.engine, *measured)
+        r.profile = stored.reserved
+        model.plan = self.profiles.on_profile(model.plan, stored)  # restarts and reloads use it
+        log.info(
+            "model %s replica %d profiled on %s: peak %d bytes, reserved %d (estimate %d)",
+            model.uid, replica.index, measured[0], stored.peak, stored.reserved, r.estimate,
+        )  # fmt: skip
+        real_gpu = model.plan.kind == "gpu" and not model.plan.fake
+        if real_gpu and model.engine in FRACTION_ENGINES and model.engine != "vllm" and r.device_total:
+            fraction = min(1.0, r.reserved / r.device_total)
+            try:
+                async with runner.session.post("/memory_fraction", json={"fraction": fraction}) as answer:
+                    answer.raise_for_status()
+            except Exception as exc:  # the runner serves on under its first cap
+                log.warning("model %s: torch memory cap not moved to %.4f: %s", model.uid, fraction, exc)
+        self._freed.set()  # a smaller reservation can make room for a queued launch
+
+    @staticmethod
+    async def _profile_ran(runner: RunnerHandle) -> bool:
+        """The runner says its profile run completed (runners/app.py counts it on /metrics)."""
+        try:
+            async with runner.session.get("/metrics") as answer:
+                return bool((await answer.json()).get("runner_profile_runs") == 1)
+        except Exception as exc:  # unreadable: not measured, rather than a wrong profile
+            log.warning("runner metrics unread after a profile run: %s", exc)
+            return False
 
     async def _lost_while_starting(self, model: RunningModel, replica: Replica, exc: NodeLost) -> None:
         """Its node left before the replica was ready: place it again on the nodes left."""
@@ -700,8 +808,9 @@ class ModelService:
         await self.start_replica(model, replica)
 
     async def shutdown(self) -> None:
-        self.hubs.downloads.stop()  # download threads end at their next chunk, resumable
+        self.hubs.stop()  # download threads end at their next chunk, resumable
         await self.supervisor.stop()
         await asyncio.gather(*(self._stop_model(m) for m in self._models.values()), return_exceptions=True)
         self._models.clear()
         await self.host.shutdown()
+        await asyncio.to_thread(self.mps.stop)  # after its clients (the runners) are gone

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
-from shoal.catalog.estimate import Estimate, RemoteWeights, estimate
+from shoal.catalog.estimate import Estimate, ModelShape, RemoteWeights, estimate
 from shoal.catalog.resolve import local_path
 from shoal.devices import Device
 from shoal.engines.base import ESTIMATE_DEFAULTS
@@ -80,6 +80,15 @@ def estimate_model(
     parallel = parallel or options.get(defaults["parallel_option"] or "", None) or defaults["parallel"]
     path: Path | None = local_path(source)
     size = spec.model_size_in_billions
+    arch = spec.architecture
+    shape = (
+        ModelShape(
+            arch.n_layers, arch.n_kv_heads, arch.head_dim, arch.hidden_size, arch.vocab_size,
+            arch.n_params, family.context_length, "catalog",
+        )
+        if arch is not None
+        else None
+    )  # fmt: skip
     return estimate(
         model_format=spec.model_format,
         engine=engine,
@@ -92,6 +101,7 @@ def estimate_model(
         kv_cache_dtype=kv_cache_dtype,
         on_gpu=on_gpu,
         remote=remote if path is None else None,
+        catalog_shape=shape,
     )
 
 
@@ -126,7 +136,8 @@ def plan_launch(
     runtime = 0 if kind == "gpu" else ESTIMATE_DEFAULTS.get(engine, {}).get("cpu_runtime_bytes", 0)
     # Engines that split a model put 1/N of it on each GPU; every process pays its own CUDA context.
     per_device = (est.total - est.cuda_context) // n_devices + est.cuda_context + runtime
-    breakdown = {**est.to_dict(), "cpu_runtime": runtime, "per_device": per_device, "declared": None}
+    breakdown = {**est.to_dict(), "cpu_runtime": runtime, "per_device": per_device,
+                 "formula_per_device": per_device, "declared": None}  # fmt: skip
     if request.gpu_memory is not None:
         try:
             per_device = parse_size(request.gpu_memory)

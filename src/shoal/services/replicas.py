@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 class ReplicaState(enum.Enum):
     STARTING = "starting"  # process spawned (or about to be), model loading
     READY = "ready"  # answering requests
+    PARKED = "parked"  # idle, its weights in host RAM: process alive, no GPU reservation; a request wakes it
     RESTARTING = "restarting"  # its process died or hung; a new one starts after a backoff
     STOPPING = "stopping"  # terminate requested
     STOPPED = "stopped"  # process gone on purpose
@@ -40,8 +41,9 @@ class ReplicaState(enum.Enum):
 
 S = ReplicaState
 ALLOWED: dict[ReplicaState, frozenset[ReplicaState]] = {
-    S.STARTING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPING, S.EVICTED}),
-    S.READY: frozenset({S.RESTARTING, S.FAILED, S.STOPPING, S.EVICTED}),
+    S.STARTING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPING, S.EVICTED, S.PARKED}),
+    S.READY: frozenset({S.RESTARTING, S.FAILED, S.STOPPING, S.EVICTED, S.PARKED}),
+    S.PARKED: frozenset({S.STARTING, S.STOPPING, S.EVICTED}),  # STARTING: its wake (placed again)
     S.RESTARTING: frozenset({S.READY, S.RESTARTING, S.FAILED, S.STOPPING, S.EVICTED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.STOPPED: frozenset({S.STARTING, S.FAILED}),
@@ -49,6 +51,7 @@ ALLOWED: dict[ReplicaState, frozenset[ReplicaState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
 }
 HOLDS_MEMORY = frozenset({S.STARTING, S.READY, S.RESTARTING, S.STOPPING})
+HOLDS_HOST_RAM = frozenset({S.PARKED})  # in the host-RAM ledger (the node's CPU device) instead
 
 
 @dataclass
@@ -65,6 +68,14 @@ class Replica:
     restart_at: float | None = None  # RESTARTING: when the supervisor starts its new runner
     last_pong: float = 0.0  # when its runner last answered a liveness ping
     ping: asyncio.Task[bool] | None = None  # the liveness ping in flight, if any
+    # Parked (or last parked): the devices it left, where its process still is, and what it holds
+    # in host RAM; a wake on those devices is fast (same process), elsewhere a new runner.
+    parked_from: tuple[str, ...] = ()
+    parked_cores: tuple[int, ...] = ()
+    parked_bytes: int = 0
+    parked_at: float | None = None  # time.time()
+    last_wake_seconds: float | None = None  # from the request that woke it to ready again
+    last_woken: float | None = None  # time.time()
 
     @property
     def key(self) -> str:
@@ -80,6 +91,7 @@ class Replica:
             "device": ",".join(r.devices) if r else None,
             "cores": list(r.cores) if r else [],
             "estimate_bytes": r.estimate if r else None,
+            "profile_bytes": r.profile if r else None,
             "measured_bytes": r.measured if r else None,
             "peak_bytes": r.peak if r else None,
             "reserved_bytes": r.reserved if r else None,
@@ -88,6 +100,12 @@ class Replica:
             "idle_seconds": round(time.monotonic() - self.last_used, 1),
             "restarts": self.crashes,
             "last_error": self.last_error,
+            "parked_from": ",".join(self.parked_from) or None,
+            "parked_bytes": self.parked_bytes if self.state is ReplicaState.PARKED else None,
+            "parked_at": self.parked_at,
+            "last_wake_seconds": self.last_wake_seconds,
+            "last_woken": self.last_woken,
+            "files": self.runner.files_progress() if self.runner else None,
         }
 
 
@@ -97,6 +115,10 @@ def move(replica: Replica, to: ReplicaState, now: float | None = None, release: 
     if to not in ALLOWED[replica.state]:
         raise IllegalTransition(f"replica {replica.index}: {replica.state.value} → {to.value} is not allowed")
     now = time.monotonic() if now is None else now
+    if to is S.PARKED and replica.reservation is not None:  # (a wake that found no room keeps its record)
+        r = replica.reservation
+        replica.parked_from, replica.parked_cores = r.devices, r.cores
+        replica.parked_bytes, replica.parked_at = r.reserved * len(r.devices), time.time()
     replica.state = to
     if to is S.READY:
         replica.ready_since = replica.last_used = replica.last_pong = now
@@ -123,7 +145,8 @@ class RunningModel:
     waiting: int = 0  # requests queued for a free slot under request_limits
     limiter: asyncio.Semaphore | None = None
     turn: Iterator[int] = field(default_factory=itertools.count)
-    parked: bool = False  # unloaded at a client's request (Ollama's keep_alive 0): a request reloads it
+    unloaded: bool = False  # unloaded at a client's request (Ollama's keep_alive 0): a request reloads it
+    waking: int = 0  # wakes and moves under way: a request for it waits for them
     download: Pull | None = None  # its files coming from a hub (status "downloading" meanwhile)
 
     def __post_init__(self) -> None:
@@ -144,6 +167,8 @@ class RunningModel:
             return "ready"
         if states & {ReplicaState.STARTING, ReplicaState.RESTARTING}:
             return "loading"
+        if ReplicaState.PARKED in states:
+            return "parked"
         if ReplicaState.FAILED in states:
             return "failed"
         if ReplicaState.EVICTED in states:

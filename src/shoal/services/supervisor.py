@@ -112,6 +112,8 @@ class Supervisor:
                 elif replica.state is ReplicaState.RESTARTING and self._restart_due(replica, now):
                     replica.restart_at = None
                     self.spawn(self.launcher.start_replica(model, replica))
+                elif replica.state is ReplicaState.PARKED:
+                    self.check_parked(model, replica)
 
     async def sample_memory(self, now: float) -> None:
         if not any(m.replicas for m in self.models.values()):
@@ -140,6 +142,16 @@ class Supervisor:
             self.crashed(model, replica, now, reason, kill=True)
         elif replica.ping is None and silent >= self.ping_every:
             replica.ping = asyncio.create_task(runner.ping(self.liveness_timeout))
+
+    @staticmethod
+    def check_parked(model: RunningModel, replica: Replica) -> None:
+        """A parked runner that died holds nothing any more: evicted, and its next request loads it."""
+        runner = replica.runner
+        if runner is None or runner.exited() is None:
+            return
+        log.warning("parked %s/%d died (%s): evicted", model.uid, replica.index, runner.failure_reason())
+        move(replica, ReplicaState.EVICTED)
+        model.unloaded = True
 
     def crashed(
         self, model: RunningModel, replica: Replica, now: float, reason: str, kill: bool = False

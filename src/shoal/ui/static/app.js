@@ -175,7 +175,10 @@ function breakdownTip(device, m) {
   const lines = [
     `${m.model_uid} #${m.index} — ${m.state}${m.over_reservation ? " — OVER its reservation" : ""}`,
     `reserved\t${bytes(m.reserved_bytes)}`,
-    `estimate\t${bytes(m.estimate_bytes)}${b.declared ? " (declared)" : ""}`,
+    `estimate\t${bytes(m.estimate_bytes)}${b.memory_source ? " (" + b.memory_source + ")" : b.declared ? " (declared)" : ""}`,
+    b.formula_per_device !== undefined && b.memory_source !== "formula" ? `formula\t${bytes(b.formula_per_device)}` : "",
+    b.correction ? `correction\t× ${b.correction} (similar models' profiles)` : "",
+    `profile\t${m.profile_bytes ? bytes(m.profile_bytes) : b.profile && !b.profile.stale ? "stored" : "none"}${b.profile && b.profile.stale ? " (stored one stale)" : ""}`,
     `measured\t${measured}`,
     "--- estimate breakdown",
     `weights\t${bytes(b.weights)}${b.dtype ? " " + b.dtype : ""}`,
@@ -227,19 +230,22 @@ function deviceCard(d, label = d.id) {
     el("td", {}, el("i", { class: "sw", style: `background:${colorOf(m.model_uid)}` }), `${m.model_uid} #${m.index}`),
     el("td", { class: "state " + m.state, text: m.state }),
     el("td", { class: "num", text: bytes(m.reserved_bytes) }),
-    el("td", { class: "num", text: bytes(m.estimate_bytes) }),
+    el("td", { class: "num", text: bytes(m.estimate_bytes), title: (m.breakdown || {}).memory_source || "" }),
+    el("td", { class: "num", text: bytes(m.profile_bytes) }),
     el("td", { class: "num", text: bytes(m.measured_bytes) }),
     el("td", { class: m.over_reservation ? "error" : "muted", text: m.over_reservation ? "over reservation" : "" }),
   ));
   const table = rows.length ? el("table", { class: "replicas" },
-    el("tr", {}, ...["replica", "state", "reserved", "estimate", "measured", ""].map((h, i) =>
-      el("th", { class: i >= 2 && i <= 4 ? "num" : null, text: h }))), ...rows) : null;
+    el("tr", {}, ...["replica", "state", "reserved", "estimate", "profile", "measured", ""].map((h, i) =>
+      el("th", { class: i >= 2 && i <= 5 ? "num" : null, text: h }))), ...rows) : null;
   return el("div", { class: "device", "data-device": d.id },
     el("div", { class: "device-head" },
       el("span", { class: "id", text: label }),
       d.name !== label ? el("span", { class: "muted", text: d.name }) : null,
       d.fake ? el("span", { class: "tag", text: "fake GPU: runners compute on the CPU" }) : null,
       d.cores ? el("span", { class: "tag", text: `${d.cores} cores` }) : null,
+      d.kind === "gpu" && d.mps ? el("span", { class: "tag", title: d.mps.reason,
+        text: d.mps.enabled ? "CUDA MPS: capped" : "no MPS" }) : null,
       el("span", { class: "summary" }, el("b", { text: bytes(d.free_bytes) }), ` free of ${bytes(d.total_bytes)}`,
         el("span", { class: "muted", text: ` · reserved ${bytes(d.reserved_bytes)} · others ${bytes(d.used_by_others_bytes)}` }))),
     bar,
@@ -346,16 +352,19 @@ function renderModels(models) {
       const span = replicas.length;
       const busy = pending.get(m.model_uid);
       const state = m.status === "downloading" ? "downloading" : r ? r.state : m.status;
-      const memory = r ? `${bytes(r.reserved_bytes)} / ${bytes(r.measured_bytes)}` : "–";
+      const memory = r ? [r.reserved_bytes, r.estimate_bytes, r.profile_bytes, r.measured_bytes].map(bytes).join(" / ") : "–";
       rows.push(el("tr", { "data-uid": m.model_uid },
         first ? el("td", { rowspan: span }, el("b", { text: m.model_uid })) : null,
         first ? el("td", { rowspan: span, text: m.model_name }) : null,
         first ? el("td", { rowspan: span, text: m.model_type }) : null,
         first ? el("td", { rowspan: span, text: m.model_engine }) : null,
         el("td", { text: r ? "#" + r.index : "–" }),
-        el("td", { text: (r && r.device) || "–" }),
+        el("td", { text: r && r.state === "parked" ? `host RAM (from ${r.parked_from || "–"})` : (r && r.device) || "–" }),
         el("td", {}, el("span", { class: "state " + state, text: state }),
           first && state === "downloading" ? downloadBar(m.download) : null,
+          r && r.last_wake_seconds !== null && r.last_wake_seconds !== undefined
+            ? el("div", { class: "muted", text: `last wake ${r.last_wake_seconds.toFixed(2)} s, ` +
+                `${new Date(r.last_woken * 1000).toLocaleTimeString()}` }) : null,
           r && r.last_error ? el("div", { class: "error", text: r.last_error }) : null),
         el("td", { class: "num", text: memory }),
         el("td", { class: "num", text: r ? String(r.in_flight) : "–" }),
@@ -571,7 +580,13 @@ function renderEstimate(r) {
     row("activations", bytes(e.activations)),
     e.cuda_context ? row("CUDA context", bytes(e.cuda_context)) : null,
     e.cpu_runtime ? row("CPU runtime", bytes(e.cpu_runtime)) : null,
-    row(e.declared ? "declared, per device" : "total per device", bytes(e.per_device)));
+    e.memory_source && e.memory_source !== "formula" && e.memory_source !== "declared"
+      ? row("formula, per device", bytes(e.formula_per_device)) : null,
+    e.profile ? row(e.profile.stale ? "stored profile (stale, not used)" : "measured profile",
+      `${bytes(e.profile.reserved_bytes)} (peak ${bytes(e.profile.peak_bytes)})`) : null,
+    e.correction ? row("correction from similar models", "× " + e.correction) : null,
+    row(e.declared ? "declared, per device" : e.memory_source === "profile" ? "per device (profile)"
+      : e.memory_source === "corrected" ? "per device (corrected)" : "total per device", bytes(e.per_device)));
   const head = `${r.model_engine} on ${r.n_devices > 1 ? r.n_devices + " × " : ""}${r.device_kind}`;
   let where;
   if (p.fits) {
