@@ -69,6 +69,9 @@ def serve(
     ray_address: Annotated[
         str, typer.Option(envvar=settings.RAY_ADDRESS.env, help=settings.RAY_ADDRESS.help)
     ] = "",
+    warm_spares: Annotated[
+        str, typer.Option(envvar=settings.WARM_SPARES.env, help=settings.WARM_SPARES.help)
+    ] = settings.WARM_SPARES.default,
     mps: Annotated[
         bool,
         typer.Option(
@@ -93,6 +96,12 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     if placement not in ("binpack", "spread"):
         raise typer.BadParameter("placement must be binpack or spread")
+    from shoal.hosts.spares import parse_families
+
+    try:
+        parse_families(warm_spares)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--warm-spares") from None
     if profile.lower() not in ("gpu", "all", "off"):
         raise typer.BadParameter("profile must be gpu, all or off")
     if not 0 <= profile_margin <= 1:
@@ -116,6 +125,7 @@ def serve(
         autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
         api_key=api_key or None,
         ray_address=ray_address or None,
+        warm_spares=warm_spares,
         mps=mps or settings.MPS.get().lower() in ("1", "true", "yes"),
         profile=profile.lower(),
         profile_margin=profile_margin,

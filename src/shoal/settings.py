@@ -81,6 +81,12 @@ BODY_TIMEOUT = Setting(
 IDLE_TIMEOUT = Setting(
     "SHOAL_IDLE_TIMEOUT", "20", "seconds an idle keep-alive connection is kept open between requests"
 )
+WARM_SPARES = Setting(
+    "SHOAL_WARM_SPARES",
+    "all",
+    "warm spare runners that have imported an engine family's libraries, so a launch skips the imports: "
+    "all (each installed family: torch, llama.cpp, onnx), none, or a comma-separated list",
+)
 MAX_CONNECTIONS = Setting(
     "SHOAL_MAX_CONNECTIONS",
     "auto",
@@ -116,7 +122,7 @@ ALL: tuple[Setting, ...] = (
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
     RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, LIVENESS_INTERVAL, LIVENESS_TIMEOUT,
     FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY, PROFILE, PROFILE_MARGIN, MPS,
+    MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY, PROFILE, PROFILE_MARGIN, MPS, WARM_SPARES,
 )  # fmt: skip
 
 
@@ -168,4 +174,5 @@ class ServerSettings:
     profile: str = field(default_factory=lambda: PROFILE.get().lower())
     profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
     mps: bool = field(default_factory=lambda: MPS.get().lower() in ("1", "true", "yes"))
+    warm_spares: str = field(default_factory=WARM_SPARES.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown

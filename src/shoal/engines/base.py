@@ -99,27 +99,35 @@ class Engine:
         """[{"id", "name", "language"?}] for speech models."""
         raise InvalidRequest(f"model {self.config.model_uid!r} ({self.name}) has no voices")
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> str | None:
         """One real inference before the runner reports ready, so the first user request finds the
-        model's lazy parts (kernels, allocator, caches) already set up. By default: one token of chat
-        if the engine chats, else one sentence embedded, else one pair reranked; an ability that the
-        model turns out not to have (a 400) is passed over. Other engines override or keep this."""
+        model's lazy parts (kernels, allocator, caches) already set up. Returns the ability it used,
+        None when it found none. By default the first of: one token of chat, one token of completion
+        (a base model without a chat template), one sentence embedded, one pair reranked, one short
+        sentence spoken; an ability that the model turns out not to have (a 400) is passed over.
+        Engines of other kinds (speech-to-text, OCR, images) override this."""
         attempts = (
             ("chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}),
+            ("complete", {"prompt": "Hi", "max_tokens": 1, "temperature": 0}),
             ("embed", {"input": "Shoal warms the model up."}),
             (
                 "rerank",
                 {"query": "What warms a model up?", "documents": ["One inference before it is ready."]},
             ),
+            ("speech", {"input": "Ready."}),
         )
         for ability, body in attempts:
             if getattr(type(self), ability) is getattr(Engine, ability):
                 continue
             try:
-                await getattr(self, ability)(body)
+                answer = await getattr(self, ability)(body)
             except InvalidRequest:
                 continue
-            return
+            if isinstance(answer, SpeechStream):  # synthesis runs as the chunks are read
+                async for _ in answer.chunks:
+                    pass
+            return ability
+        return None
 
     async def profile_run(self) -> None:
         """The warm-up at the launch's largest batch × context, so the runner's peak memory afterwards

@@ -126,8 +126,9 @@ class CrossEncoderEngine(Engine):
     def metrics(self) -> dict[str, float]:
         return {**self._batcher.counters}
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> str:
         await self.rerank(WARM_UP)
+        return "rerank"
 
     def _score_batch(self, pairs: list[tuple[str, str]]) -> list[tuple[Any, int | None]]:
         """(logits, tokens) of each (query, document) pair, many requests' pairs in one call."""

@@ -64,8 +64,9 @@ class EmbeddingRerankEngine(Engine):
     def metrics(self) -> dict[str, float]:
         return {**self._batcher.counters}
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> str:
         await self.rerank(WARM_UP)
+        return "rerank"
 
     def _embed_batch(self, items: list[tuple[str, str]]) -> list[tuple[Any, int]]:
         """(unit vector, tokens) of each item: the queries with the query prompt, the documents with

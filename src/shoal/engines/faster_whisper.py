@@ -110,6 +110,23 @@ class FasterWhisperEngine(Engine):
             "beam_size": self._beam_size,
         }
 
+    async def warm_up(self) -> str:
+        """One second of a quiet tone, transcribed: the encoder and the decoder both run."""
+        import io
+        import math
+        import struct
+        import wave
+
+        out = io.BytesIO()
+        with wave.open(out, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(SAMPLE_RATE)
+            tone = (int(3000 * math.sin(2 * math.pi * 440 * i / SAMPLE_RATE)) for i in range(SAMPLE_RATE))
+            wav.writeframes(b"".join(struct.pack("<h", s) for s in tone))
+        await self.transcribe(out.getvalue(), {"task": "transcribe", "language": "en"})
+        return "transcribe"
+
     async def transcribe(self, audio: bytes, body: dict[str, Any]) -> dict[str, Any]:
         options = self._options(body)  # refuse before spending time on decoding
         samples = await asyncio.to_thread(decode_audio, audio, SAMPLE_RATE)

@@ -216,6 +216,17 @@ class RapidOcrEngine(Engine):
             )
         return lines
 
+    async def warm_up(self) -> str:
+        """A small image with a word on it: detection, classification and recognition all run."""
+        from PIL import Image, ImageDraw
+
+        image = Image.new("RGB", (240, 80), "white")
+        ImageDraw.Draw(image).text((20, 20), "Shoal 42", fill="black", font_size=32)
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        await self.ocr(out.getvalue(), {})
+        return "ocr"
+
     async def ocr(self, image: bytes, body: dict[str, Any]) -> dict[str, Any]:
         """body: the request's kwargs; text_score, box_thresh, unclip_ratio and use_cls override the
         launch's settings for this image, other names are ignored."""

@@ -72,8 +72,9 @@ class SentenceTransformersEngine(Engine):
     def metrics(self) -> dict[str, float]:
         return {**self._batcher.counters}
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> str:
         await self.embed({"input": "Shoal warms the model up with one sentence."})
+        return "embed"
 
     async def profile_run(self) -> None:
         """A full batch of inputs at the model's longest length (each cut there by the model)."""

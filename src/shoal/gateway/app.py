@@ -38,6 +38,7 @@ from shoal.gateway.middleware import (
 )
 from shoal.hosts import Host
 from shoal.hosts.local import LocalHost
+from shoal.hosts.spares import parse_families
 from shoal.protocol.admin import LaunchRequest
 from shoal.services.models import ModelService
 from shoal.settings import ServerSettings
@@ -119,7 +120,7 @@ def build_host(settings: ServerSettings) -> Host:
         from shoal.cluster import RayHost  # imports ray: only in Ray mode
 
         return RayHost(settings.ray_address)
-    return LocalHost(settings.fake_gpus, settings.data_dir / "logs")
+    return LocalHost(settings.fake_gpus, settings.data_dir / "logs", parse_families(settings.warm_spares))
 
 
 def _supervisor_ended(task: asyncio.Task[None]) -> None:

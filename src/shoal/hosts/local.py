@@ -1,4 +1,5 @@
-"""One machine: NVML (or declared fake GPUs) and the CPU here; runners on Unix sockets."""
+"""One machine: NVML (or declared fake GPUs) and the CPU here; runners on Unix sockets, started from
+warm spares (hosts/spares.py) when there is one for the engine's family."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from shoal import devices
 from shoal.devices import Snapshot
+from shoal.hosts.spares import Spares
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import RunnerProcess
 from shoal.scheduler import Demand, DeviceState
@@ -31,18 +33,22 @@ def local_names() -> frozenset[str]:
 
 
 class LocalHost:
-    def __init__(self, fake_gpus: str, logs: Path) -> None:
+    def __init__(self, fake_gpus: str, logs: Path, spare_families: tuple[str, ...] = ()) -> None:
         self.fake_gpus = fake_gpus
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to 107 bytes, so sockets live in a short temp dir.
         self.run_dir = Path(tempfile.mkdtemp(prefix="shoal-"))
         self._spawned = itertools.count()
+        self.spares = Spares(spare_families, logs) if spare_families else None
 
     async def start(self) -> None:
-        pass
+        if self.spares is not None:
+            await self.spares.start()
 
     async def shutdown(self) -> None:
+        if self.spares is not None:
+            await self.spares.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def snapshot(self) -> Snapshot:
@@ -61,7 +67,8 @@ class LocalHost:
                 "status_file": str(self.run_dir / f"r{n}.status"),
             }
         )
-        return RunnerProcess(config, self.logs / log_name, env, cores, self.run_dir / f"r{n}.json")
+        config_path = self.run_dir / f"r{n}.json"
+        return RunnerProcess(config, self.logs / log_name, env, cores, config_path, self.spares)
 
     def restrict(self, demand: Demand, worker_ip: str | None, states: list[DeviceState]) -> Demand:
         if worker_ip is not None and worker_ip not in local_names():

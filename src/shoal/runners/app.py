@@ -163,16 +163,32 @@ async def warm_up(engine: Engine, timings: dict[str, float], profile: bool = Fal
     serves, and the first request meets the same error with its own answer."""
     started = time.monotonic()
     try:
-        await (engine.profile_run() if profile else engine.warm_up())
+        if profile:
+            await engine.profile_run()
+            ability: str | None = "profile_run"
+        else:
+            ability = await engine.warm_up()
     except Exception:
         print(f"shoal runner: {engine.name} warm-up failed; serving anyway", file=sys.stderr)
         traceback.print_exc()
         timings["warm_up_failed"] = 1
     else:
-        timings["warm_ups"] = timings.get("warm_ups", 0) + 1
+        if ability is None:
+            print(f"shoal runner: {engine.name} has nothing to warm up with", file=sys.stderr)
+            timings["warm_up_skipped"] = 1
+        else:
+            timings["warm_ups"] = timings.get("warm_ups", 0) + 1
     timings["warm_up_seconds"] = time.monotonic() - started
     if profile and "warm_up_failed" not in timings:
         timings["profile_runs"] = 1
+
+
+def _threads() -> dict[str, float]:
+    """The cores this runner may use and, when it runs torch, torch's intra-op thread count."""
+    counts: dict[str, float] = {"cpus": len(os.sched_getaffinity(0))}
+    if "torch" in sys.modules:
+        counts["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return counts
 
 
 async def _memory_fraction(engine: Engine, request: Request) -> Response:
@@ -202,10 +218,18 @@ def build_runner_app(
         yield
 
     async def health(_: Request) -> Response:
-        return _json({"status": "ready", "pid": os.getpid(), "engine": engine.name})
+        return _json(
+            {
+                "status": "ready",
+                "pid": os.getpid(),
+                "engine": engine.name,
+                "prewarmed": bool(stats.get("prewarmed")),  # born from a warm spare
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            }
+        )
 
     async def metrics(engine: Engine, _: Request) -> Response:
-        return _json({**engine.metrics(), **{f"runner_{k}": v for k, v in stats.items()}})
+        return _json({**engine.metrics(), **{f"runner_{k}": v for k, v in {**stats, **_threads()}.items()}})
 
     post = ["POST"]
     return Starlette(

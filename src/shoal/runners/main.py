@@ -2,7 +2,7 @@
 
 Loads the engine first, then serves on the Unix socket (or on TCP, `listen`, on a Ray node); the
 gateway treats a runner that answers /health as "ready". A load failure is written to the status
-file for the gateway to report.
+file for the gateway to report. A warm spare (shoal.runners.spare) calls main() after its handoff.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from shoal.engines.registry import load_class  # noqa: E402
 from shoal.runners.config import RunnerConfig  # noqa: E402
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, started: float = STARTED, prewarmed: bool = False) -> int:
+    """`started`: when this runner began (a warm spare's handoff, shoal.runners.spare); `prewarmed`:
+    the engine's libraries were imported before the launch."""
     config = RunnerConfig.model_validate_json(Path(config_path).read_text())
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"prewarmed": float(prewarmed)}
     try:
         engine_cls = load_class(config.engine)
-        timings["import_seconds"] = time.monotonic() - STARTED
+        timings["import_seconds"] = time.monotonic() - started
         engine = engine_cls(
             EngineConfig(
                 model_path=materialize(config.source),

@@ -2,7 +2,8 @@
 
 Runners get PR_SET_PDEATHSIG so they die with the gateway even when it is SIGKILLed (a runner that
 outlives its parent keeps its memory; see shared/RAY-FACTS.md). Their output goes to a log file,
-never a pipe (a full pipe blocks the runner).
+never a pipe (a full pipe blocks the runner). A runner may start as a warm spare that already
+imported its engine's libraries (shoal.runners.spare); it is a child of the gateway all the same.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from shoal.runners.config import RunnerConfig
 _PR_SET_PDEATHSIG = 1
 
 
-def child_setup(cores: tuple[int, ...] | list[int]) -> Callable[[], None]:
-    """The runner dies with the process that spawned it, and computes on the cores it was given.
-
-    Core numbers are indices into the CPUs this process may use (the scheduler counts them from 0)."""
+def cpu_set(cores: tuple[int, ...] | list[int]) -> set[int]:
+    """The CPUs that the scheduler's core numbers name: indices into the CPUs this process may use
+    (the scheduler counts them from 0)."""
     usable = sorted(os.sched_getaffinity(0))
-    cpus = {usable[c % len(usable)] for c in cores}
+    return {usable[c % len(usable)] for c in cores}
+
+
+def child_setup(cores: tuple[int, ...] | list[int]) -> Callable[[], None]:
+    """The runner dies with the process that spawned it, and computes on the cores it was given."""
+    cpus = cpu_set(cores)
 
     def setup() -> None:  # runs in the child between fork and exec
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -40,6 +45,16 @@ def child_setup(cores: tuple[int, ...] | list[int]) -> Callable[[], None]:
             os.sched_setaffinity(0, cpus)
 
     return setup
+
+
+class SparePool(Protocol):
+    """What a runner asks of the warm spares (shoal.hosts.spares.Spares)."""
+
+    def launching(self, runner: object) -> None: ...
+
+    def launched(self, runner: object) -> None: ...
+
+    def hand_off(self, engine: str, launch: dict[str, object]) -> subprocess.Popen[bytes] | None: ...
 
 
 class Runner(Protocol):
@@ -107,8 +122,10 @@ class RunnerProcess:
         env: dict[str, str],
         cores: tuple[int, ...] = (),
         config_path: Path | None = None,
+        spares: SparePool | None = None,
     ) -> None:
         self.config = config
+        self.spares = spares  # warm spare runners to start from, if any (shoal.hosts.spares)
         self.config_path = config_path or Path(config.socket).with_suffix(".json")
         self.cores = cores
         self.log_path = log_path
@@ -140,8 +157,25 @@ class RunnerProcess:
     def spawn(self, config_path: Path) -> None:
         config_path.write_text(self.config.model_dump_json())
         Path(self.config.status_file).unlink(missing_ok=True)
+        if self.spares is None:
+            self._popen = self._cold(config_path)
+            return
+        self.spares.launching(self)  # until ready or stopped: no spare starts importing meanwhile
+        try:
+            launch: dict[str, object] = {
+                "config": str(config_path),
+                "env": self._env,
+                "log": str(self.log_path),
+                "cpus": sorted(cpu_set(self.cores)),
+            }
+            self._popen = self.spares.hand_off(self.config.engine, launch) or self._cold(config_path)
+        except BaseException:
+            self.spares.launched(self)
+            raise
+
+    def _cold(self, config_path: Path) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "shoal.runners.main", str(config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -159,7 +193,12 @@ class RunnerProcess:
         async def reason() -> str:
             return self.failure_reason()
 
-        await wait_healthy(self, timeout, reason, lambda: Path(self.config.socket).exists(), interval=0.05)
+        try:
+            socket_made = Path(self.config.socket).exists
+            await wait_healthy(self, timeout, reason, socket_made, interval=0.05)
+        finally:
+            if self.spares is not None:
+                self.spares.launched(self)
 
     def failure_reason(self) -> str:
         return failure_reason(Path(self.config.status_file), self.log_path, self.exited())
@@ -188,4 +227,6 @@ class RunnerProcess:
                 await asyncio.to_thread(self._popen.wait)
         if self._session is not None:
             await self._session.close()
+        if self.spares is not None:
+            self.spares.launched(self)
         Path(self.config.socket).unlink(missing_ok=True)
