@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -420,3 +421,14 @@ def test_tool_call_arguments_with_huge_integers_translate() -> None:
     )
     call = tr.chat_messages(body)[1]["tool_calls"][0]
     assert json.loads(call["function"]["arguments"]) == {"x": 10**30}
+
+
+def test_show_capabilities_follow_the_catalog_abilities(tmp_path: Path) -> None:
+    """What Open WebUI and friends read to offer tools or thinking: the catalog's labels, Ollama's names."""
+    from shoal.catalog import Catalog
+    from shoal.state import StateStore
+
+    qwen3 = Catalog(StateStore(tmp_path / "state.db")).get("qwen3").model_ability
+    assert tr.capabilities(qwen3) == ["completion", "tools", "thinking"]
+    assert tr.capabilities(["embed"]) == ["embedding"]
+    assert tr.capabilities(["chat", "vision", "generate", "audio2text"]) == ["completion", "vision"]

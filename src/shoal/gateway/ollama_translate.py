@@ -370,7 +370,20 @@ def process(model: RunningModel, context_length: int, now: datetime, monotonic: 
     }
 
 
-CAPABILITIES = {"chat": "completion", "generate": "completion", "embed": "embedding", "vision": "vision"}
+# Shoal's abilities as Ollama's capabilities ("tools" and "thinking" come from the catalog's labels:
+# tool calls work on every chat model, but only a model trained for them calls tools well)
+CAPABILITIES = {
+    "chat": "completion",
+    "generate": "completion",
+    "embed": "embedding",
+    "vision": "vision",
+    "tools": "tools",
+    "reasoning": "thinking",
+}
+
+
+def capabilities(abilities: list[str]) -> list[str]:
+    return list(dict.fromkeys(CAPABILITIES[a] for a in abilities if a in CAPABILITIES))
 
 
 def show(model: RunningModel, context_length: int) -> dict[str, Any]:
@@ -384,7 +397,6 @@ def show(model: RunningModel, context_length: int) -> dict[str, Any]:
     }
     if model.family.dimensions:
         info[f"{arch}.embedding_length"] = model.family.dimensions
-    abilities = [CAPABILITIES[a] for a in model.family.model_ability if a in CAPABILITIES]
     return {
         "modelfile": "",
         "parameters": "",
@@ -392,7 +404,7 @@ def show(model: RunningModel, context_length: int) -> dict[str, Any]:
         "license": model.family.license or "",
         "details": details(model),
         "model_info": info,
-        "capabilities": list(dict.fromkeys(abilities)),
+        "capabilities": capabilities(model.family.model_ability),
         "modified_at": now_iso(datetime.fromtimestamp(model.created, UTC)),
     }
 
