@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +39,16 @@ def _client(endpoint: str) -> Client:
 def _fail(exc: ShoalAPIError) -> typer.Exit:
     console.print(f"[red]error {exc.status}:[/red] {exc.message}")
     return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _session(endpoint: str) -> Iterator[Client]:
+    """A client to the server whose API errors end the command with the server's message."""
+    with _client(endpoint) as client:
+        try:
+            yield client
+        except ShoalAPIError as exc:
+            raise _fail(exc) from exc
 
 
 @app.command()
@@ -198,26 +210,23 @@ def launch(
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    with _client(endpoint) as client:
-        try:
-            model_uid = client.launch(
-                name,
-                model_uid=uid,
-                model_engine=engine,
-                replica=replica,
-                n_gpu=None if n_gpu == "0" else n_gpu,
-                gpu_idx=gpu_idx,
-                wait_ready=False,
-                **options,
-            )
-            state = _show_download(client, model_uid)
-            start = time.monotonic()
-            with console.status(f"loading {model_uid}...") as status:
-                while (state := client.describe(model_uid))["status"] == "loading":
-                    status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s{_copies(state)}")
-                    time.sleep(0.2)
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        model_uid = client.launch(
+            name,
+            model_uid=uid,
+            model_engine=engine,
+            replica=replica,
+            n_gpu=None if n_gpu == "0" else n_gpu,
+            gpu_idx=gpu_idx,
+            wait_ready=False,
+            **options,
+        )
+        state = _show_download(client, model_uid)
+        start = time.monotonic()
+        with console.status(f"loading {model_uid}...") as status:
+            while (state := client.describe(model_uid))["status"] == "loading":
+                status.update(f"loading {model_uid}... {time.monotonic() - start:.0f} s{_copies(state)}")
+                time.sleep(0.2)
     if state["status"] != "ready":
         errors = "; ".join(r["last_error"] or "" for r in state["replicas"])
         console.print(f"[red]{model_uid} failed to load:[/red] {errors}")
@@ -282,14 +291,11 @@ def pull(
     """Download a model into the server's cache (SHOAL_MODEL_CACHE) without launching it."""
     fields = {"model_type": model_type} if model_type else {}
     last: dict[str, Any] = {}
-    with _client(endpoint) as client, _progress_bar() as bar:
+    with _session(endpoint) as client, _progress_bar() as bar:
         task = bar.add_task(f"pulling {name}", total=None)
-        try:
-            for event in client.pull(name, **fields):
-                bar.update(task, completed=event.get("completed_bytes", 0), total=event.get("total_bytes"))
-                last = event
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+        for event in client.pull(name, **fields):
+            bar.update(task, completed=event.get("completed_bytes", 0), total=event.get("total_bytes"))
+            last = event
     console.print(
         f"[green]{last.get('name', name)}[/green] is in the cache"
         + (f" ({last['detail']})" if last.get("detail") else "")
@@ -299,11 +305,8 @@ def pull(
 @app.command()
 def cached(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
     """List the models in the server's cache: size, hub, revision, last use, the uids using them."""
-    with _client(endpoint) as client:
-        try:
-            entries = client.cached()
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        entries = client.cached()
     table = Table("NAME", "HUB", "REVISION", "SIZE GiB", "LAST USED", "USED BY")
     for e in entries:
         last = time.strftime("%F %T", time.localtime(e["last_used"])) if e.get("last_used") else "-"
@@ -321,22 +324,16 @@ def rm_cache(
     endpoint: Endpoint = settings.ENDPOINT.default,
 ) -> None:
     """Remove a model's files from the server's cache (refused while a model uses them)."""
-    with _client(endpoint) as client:
-        try:
-            client.remove_cached(name)
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        client.remove_cached(name)
     console.print(f"removed {name}")
 
 
 @app.command()
 def ps(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
     """List running models and their replicas."""
-    with _client(endpoint) as client:
-        try:
-            models = client.list_models()
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        models = client.list_models()
     console.print(models_table(models))
 
 
@@ -383,11 +380,8 @@ def stop(
     uid: Annotated[str, typer.Argument(help="model uid")], endpoint: Endpoint = settings.ENDPOINT.default
 ) -> None:
     """Terminate a running model (all its replicas)."""
-    with _client(endpoint) as client:
-        try:
-            client.terminate(uid)
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        client.terminate(uid)
     console.print(f"stopped {uid}")
 
 
@@ -502,12 +496,9 @@ def devices_table(devices: list[dict[str, Any]], workers: list[dict[str, Any]]) 
 def gpus(endpoint: Endpoint = settings.ENDPOINT.default) -> None:
     """Show each device's memory: total, used by others, each model's reservation and use, free;
     grouped by node on a Ray cluster."""
-    with _client(endpoint) as client:
-        try:
-            devices = client.devices()
-            workers = client.workers()
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        devices = client.devices()
+        workers = client.workers()
     console.print(devices_table(devices, workers))
     if (line := mps_line(devices)) is not None:
         console.print(line)
@@ -560,11 +551,8 @@ def estimate(
         "model_engine": engine,
         "n_gpu": None if n_gpu == "0" else n_gpu,
     }
-    with _client(endpoint) as client:
-        try:
-            result = client.estimate({k: v for k, v in body.items() if v is not None or k == "n_gpu"})
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        result = client.estimate({k: v for k, v in body.items() if v is not None or k == "n_gpu"})
     if as_json:
         console.print_json(json.dumps(result))
         return
@@ -612,11 +600,8 @@ def models(
     ] = None,
 ) -> None:
     """List the catalog: built-in and registered models."""
-    with _client(endpoint) as client:
-        try:
-            families = client.registrations(model_type, detailed=True, search=search)
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        families = client.registrations(model_type, detailed=True, search=search)
     console.print(catalog_table(families))
 
 
@@ -656,11 +641,8 @@ def register(
 ) -> None:
     """Register a custom model from a local path."""
     data = json.loads(file.read_text())
-    with _client(endpoint) as client:
-        try:
-            name = client.register(model_type or data.get("model_type", "LLM"), data)
-        except ShoalAPIError as exc:
-            raise _fail(exc) from exc
+    with _session(endpoint) as client:
+        name = client.register(model_type or data.get("model_type", "LLM"), data)
     console.print(f"registered {name}")
 
 
