@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 import load  # benchmarks/load.py: Xinference's launcher
-from common import free_port, machine_info, server_process  # benchmarks/common.py
+from common import free_port, machine_info, server_process, wait_ok  # benchmarks/common.py
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 WORDS = (
@@ -165,20 +165,6 @@ async def bench_inprocess(seconds: float) -> dict[str, Any]:
     return result
 
 
-async def wait_for(
-    client: httpx.AsyncClient, path: str, proc: subprocess.Popen[bytes], log_path: Path
-) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if (await client.get(path)).status_code == 200:
-                return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"no answer on {path}: {log_path.read_text()[-2000:]}")
-
-
 @contextlib.asynccontextmanager
 async def http(port: int) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
@@ -207,7 +193,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
                    "--log-level", "warning"]  # fmt: skip
         with server_process(command, log_path, env) as proc:
             async with http(port) as client:
-                await wait_for(client, "/health", proc, log_path)
+                await wait_ok(client, "/health", proc, log_path, 300, 0.1)
                 launch = {"model_name": EMBED_MODEL, "n_threads": args.threads or os.cpu_count(), **options}
                 started = time.monotonic()
                 response = await client.post("/v1/models", json=launch)
@@ -250,7 +236,7 @@ async def bench_infinity(args: argparse.Namespace) -> dict[str, Any] | str:
         with server_process(command, log_path, env) as proc:
             async with http(port) as client:
                 try:
-                    await wait_for(client, "/health", proc, log_path)
+                    await wait_ok(client, "/health", proc, log_path, 300, 0.1)
                 except RuntimeError as exc:
                     return {"error": str(exc)[-1500:]}
                 result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
@@ -275,7 +261,7 @@ async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
         started = time.monotonic()
         with server_process(command, log_path, load.xinference_env(venv, Path(tmp))) as proc:
             async with http(port) as client:
-                await wait_for(client, "/v1/models", proc, log_path)
+                await wait_ok(client, "/v1/models", proc, log_path, 300, 0.1)
                 result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
                 launched = time.monotonic()
                 uid, _ = await load.xinference_launch(f"http://127.0.0.1:{port}", "embed", minilm())

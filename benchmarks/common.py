@@ -1,7 +1,9 @@
-"""What the benchmarks share: the machine they ran on, a free loopback port, a server process."""
+"""What the benchmarks share: the machine they ran on, a free loopback port, a server process and
+the wait for it to answer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import importlib.metadata
@@ -10,9 +12,12 @@ import platform
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 PACKAGES = ("shoal", "httpx", "xllamacpp", "sentence-transformers", "torch")
 
@@ -70,3 +75,24 @@ def server_process(
                     proc.wait()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # anything the server left behind
+
+
+async def wait_ok(
+    client: httpx.AsyncClient,
+    path: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float,
+    poll: float,
+) -> None:
+    """Until GET `path` answers 200; RuntimeError with the server log's tail when the process exits
+    first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(path)).status_code == 200:
+                return
+        await asyncio.sleep(poll)
+    raise RuntimeError(f"no 200 on {path} within {timeout:.0f} s:\n{log_path.read_text()[-2000:]}")

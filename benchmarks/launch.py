@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from common import free_port, machine_info, server_process  # benchmarks/common.py
+from common import free_port, machine_info, server_process, wait_ok  # benchmarks/common.py
 
 MODELS = {"all-MiniLM-L6-v2": "torch", "smollm2-135m-instruct": "llama.cpp"}
 FAMILIES = ("torch", "llama.cpp", "onnx")  # the spares SHOAL_WARM_SPARES=all starts here
@@ -42,18 +41,6 @@ FAMILIES = ("torch", "llama.cpp", "onnx")  # the spares SHOAL_WARM_SPARES=all st
 
 def log(message: str) -> None:
     print(f"[launch {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-async def wait_health(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if (await client.get("/health")).status_code == 200:
-                return
-        await asyncio.sleep(0.05)
-    raise RuntimeError("server did not answer /health")
 
 
 def spare_ready_count(data: Path, family: str) -> int:
@@ -84,7 +71,7 @@ async def bench_server(spares: str, repeats: int) -> dict[str, Any]:
                    "--log-level", "warning"]  # fmt: skip
         with server_process(command, log_path, env) as proc:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                await wait_health(client, proc, log_path)
+                await wait_ok(client, "/health", proc, log_path, 120, 0.05)
                 used = dict.fromkeys(FAMILIES, 0)  # spares taken so far, by family
                 if spares != "none":  # the first launch while the spares still import
                     result["first_after_start"] = await launch_once(client, "all-MiniLM-L6-v2", "first")

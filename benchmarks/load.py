@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from common import free_port, machine_info, server_process  # benchmarks/common.py
+from common import free_port, machine_info, server_process, wait_ok  # benchmarks/common.py
 from shoal.catalog import Catalog
 from shoal.catalog.resolve import local_path
 from shoal.state import StateStore
@@ -286,16 +286,8 @@ async def load_phases(
 
 
 async def wait_http(base_url: str, path: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
     async with httpx.AsyncClient(base_url=base_url, timeout=5, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(path)).status_code == 200:
-                    return
-            await asyncio.sleep(0.3)
-    raise RuntimeError(f"server not up within {READY_TIMEOUT_S} s:\n{log_path.read_text()[-2000:]}")
+        await wait_ok(client, path, proc, log_path, READY_TIMEOUT_S, 0.3)
 
 
 async def post_checked(base_url: str, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:

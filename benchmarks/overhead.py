@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from common import free_port, machine_info  # benchmarks/common.py
+from common import free_port, machine_info, wait_ok  # benchmarks/common.py
 from shoal.catalog import Catalog, ModelFamily
 from shoal.catalog.resolve import local_path
 from shoal.engines.base import EngineConfig
@@ -309,15 +309,7 @@ def shoal_server(
 
 
 async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"shoal exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if (await client.get("/health")).status_code == 200:
-                return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"shoal did not answer /health within 60 s:\n{log.read_text()[-2000:]}")
+    await wait_ok(client, "/health", proc, log, 60, 0.2)
 
 
 @contextlib.asynccontextmanager
