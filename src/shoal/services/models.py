@@ -674,10 +674,8 @@ class ModelService:
 
     # ---- runners -----------------------------------------------------------------------------
     def _runner_config(self, model: RunningModel, reservation: Reservation) -> RunnerConfig:
-        plan = model.plan
-        real_gpu = plan.kind == "gpu" and not plan.fake
         options = {k: v for k, v in model.request.engine_options().items() if k != "n_threads"}
-        if real_gpu and model.engine in FRACTION_ENGINES and reservation.device_total:
+        if model.plan.real_gpu and model.engine in FRACTION_ENGINES and reservation.device_total:
             # torch enforces the share: an allocation past it raises OutOfMemoryError in this runner only
             options["memory_fraction"] = min(1.0, reservation.reserved / reservation.device_total)
         return RunnerConfig(
@@ -687,7 +685,7 @@ class ModelService:
             model_format=model.spec.model_format,
             source=model.source,
             context_length=model.family.context_length,
-            device="cuda" if real_gpu else "cpu",
+            device="cuda" if model.plan.real_gpu else "cpu",
             n_threads=len(reservation.cores) or model.request.engine_options().get("n_threads"),
             options=options,
             socket="",  # the host says where
@@ -703,11 +701,10 @@ class ModelService:
             update={"replica": replica.index, "profile": profile}
         )
         env = dict(model.request.envs or {})
-        real_gpu = model.plan.kind == "gpu" and not model.plan.fake
         env["CUDA_VISIBLE_DEVICES"] = (
-            ",".join(d.split(":")[-1] for d in reservation.devices) if real_gpu else ""
+            ",".join(d.split(":")[-1] for d in reservation.devices) if model.plan.real_gpu else ""
         )
-        if real_gpu:  # CUDA MPS on: the runner joins the daemon, capped at its reservation
+        if model.plan.real_gpu:  # CUDA MPS on: the runner joins the daemon, capped at its reservation
             env.update(
                 self.mps.env(reservation.reserved, len(reservation.devices), model.request.gpu_compute)
             )
@@ -764,8 +761,8 @@ class ModelService:
             "model %s replica %d profiled on %s: peak %d bytes, reserved %d (estimate %d)",
             model.uid, replica.index, measured[0], stored.peak, stored.reserved, r.estimate,
         )  # fmt: skip
-        real_gpu = model.plan.kind == "gpu" and not model.plan.fake
-        if real_gpu and model.engine in FRACTION_ENGINES and model.engine != "vllm" and r.device_total:
+        torch_capped = model.engine in FRACTION_ENGINES and model.engine != "vllm"
+        if model.plan.real_gpu and torch_capped and r.device_total:
             fraction = min(1.0, r.reserved / r.device_total)
             try:
                 async with runner.session.post("/memory_fraction", json={"fraction": fraction}) as answer:

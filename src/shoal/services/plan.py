@@ -26,6 +26,11 @@ class LaunchPlan:
     cores: int  # CPU cores for a runner that computes on the CPU (CPU or fake-GPU replicas)
     fake: bool  # placed on declared fake GPUs: the runner computes on the CPU
 
+    @property
+    def real_gpu(self) -> bool:
+        """Placed on NVIDIA GPUs the runner computes on (not the CPU, not declared fake GPUs)."""
+        return self.kind == "gpu" and not self.fake
+
 
 def device_kind(
     n_gpu: int | str | None, gpu_idx: int | list[int] | None, device: str | None, gpus: list[Device]

@@ -191,7 +191,7 @@ def wants_profile_run(mode: str, plan: LaunchPlan) -> bool:
     placed it; by mode, on real GPUs only (gpu, the default) or everywhere (all)."""
     if mode == "off" or plan.breakdown.get("memory_source") in ("profile", "declared"):
         return False
-    return mode == "all" or (plan.kind == "gpu" and not plan.fake)
+    return mode == "all" or plan.real_gpu
 
 
 class ProfileBook:
