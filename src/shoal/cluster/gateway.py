@@ -23,13 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from shoal.catalog.specs import Source
 from shoal.cluster import files
 from shoal.cluster.agent import NodeAgent
 from shoal.devices import Device, Snapshot
 from shoal.errors import LaunchFailed, NodeLost
+from shoal.runners.client import RunnerClient
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import ping, wait_healthy
 from shoal.scheduler import Demand, DeviceState
@@ -126,7 +125,7 @@ class RemoteRunner:
         self.listen: str | None = None
         self._exit: int | None = None
         self._lost: str | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._http: RunnerClient | None = None
         self.copy: files.CopyProgress | None = None  # its model's files on their way to the node
 
     def _seen_copy(self, progress: files.CopyProgress) -> None:
@@ -136,12 +135,12 @@ class RemoteRunner:
         return self.copy.progress() if self.copy is not None else None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                f"http://{self.listen}", connector=aiohttp.TCPConnector(limit=0)
-            )
-        return self._session
+    def http(self) -> RunnerClient:
+        if self._http is None:
+            assert self.listen is not None, "the runner is not spawned yet"
+            host, _, port = self.listen.rpartition(":")
+            self._http = RunnerClient(host=host.strip("[]"), port=int(port))
+        return self._http
 
     async def start(self) -> None:
         """Bring the model's files to the node when it lacks them, then spawn the runner there."""
@@ -173,8 +172,8 @@ class RemoteRunner:
         their timeouts run out."""
         self._lost = reason
         self._exit = -1
-        if self._session is not None and not self._session.closed:
-            self.cluster.spawn(self._session.close())
+        if self._http is not None and not self._http.closed:
+            self.cluster.spawn(self._http.close())
 
     @property
     def node_lost(self) -> bool:
@@ -222,8 +221,8 @@ class RemoteRunner:
             self.node.runners.pop(self.pid, None)
         if self._exit is None:
             self._exit = 0
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 class RayHost:

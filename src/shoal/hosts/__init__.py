@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import aiohttp
-
 from shoal.devices import Snapshot
+from shoal.runners.client import RunnerClient
 from shoal.runners.config import RunnerConfig
 from shoal.scheduler import Demand, DeviceState
 
@@ -26,7 +25,7 @@ class RunnerHandle(Protocol):
     def pid(self) -> int | None: ...
 
     @property
-    def session(self) -> aiohttp.ClientSession: ...
+    def http(self) -> RunnerClient: ...
 
     @property
     def node_lost(self) -> bool:

@@ -19,9 +19,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
 from shoal.errors import LaunchFailed
+from shoal.runners.client import RunnerClient
 from shoal.runners.config import RunnerConfig
 
 _PR_SET_PDEATHSIG = 1
@@ -63,7 +62,7 @@ class Runner(Protocol):
     config: RunnerConfig
 
     @property
-    def session(self) -> aiohttp.ClientSession: ...
+    def http(self) -> RunnerClient: ...
 
     def exited(self) -> int | None: ...
 
@@ -73,10 +72,10 @@ class Runner(Protocol):
 async def ping(runner: Runner, timeout: float) -> bool:
     """Liveness: /health answers 200 within `timeout` seconds."""
     try:
-        async with runner.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            return r.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
+        status, _ = await runner.http.call("GET", "/health", timeout=timeout)
+    except (TimeoutError, OSError):
         return False
+    return status == 200
 
 
 async def wait_healthy(
@@ -131,17 +130,14 @@ class RunnerProcess:
         self.log_path = log_path
         self._env = env
         self._popen: subprocess.Popen[bytes] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._http: RunnerClient | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """Keep-alive HTTP over the runner's Unix socket. aiohttp, not httpx: measured here, an
-        async httpx round trip over a Unix socket cost 1.46 ms against aiohttp's 0.51 ms."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                "http://runner", connector=aiohttp.UnixConnector(path=self.config.socket, limit=0)
-            )
-        return self._session
+    def http(self) -> RunnerClient:
+        """Keep-alive HTTP over the runner's Unix socket."""
+        if self._http is None:
+            self._http = RunnerClient(socket=self.config.socket)
+        return self._http
 
     @property
     def pid(self) -> int | None:
@@ -225,8 +221,8 @@ class RunnerProcess:
             if self._popen.poll() is None:
                 self._popen.kill()
                 await asyncio.to_thread(self._popen.wait)
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.close()
         if self.spares is not None:
             self.spares.launched(self)
         Path(self.config.socket).unlink(missing_ok=True)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import orjson
+
 from shoal import metrics
 from shoal.catalog import Catalog, ModelFamily, ModelSpec, Source, default_engine
 from shoal.catalog.resolve import local_path
@@ -765,8 +767,9 @@ class ModelService:
         if model.plan.real_gpu and torch_capped and r.device_total:
             fraction = min(1.0, r.reserved / r.device_total)
             try:
-                async with runner.session.post("/memory_fraction", json={"fraction": fraction}) as answer:
-                    answer.raise_for_status()
+                status, text = await runner.http.call("POST", "/memory_fraction", {"fraction": fraction})
+                if status != 200:
+                    raise ShoalError(f"{status}: {text[:300].decode('utf-8', 'replace')}")
             except Exception as exc:  # the runner serves on under its first cap
                 log.warning("model %s: torch memory cap not moved to %.4f: %s", model.uid, fraction, exc)
         self._freed.set()  # a smaller reservation can make room for a queued launch
@@ -775,8 +778,8 @@ class ModelService:
     async def _profile_ran(runner: RunnerHandle) -> bool:
         """The runner says its profile run completed (runners/app.py counts it on /metrics)."""
         try:
-            async with runner.session.get("/metrics") as answer:
-                return bool((await answer.json()).get("runner_profile_runs") == 1)
+            status, text = await runner.http.call("GET", "/metrics")
+            return status == 200 and orjson.loads(text).get("runner_profile_runs") == 1
         except Exception as exc:  # unreadable: not measured, rather than a wrong profile
             log.warning("runner metrics unread after a profile run: %s", exc)
             return False

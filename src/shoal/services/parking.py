@@ -19,8 +19,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from shoal import metrics
 from shoal.errors import LaunchFailed, ShoalError
 from shoal.hosts import RunnerHandle
@@ -39,13 +37,10 @@ PARK_TIMEOUT = 120.0  # seconds a runner may take to move its weights to host RA
 async def runner_call(runner: RunnerHandle, path: str) -> str | None:
     """POST to the runner's /park or /wake: None when it answered 200, else what went wrong."""
     try:
-        timeout = aiohttp.ClientTimeout(total=PARK_TIMEOUT)
-        async with runner.session.post(path, timeout=timeout) as response:
-            if response.status == 200:
-                return None
-            return f"{response.status}: {(await response.text())[:300]}"
-    except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
+        status, text = await runner.http.call("POST", path, timeout=PARK_TIMEOUT)
+    except (TimeoutError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    return None if status == 200 else f"{status}: {text[:300].decode('utf-8', 'replace')}"
 
 
 def _find(service: ModelService, key: str) -> tuple[RunningModel, Replica] | None:

@@ -12,9 +12,6 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from functools import lru_cache
-
-import aiohttp
 
 from shoal.errors import ModelUnavailable, RequestTimeout, ShoalError
 from shoal.services.models import ModelService
@@ -33,13 +30,6 @@ class Forwarded:
 
 
 JSON_HEADERS = {"content-type": "application/json"}
-
-
-@lru_cache(maxsize=8)
-def _limits(timeout: float, first_byte: float) -> aiohttp.ClientTimeout:
-    """sock_read bounds the wait for the first byte, and then for each next one (one object per
-    pair of settings: aiohttp only reads it)."""
-    return aiohttp.ClientTimeout(total=timeout, sock_connect=5, sock_read=first_byte)
 
 
 def _failure(
@@ -75,22 +65,18 @@ async def forward(
         runner = replica.runner
         assert runner is not None
         try:
-            response = await runner.session.request(
-                method, path, data=body, headers=headers or JSON_HEADERS, timeout=_limits(timeout, first_byte)
+            answer = await runner.http.request(
+                method, path, body, headers or JSON_HEADERS, timeout=timeout, first_byte=first_byte
             )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
             raise _failure(service, uid, replica, exc, first_byte) from exc
-        except RuntimeError as exc:  # aiohttp's "Session is closed": the runner was dropped (node lost)
-            if not runner.session.closed:
-                raise
-            raise _failure(service, uid, replica, exc, first_byte) from exc
-        held.callback(response.release)
-        if not stream or response.status != 200:
+        held.callback(answer.close)
+        if not stream or answer.status != 200:
             try:
-                content = await response.read()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                content = await answer.read()
+            except (TimeoutError, OSError) as exc:
                 raise _failure(service, uid, replica, exc, first_byte) from exc
-            return Forwarded(response.status, replica.index, response.content_type, body=content)
+            return Forwarded(answer.status, replica.index, answer.content_type, body=content)
 
         lease = held.pop_all()  # from here the stream holds the replica until close()
         closed = False
@@ -99,17 +85,17 @@ async def forward(
             nonlocal closed
             if not closed:
                 closed = True
-                response.close()  # drops the connection: the runner sees the client go and stops generating
+                answer.close()  # drops the connection: the runner sees the client go and stops generating
                 await lease.aclose()
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in answer.chunks():
                     yield chunk
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:
                 yield _sse_error(_failure(service, uid, replica, exc, first_byte))
             finally:
                 await close()
 
-        return Forwarded(200, replica.index, response.content_type, stream=chunks(), close=close)
+        return Forwarded(200, replica.index, answer.content_type, stream=chunks(), close=close)
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
