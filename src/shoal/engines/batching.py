@@ -1,11 +1,12 @@
 """Dynamic batching across requests, for engines whose forward pass costs about the same for one input
-as for many (encoders: embeddings, rerank).
+as for many (encoders: embeddings, rerank; Whisper's decoder, engines/faster_whisper.py).
 
 Concurrent requests hand their inputs to one `Batcher`; one worker task takes inputs from the queue in
 arrival order, up to `max_batch_size` inputs and `max_batch_tokens` tokens (a single input over the
-token budget goes alone), waiting at most `batch_wait_ms` for more once the first has arrived, sorts
-them by length (less padding: neighbours in a batch have about the same length) and runs them as one
-call of the engine's `run` on one model thread. Each request gets its own results back, in its own
+token budget goes alone), waiting at most `batch_wait_ms` for more once the first has arrived and the
+model thread is free (the `call`s queued before have run), sorts them by length (less padding:
+neighbours in a batch have about the same length) and runs them as one call of the engine's `run` on
+one model thread. Each request gets its own results back, in its own
 order. A request larger than the budget is split over several batches.
 
 Isolation: a request whose caller is cancelled (the client hung up) is dropped from the queue and its
@@ -44,10 +45,11 @@ class BatchSettings:
     batch_wait_ms: float = BATCH_WAIT_MS
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> BatchSettings:
-        """The batching options of a launch (already checked against the option table)."""
+    def from_options(cls, options: dict[str, Any], max_batch_size: int = MAX_BATCH_SIZE) -> BatchSettings:
+        """The batching options of a launch (already checked against the option table); max_batch_size:
+        the engine's default."""
         return cls(
-            int(options.get("max_batch_size", MAX_BATCH_SIZE)),
+            int(options.get("max_batch_size", max_batch_size)),
             int(options.get("max_batch_tokens", MAX_BATCH_TOKENS)),
             float(options.get("batch_wait_ms", BATCH_WAIT_MS)),
         )
@@ -97,6 +99,10 @@ class Batcher(Generic[Item, Result]):
         self._arrived.set()
         return await request.future  # a cancelled caller cancels the future: the worker skips it
 
+    def queued(self) -> int:
+        """Inputs waiting for a batch."""
+        return sum(len(r.items) - r.taken for r in self._queue if not r.future.done())
+
     async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the model thread, between batches (for work that touches the model alone)."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -109,6 +115,9 @@ class Batcher(Generic[Item, Result]):
     async def _work(self) -> None:
         while True:
             await self._arrived.wait()
+            # a batch forms once the model thread is free: what arrives while it runs other calls
+            # (another request's encoder pass) joins this batch instead of waiting for the next one
+            await self.call(_nothing)
             if self.settings.batch_wait_ms > 0:
                 await self._gather_more()
             batch = self._take()
@@ -177,6 +186,10 @@ class Batcher(Generic[Item, Result]):
             request.done += 1
             if request.done == len(request.items) and not request.future.done():
                 request.future.set_result(request.results)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _fail(request: _Request[Any, Any], exc: Exception) -> None:

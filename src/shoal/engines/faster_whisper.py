@@ -1,14 +1,31 @@
-"""faster-whisper (CTranslate2) for Whisper speech-to-text models, CPU or CUDA."""
+"""faster-whisper (CTranslate2) for Whisper speech-to-text models, CPU or CUDA.
+
+Batching across requests: each request runs faster-whisper's own transcription (its 30-s windows,
+prompts, temperature fallback, word timestamps) on a thread of its own, and the CTranslate2 model
+under it is `_SharedModel`, which runs every model call of every request on one model thread: the
+decoder calls (`generate`, beam search) of concurrent requests as one batch through engines/batching.py,
+the encoder and the rest one call at a time. Only the decoder gains from a batch on a 2-core CPU (the
+encoder's batch is slower there: docs/benchmarks.md), and a batch of decoder calls gives each request
+the tokens and scores it gets alone: every encoder window is padded to 30 s already, and calls are
+batched only with calls of the same prompt length and the same decoding settings, so nothing is padded.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from shoal.engines.audio_decode import decode_audio
 from shoal.engines.base import Engine
+from shoal.engines.batching import Batcher, BatchSettings
 from shoal.errors import InvalidRequest
+
+T = TypeVar("T")
 
 SAMPLE_RATE = 16000  # what every Whisper model takes
 
@@ -34,6 +51,117 @@ LANGUAGE_CODES: dict[str, str] = {name: code for code, name in LANGUAGES.items()
 
 # OpenAI's temperature 0 means "start greedy, fall back to sampling": Whisper's own schedule.
 TEMPERATURE_STEP = 0.2
+# Decoder calls per batch unless the launch says: 1.4x the throughput of one at a time at 8 on the
+# 2-core CPU (docs/benchmarks.md); each is beam_size sequences with a cache of up to 448 tokens.
+DEFAULT_MAX_BATCH = 8
+
+
+class _Abandoned(Exception):
+    """The request's client left: its transcription stops at its next model call."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """What a request's thread needs to reach the batcher, and what stops it."""
+
+    loop: asyncio.AbstractEventLoop
+    stop: threading.Event = field(default_factory=threading.Event)
+    pending: concurrent.futures.Future[Any] | None = None  # the model call it waits for
+
+    def abandon(self) -> None:
+        self.stop.set()
+        if self.pending is not None:
+            self.pending.cancel()  # a decode still queued leaves the queue
+
+
+@dataclass(frozen=True, eq=False)
+class _Decode:
+    """One request's decoder call: its window's encoder output, its prompt and faster-whisper's
+    settings for it (beam or sampling, thresholds), `key` naming the calls it may share a batch with."""
+
+    encoder_output: Any  # a ctranslate2.StorageView of one window, in host memory
+    prompt: list[int]
+    kwargs: dict[str, Any]
+    key: str
+
+
+class _SharedModel:
+    """Stands in for WhisperModel.model (the ctranslate2.models.Whisper) under faster-whisper: the
+    calls of all request threads run on the batcher's one model thread."""
+
+    def __init__(self, model: Any, settings: BatchSettings) -> None:
+        self._model = model
+        self.batcher: Batcher[_Decode, Any] = Batcher(self._generate_batch, settings)
+        self._local = threading.local()  # the _Request this thread runs
+
+    def __getattr__(self, name: str) -> Any:  # is_multilingual, n_mels, device, device_index...
+        return getattr(self._model, name)
+
+    def run_request(self, request: _Request, fn: Any, *args: Any) -> Any:
+        """fn(*args) on this thread (one of the engine's request threads) for this request."""
+        if request.stop.is_set():
+            raise _Abandoned
+        self._local.request = request
+        try:
+            return fn(*args)
+        finally:
+            del self._local.request
+
+    def _wait(self, call: Coroutine[Any, Any, T]) -> T:
+        request: _Request = self._local.request
+        if request.stop.is_set():
+            call.close()
+            raise _Abandoned
+        future = asyncio.run_coroutine_threadsafe(call, request.loop)
+        request.pending = future
+        if request.stop.is_set():  # abandoned between the check and the assignment
+            future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise _Abandoned from None
+        finally:
+            request.pending = None
+
+    def _alone(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._wait(self.batcher.call(lambda: fn(*args, **kwargs)))
+
+    def encode(self, features: Any, to_cpu: bool = False) -> Any:
+        # in host memory, where a batch's encoder outputs are joined (generate takes them from there)
+        return self._alone(self._model.encode, features, to_cpu=True)
+
+    def detect_language(self, *args: Any, **kwargs: Any) -> Any:
+        return self._alone(self._model.detect_language, *args, **kwargs)
+
+    def align(self, *args: Any, **kwargs: Any) -> Any:
+        return self._alone(self._model.align, *args, **kwargs)
+
+    def generate(self, encoder_output: Any, prompts: list[list[int]], **kwargs: Any) -> Any:
+        if len(prompts) != 1:  # not what faster-whisper's own loop asks: run it as it is
+            return self._alone(self._model.generate, encoder_output, prompts, **kwargs)
+        decode = _Decode(encoder_output, list(prompts[0]), kwargs, repr(sorted(kwargs.items())))
+        return self._wait(self.batcher.submit([decode], [len(decode.prompt)]))
+
+    def _generate_batch(self, decodes: list[_Decode]) -> list[Any]:
+        """One generate call per group of decodes with the same settings and prompt length."""
+        import ctranslate2
+        import numpy as np
+
+        groups: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
+        for i, decode in enumerate(decodes):
+            groups[(decode.key, len(decode.prompt))].append(i)
+        results: list[Any] = [None] * len(decodes)
+        for indices in groups.values():
+            first = decodes[indices[0]]
+            if len(indices) == 1:
+                output = first.encoder_output
+            else:
+                joined = np.concatenate([np.asarray(decodes[i].encoder_output) for i in indices])
+                output = ctranslate2.StorageView.from_array(joined)
+            answers = self._model.generate(output, [decodes[i].prompt for i in indices], **first.kwargs)
+            for i, answer in zip(indices, answers, strict=True):
+                results[i] = answer
+        return results
 
 
 class FasterWhisperEngine(Engine):
@@ -55,10 +183,21 @@ class FasterWhisperEngine(Engine):
             cpu_threads=self.config.n_threads or 0,
         )
         self.multilingual = bool(self._model.model.is_multilingual)
-        self._lock = threading.Lock()  # one decode at a time: CTranslate2 already uses every thread
+        settings = BatchSettings.from_options(opts, DEFAULT_MAX_BATCH)
+        self._shared = _SharedModel(self._model.model, settings)
+        self._model.model = self._shared
+        # one thread per request in flight, up to a batch of them (max_batch_size 1: one at a time)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            settings.max_batch_size, thread_name_prefix="shoal-transcribe"
+        )
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._shared.batcher.close()
         del self._model
+
+    def metrics(self) -> dict[str, float]:
+        return {**self._shared.batcher.counters, "queued_inputs": self._shared.batcher.queued()}
 
     def _language(self, raw: Any) -> str | None:
         """The Whisper code for the requested language, refused when this model cannot do it."""
@@ -130,13 +269,19 @@ class FasterWhisperEngine(Engine):
     async def transcribe(self, audio: bytes, body: dict[str, Any]) -> dict[str, Any]:
         options = self._options(body)  # refuse before spending time on decoding
         samples = await asyncio.to_thread(decode_audio, audio, SAMPLE_RATE)
-        return await asyncio.to_thread(self._run, samples, options)
+        loop = asyncio.get_running_loop()
+        request = _Request(loop)
+        try:
+            return await loop.run_in_executor(
+                self._threads, self._shared.run_request, request, self._run, samples, options
+            )
+        finally:
+            request.abandon()  # a cancelled caller: its thread stops at its next model call
 
     def _run(self, samples: Any, options: dict[str, Any]) -> dict[str, Any]:
         words_asked = options["word_timestamps"]
-        with self._lock:
-            segments_iter, info = self._model.transcribe(samples, **options)
-            segments = list(segments_iter)  # the generator does the work: consume it under the lock
+        segments_iter, info = self._model.transcribe(samples, **options)
+        segments = list(segments_iter)  # the generator does the work, its model calls through _shared
         out_segments: list[dict[str, Any]] = []
         words: list[dict[str, Any]] = []
         for seg in segments:

@@ -61,10 +61,17 @@ OPTIONS: dict[str, Option] = {
     "context_length": _int(MIN_CONTEXT, MAX_CONTEXT, "transformers, vLLM: tokens per sequence"),
     "n_parallel": _int(1, MAX_SEQUENCES, "llama.cpp: slots (sequences decoded at once)"),
     "max_batch_size": _int(
-        1, MAX_SEQUENCES, "transformers: requests decoded together; encoders: inputs per dynamic batch"
+        1,
+        MAX_SEQUENCES,
+        "transformers: requests decoded together; encoders: inputs per dynamic batch; "
+        "faster-whisper: decoder calls per dynamic batch",
     ),
-    "max_batch_tokens": _int(1, MAX_CONTEXT, "encoders: tokens per dynamic batch (inputs' lengths summed)"),
-    "batch_wait_ms": Option("float", 0, 1000, help="encoders: wait for a dynamic batch to fill (ms)"),
+    "max_batch_tokens": _int(
+        1, MAX_CONTEXT, "encoders, faster-whisper: tokens per dynamic batch (inputs' or prompts' lengths)"
+    ),
+    "batch_wait_ms": Option(
+        "float", 0, 1000, help="encoders, faster-whisper: wait for a dynamic batch to fill (ms)"
+    ),
     "max_num_seqs": _int(1, MAX_SEQUENCES, "vLLM: sequences decoded together"),
     "n_batch": _int(1, MAX_CONTEXT, "llama.cpp: tokens per prompt-processing batch"),
     "n_gpu_layers": _int(-1, 100_000, "llama.cpp: layers on the GPU; -1 all"),
@@ -133,7 +140,7 @@ ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "sentence_transformers": _TORCH,
     "embedding_rerank": (*_TORCH, "query_prompt", "document_prompt", "score"),
     "cross_encoder": (*_TORCH, "max_length"),
-    "faster_whisper": ("compute_type", "beam_size"),
+    "faster_whisper": ("compute_type", "beam_size", "max_batch_size", "max_batch_tokens", "batch_wait_ms"),
     "piper": ("noise_scale", "noise_w_scale", "normalize_audio", "volume"),
     "hibari": ("voice", "seed"),
     "rapidocr": ("text_score", "box_thresh", "unclip_ratio", "use_cls", "max_pixels", "max_side_len"),
