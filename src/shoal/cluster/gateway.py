@@ -548,9 +548,13 @@ class RayHost:
         log.warning("%s cannot reach the hub (%s): it gets the gateway's copy of %s",
                     node.name, why, want.name)  # fmt: skip
         # shown while the gateway downloads the files first, when it lacks them (the model's `download`)
-        seen(files.CopyProgress(node.name, want.name, want.total, "gateway"))
-        path = gateway_path or await hub.gateway_path()
-        return await self.stage(node, Path(path), seen)
+        waiting = files.CopyProgress(node.name, want.name, want.total, "gateway")
+        seen(waiting)
+        path = await self.stage(node, Path(gateway_path or await hub.gateway_path()), seen)
+        if waiting.ended is None:  # no copy after all: the node sees the gateway's files in place
+            waiting.via, waiting.done, waiting.path = "cache", want.total, path
+            waiting.ended = time.monotonic()
+        return path
 
     def _copy(self, node: Node, m: files.Manifest, progress: files.CopyProgress) -> str:
         """Chunk by chunk through Ray's object store, a few chunks in flight (runs in a thread);
