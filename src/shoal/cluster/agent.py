@@ -2,7 +2,9 @@
 
 It reports the node's devices and each of its runners' memory use, spawns and stops runner
 processes there exactly as the gateway does on one machine (PR_SET_PDEATHSIG, the cores the
-scheduler gave, the same log file and status file), and receives model files the node lacks.
+scheduler gave, the same log file and status file), and gets the model files the node lacks: a
+hub model's from its own cache or the hub (downloaded here), a local path's (or, when this node
+cannot reach the hub, a hub model's) as a copy of the gateway's files written here chunk by chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Any
 from shoal import settings
 from shoal.cluster import files
 from shoal.devices import all_devices, gpu_process_usage, rss_bytes
+from shoal.errors import HubUnreachable, ShoalError
+from shoal.hub import cache as hub_cache
+from shoal.hub.download import Downloader, FileJob, HubFiles
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import child_setup, failure_reason
 
@@ -69,6 +74,8 @@ class NodeAgent:
         self._tags: dict[int, str] = {}  # runner pid → the gateway's tag for it (spawn's `tag`)
         self._sources: dict[int, str] = {}  # runner pid → the model path it loads (copies in use)
         self._lock = threading.Lock()
+        self._downloads: dict[str, tuple[int, list[FileJob]]] = {}  # hub downloads here: bytes had, jobs
+        self._downloaders: set[Downloader] = set()
         self._n = 0
         self._env = runner_environment()
 
@@ -86,6 +93,10 @@ class NodeAgent:
             "rss": {pid: rss for pid in live if (rss := rss_bytes(pid)) is not None},
             "exited": codes,
             "live": {pid: self._tags.get(pid, "") for pid in live},
+            "downloads": {  # bytes in so far of each hub download here (its progress at the gateway)
+                key: had + sum(min(j.done, j.size) for j in jobs)
+                for key, (had, jobs) in list(self._downloads.items())
+            },
         }
 
     def spawn(
@@ -156,7 +167,10 @@ class NodeAgent:
                 proc.wait()
 
     def close(self) -> None:
-        """The gateway is leaving: stop every runner and remove this agent's folder."""
+        """The gateway is leaving: stop every runner and download (its partial blob stays, resumed
+        next time), and remove this agent's folder."""
+        for downloader in list(self._downloaders):
+            downloader.stop()
         for pid in list(self._procs):
             self.stop(pid)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -175,6 +189,49 @@ class NodeAgent:
         files.prune(self.cache, m, live)
         return final
 
-    def cached(self) -> list[dict[str, Any]]:
-        """The copies in this node's model cache (GET /v1/workers shows them)."""
-        return files.listing(self.cache)
+    def cached(self) -> dict[str, list[dict[str, Any]]]:
+        """The copies of the gateway's files in this node's model cache, and the hub models there
+        (GET /v1/workers shows both)."""
+        hub = [
+            {k: v for k, v in entry.describe([]).items() if k != "model_uids"}
+            for name, root in hub_cache.roots(self.cache).items()
+            for entry in hub_cache.entries(root, name)
+        ]
+        return {"copies": files.listing(self.cache), "hub": hub}
+
+    def fetch_hub(self, want: HubFiles, gateway: files.Manifest | None) -> tuple[str | None, str, str]:
+        """The path this node loads a hub model from, as (path, how, ""): from its own cache
+        ("cache"), from the gateway's files seen here in place or copied here before ("gateway":
+        `gateway` is their manifest, when the gateway has them), or downloaded now from the hub into
+        this node's cache ("hub": the gateway's downloader code, endpoint and token, resumed from a
+        partial blob). (None, "unreachable", why) when this node cannot reach the hub (the gateway
+        then copies its files here); (None, "failed", why) for anything else (a full disk). Runs in
+        its own concurrency group: a download does not hold back spawns and copies on this node."""
+        root = hub_cache.roots(self.cache)[want.hub]
+        folder = hub_cache.snapshot(root, want.repo, want.commit)
+        target = str(folder / want.target) if want.target else str(folder)
+        if hub_cache.has_files(root, want.repo, want.commit, [f.path for f in want.files]):
+            hub_cache.touch(root, want.repo)
+            return target, "cache", ""
+        if gateway is not None and (found := files.find(self.cache, gateway)) is not None:
+            return found, "gateway", ""
+        if want.offline:
+            return None, "unreachable", "the gateway is offline (HF_HUB_OFFLINE=1)"
+        missing = [f for f in want.files if not (folder / f.path).is_file()]
+        downloader = Downloader(root, want.disk_headroom, want.hub, want.endpoint, want.token)
+        jobs = [FileJob(want.repo, want.commit, f.path, f.size, f.sha256) for f in missing]
+        self._downloads[want.key] = (want.total - sum(f.size for f in missing), jobs)
+        self._downloaders.add(downloader)
+        try:
+            downloader.check_disk(want.repo, missing)
+            for job in jobs:
+                downloader.fetch(job, want.revision)
+        except HubUnreachable as exc:
+            return None, "unreachable", exc.message
+        except ShoalError as exc:
+            return None, "failed", exc.message
+        finally:
+            self._downloads.pop(want.key, None)
+            self._downloaders.discard(downloader)
+        hub_cache.touch(root, want.repo)
+        return target, "hub", ""

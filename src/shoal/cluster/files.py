@@ -4,7 +4,9 @@ A model launched from a local path is read where the gateway runs. A node that s
 (the same host, or shared storage) loads them in place. A node that does not gets a copy: the
 gateway reads the files in chunks, puts each chunk in Ray's object store, and the node's agent
 writes it under SHOAL_MODEL_CACHE. The copy is kept, so later launches of the same files on that
-node start at once; changed files (size or mtime) make a new copy.
+node start at once; changed files (size or mtime) make a new copy. A hub model's files a node
+downloads itself (agent.py, into SHOAL_MODEL_CACHE/hub as the gateway does); only a node that cannot
+reach the hub gets a copy of the gateway's download this way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shoal.hub.cache import ROOTS
 
 CHUNK = 32 * 1024 * 1024  # bytes per object-store chunk: bounds the memory a copy holds
 DONE = ".complete"  # marks a finished copy
@@ -36,29 +40,44 @@ class Manifest:
         return sum(size for _, size, _ in self.files)
 
 
+# status while under way, and once done, by where the files come from
+STATUS = {
+    "gateway": ("copying", "copied"),
+    "hub": ("downloading", "downloaded"),
+    "cache": ("cached", "cached"),
+}
+
+
 @dataclass
 class CopyProgress:
-    """One copy of a model's files to one node: what GET /v1/models/{uid} shows on the replica
-    being placed there (and on any replica waiting for the same copy)."""
+    """One model's files on their way to one node: what GET /v1/models/{uid} shows on the replica
+    being placed there (and on any replica waiting for the same files). `via` says from where:
+    "gateway" (a copy of the gateway's files through the object store), "hub" (the node downloads
+    them itself), "cache" (the node had them: its own hub cache, or the gateway's files in place)."""
 
     node: str
     source: str
     total: int
+    via: str = "gateway"
     done: int = 0  # bytes the node has written
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     error: str | None = None
+    path: str | None = None  # where the node's runner loads them from, once known
 
     def progress(self) -> dict[str, Any]:
         now = self.ended if self.ended is not None else time.monotonic()
         took = now - self.started
-        rate = self.done / took if took > 0 and self.done else None
+        rate = self.done / took if took > 0 and self.done and self.via != "cache" else None
         left = self.total - self.done
-        status = "failed" if self.error else "copied" if self.ended is not None else "copying"
+        going, done = STATUS[self.via]
+        status = "failed" if self.error else done if self.ended is not None else going
         return {
             "status": status,
             "node": self.node,
+            "from": self.via,
             "source": self.source,
+            "path": self.path,
             "completed_bytes": self.done,
             "total_bytes": self.total,
             "rate_bytes_per_s": round(rate) if rate else None,
@@ -164,7 +183,7 @@ def listing(cache: Path) -> list[dict[str, object]]:
     unfinished by a copy that failed)."""
     found: list[dict[str, object]] = []
     for folder in sorted(cache.iterdir()) if cache.is_dir() else []:
-        if not folder.is_dir():
+        if not folder.is_dir() or folder.name in ROOTS.values():  # the hub caches are listed apart
             continue
         complete = (folder / DONE).exists()
         try:

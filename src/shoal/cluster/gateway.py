@@ -28,6 +28,7 @@ from shoal.cluster import files
 from shoal.cluster.agent import NodeAgent
 from shoal.devices import Device, Snapshot
 from shoal.errors import LaunchFailed, NodeLost
+from shoal.hub.download import HubLaunch
 from shoal.runners.client import RunnerClient
 from shoal.runners.config import RunnerConfig
 from shoal.runners.process import ping, wait_healthy
@@ -38,6 +39,9 @@ log = logging.getLogger("shoal.cluster")
 POLL_NODES = 1.0  # seconds between looks at ray.nodes()
 POLL_AGENTS = 0.5  # seconds between polls of each agent (runner exits, devices, memory use)
 COPY_IN_FLIGHT = 4  # object-store chunks on their way to a node at once
+DOWNLOADS_PER_NODE = 4  # hub downloads a node's agent runs at once (apart from its other calls)
+DOWNLOAD_TIMEOUT = 24 * 3600.0  # seconds a node's hub download may take (a lost node ends it sooner)
+DOWNLOAD_PROGRESS = 0.25  # seconds between looks at a node's download progress (its agent's polls)
 AGENT_RESTART_TIMEOUT = 5.0  # seconds to start a new agent on a node whose agent died
 POLL_WAIT = 1.0  # seconds one round of polls waits for the agents' answers
 # seconds without an answer from a node's agent before its runners are treated as lost
@@ -73,6 +77,8 @@ class Node:
     spawning: set[str] = field(default_factory=set)  # tags of runners being spawned there
     stopping: set[int] = field(default_factory=set)  # stale runners asked to stop
     cache: list[dict[str, Any]] = field(default_factory=list)  # model copies there (files.listing)
+    hub_cache: list[dict[str, Any]] = field(default_factory=list)  # hub models in its own cache
+    downloads: dict[str, int] = field(default_factory=dict)  # hub downloads there: key → bytes in
 
     @property
     def usable(self) -> bool:
@@ -82,6 +88,7 @@ class Node:
         self.devices = [Device(**{**d, "id": f"{self.name}/{d['id']}"}) for d in polled["devices"]]
         self.gpu_usage = {(f"{self.name}/{dev}", pid): used for dev, pid, used in polled["gpu"]}
         self.rss = dict(polled["rss"])
+        self.downloads = dict(polled.get("downloads", {}))
         for pid, code in polled["exited"].items():
             runner = self.runners.get(pid)
             if runner is not None and code is not None:
@@ -97,6 +104,7 @@ class Node:
             "devices": [d.id for d in self.devices] if self.usable else [],
             "runners": len(self.runners),
             "model_cache": self.cache,
+            "hub_cache": self.hub_cache,
         }
 
 
@@ -117,9 +125,9 @@ class RemoteRunner:
     """A runner on a node agent, with the methods ModelService uses on a local RunnerProcess."""
 
     def __init__(self, cluster: RayHost, node: Node, config: RunnerConfig, env: dict[str, str],
-                 log_name: str, cores: tuple[int, ...]) -> None:  # fmt: skip
+                 log_name: str, cores: tuple[int, ...], hub: HubLaunch | None = None) -> None:  # fmt: skip
         self.cluster, self.node, self.config = cluster, node, config
-        self._env, self._log_name, self._cores = env, log_name, cores
+        self._env, self._log_name, self._cores, self._hub = env, log_name, cores, hub
         self.tag = uuid.uuid4().hex[:12]  # the agent reports it with the pid (stale runners)
         self.pid: int | None = None
         self.listen: str | None = None
@@ -148,8 +156,12 @@ class RemoteRunner:
         node = self.node
         node.spawning.add(self.tag)
         try:
-            if self.config.source.path:
+            path = None
+            if self._hub is not None:
+                path = await self.cluster.fetch_hub(node, self._hub, self.config.source.path, self._seen_copy)
+            elif self.config.source.path:
                 path = await self.cluster.stage(node, Path(self.config.source.path), self._seen_copy)
+            if path is not None:
                 self.config = self.config.model_copy(update={"source": Source(path=path)})
             ref = node.agent.spawn.remote(
                 self.config.model_dump_json(), self._env, self._log_name, list(self._cores), self.tag
@@ -228,6 +240,8 @@ class RemoteRunner:
 class RayHost:
     """The gateway's view of the Ray cluster: nodes, their agents and their devices."""
 
+    fetches_hub_files = True  # each node gets a hub model's files itself (fetch_hub)
+
     def __init__(self, address: str, on_change: Callable[[], None] | None = None) -> None:
         self.address = address
         self.on_change = on_change  # called when nodes come or go (queued launches look again)
@@ -236,6 +250,7 @@ class RayHost:
         self._actor_cls: Any = None
         self._copies: dict[tuple[str, str], asyncio.Lock] = {}  # (node, manifest key): one copy at a time
         self._copying: dict[tuple[str, str], files.CopyProgress] = {}  # the copies under way
+        self._fetching: dict[tuple[str, str], files.CopyProgress] = {}  # the hub downloads under way
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
@@ -277,7 +292,9 @@ class RayHost:
         # polls have their own thread on the agent: a runner's stop (up to its grace) or a file copy
         # there does not delay them, so a missing answer means the node is cut off, not busy
         ray.method(concurrency_group="poll")(NodeAgent.poll)
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "concurrency_groups": {"poll": 1}}
+        ray.method(concurrency_group="download")(NodeAgent.fetch_hub)  # (a download takes minutes)
+        groups = {"poll": 1, "download": DOWNLOADS_PER_NODE}
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "concurrency_groups": groups}
         self._actor_cls = ray.remote(**options)(NodeAgent)
         await self.refresh_nodes()
         self.spawn(self.watch())
@@ -321,7 +338,8 @@ class RayHost:
         ).remote(ip)
         node = Node(node_id, name, ip, agent)
         node.update(await asyncio.to_thread(ray.get, agent.poll.remote(), timeout=60))
-        node.cache = await asyncio.to_thread(ray.get, agent.cached.remote(), timeout=60)
+        cached: dict[str, Any] = await asyncio.to_thread(ray.get, agent.cached.remote(), timeout=60)
+        node.cache, node.hub_cache = cached["copies"], cached["hub"]
         self.nodes[name] = node
         log.info("node %s (%s) joined: %s", name, ip, ", ".join(d.id for d in node.devices))
 
@@ -471,11 +489,71 @@ class RayHost:
             took = progress.ended - progress.started
             log.info("copied %s to %s in %.1f s (%.0f MiB/s)", m.root, node.name, took,
                      m.total_bytes / 2**20 / max(took, 1e-6))  # fmt: skip
-            try:
-                node.cache = await self.call(node, node.agent.cached.remote(), timeout=30)
-            except Exception as exc:  # the listing is for show; the copy is there
-                log.info("listing the model cache on %s: %s", node.name, type(exc).__name__)
+            progress.path = copied
+            await self._relist(node)
             return copied
+
+    async def _relist(self, node: Node) -> None:
+        """Read the node's model cache again (GET /v1/workers shows it)."""
+        try:
+            cached = await self.call(node, node.agent.cached.remote(), timeout=30)
+            node.cache, node.hub_cache = cached["copies"], cached["hub"]
+        except Exception as exc:  # the listing is for show; the files are there
+            log.info("listing the model cache on %s: %s", node.name, type(exc).__name__)
+
+    async def fetch_hub(
+        self,
+        node: Node,
+        hub: HubLaunch,
+        gateway_path: str | None,
+        seen: Callable[[files.CopyProgress], None] = lambda _: None,
+    ) -> str:
+        """The path `node` loads a hub model from: its own cache, the gateway's files seen in place
+        there (`gateway_path`, when the gateway has them), or the hub, downloaded by the node itself;
+        only a node that cannot reach the hub gets the gateway's copy (stage). `seen` is handed the
+        progress, as stage's."""
+        want = hub.files
+        key = (node.name, f"hub:{want.key}")
+        if key in self._fetching:
+            seen(self._fetching[key])
+        async with self._copies.setdefault(key, asyncio.Lock()):
+            m = await asyncio.to_thread(files.manifest, Path(gateway_path)) if gateway_path else None
+            progress = self._fetching[key] = files.CopyProgress(node.name, want.name, want.total, "hub")
+            seen(progress)
+            ref = node.agent.fetch_hub.remote(want, m)
+            call = asyncio.ensure_future(self.call(node, ref, DOWNLOAD_TIMEOUT))
+            try:
+                while not call.done():
+                    await asyncio.wait({call}, timeout=DOWNLOAD_PROGRESS)
+                    progress.done = node.downloads.get(want.key, progress.done)
+                path, how, why = call.result()
+            except Exception as exc:
+                progress.error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                progress.ended = time.monotonic()
+                del self._fetching[key]
+            if path is not None:
+                progress.via = "hub" if how == "hub" else "cache"
+                progress.done, progress.path = want.total, path
+                if how == "hub":
+                    took = progress.ended - progress.started
+                    log.info("%s downloaded %s from the hub in %.1f s", node.name, want.name, took)
+                    await self._relist(node)
+                return str(path)
+            if how != "unreachable":
+                progress.error = why
+                raise LaunchFailed(f"on {node.name}: {why}")
+        log.warning("%s cannot reach the hub (%s): it gets the gateway's copy of %s",
+                    node.name, why, want.name)  # fmt: skip
+        # shown while the gateway downloads the files first, when it lacks them (the model's `download`)
+        waiting = files.CopyProgress(node.name, want.name, want.total, "gateway")
+        seen(waiting)
+        path = await self.stage(node, Path(gateway_path or await hub.gateway_path()), seen)
+        if waiting.ended is None:  # no copy after all: the node sees the gateway's files in place
+            waiting.via, waiting.done, waiting.path = "cache", want.total, path
+            waiting.ended = time.monotonic()
+        return path
 
     def _copy(self, node: Node, m: files.Manifest, progress: files.CopyProgress) -> str:
         """Chunk by chunk through Ray's object store, a few chunks in flight (runs in a thread);
@@ -508,9 +586,15 @@ class RayHost:
         return node is not None and worker_ip in (node.ip, node.name, node.node_id)
 
     def runner(
-        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str, cores: tuple[int, ...]
+        self,
+        device_id: str,
+        config: RunnerConfig,
+        env: dict[str, str],
+        log_name: str,
+        cores: tuple[int, ...],
+        hub: HubLaunch | None = None,
     ) -> RemoteRunner:
-        return RemoteRunner(self, self.node_of(device_id), config, env, log_name, cores)
+        return RemoteRunner(self, self.node_of(device_id), config, env, log_name, cores, hub)
 
     def restrict(self, demand: Demand, worker_ip: str | None, states: list[DeviceState]) -> Demand:
         """gpu_idx means that index on any node (or on the worker_ip node); other replicas of the
@@ -531,9 +615,15 @@ class RayHost:
 
     def workers(self, runners: int = 0) -> list[dict[str, Any]]:
         copying: dict[str, list[dict[str, Any]]] = {}
+        downloading: dict[str, list[dict[str, Any]]] = {}
         for (name, _), progress in self._copying.items():
             copying.setdefault(name, []).append(progress.progress())
-        return [{**n.describe(), "copying": copying.get(n.name, [])} for n in self.nodes.values()]
+        for (name, _), progress in self._fetching.items():
+            downloading.setdefault(name, []).append(progress.progress())
+        return [
+            {**n.describe(), "copying": copying.get(n.name, []), "downloading": downloading.get(n.name, [])}
+            for n in self.nodes.values()
+        ]
 
     async def shutdown(self) -> None:
         """Each agent stops its runners and removes its folder, then goes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from shoal.devices import Snapshot
+from shoal.hub.download import HubLaunch
 from shoal.runners.client import RunnerClient
 from shoal.runners.config import RunnerConfig
 from shoal.scheduler import Demand, DeviceState
@@ -37,7 +38,8 @@ class RunnerHandle(Protocol):
     def failure_reason(self) -> str: ...
 
     def files_progress(self) -> dict[str, Any] | None:
-        """The copy of its model's files to its node (Ray), as GET /v1/models/{uid} shows it."""
+        """Its model's files on their way to its node (Ray: downloaded there, or copied from the
+        gateway), as GET /v1/models/{uid} shows it."""
         ...
 
     async def start(self) -> None: ...
@@ -56,6 +58,10 @@ class RunnerHandle(Protocol):
 
 
 class Host(Protocol):
+    # True where each node gets a hub model's files itself when a replica starts there (Ray): the
+    # gateway then does not download them up front (`runner(..., hub=)` says what to fetch)
+    fetches_hub_files: bool
+
     async def start(self) -> None:
         """Join the cluster (Ray); nothing on one machine."""
         ...
@@ -71,9 +77,16 @@ class Host(Protocol):
         ...
 
     def runner(
-        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str, cores: tuple[int, ...]
+        self,
+        device_id: str,
+        config: RunnerConfig,
+        env: dict[str, str],
+        log_name: str,
+        cores: tuple[int, ...],
+        hub: HubLaunch | None = None,
     ) -> RunnerHandle:
-        """A runner for a replica placed on `device_id` (not started yet); NodeLost if its node is gone."""
+        """A runner for a replica placed on `device_id` (not started yet); NodeLost if its node is
+        gone. `hub`: a hub model's files, for a host that fetches them on its nodes."""
         ...
 
     def restrict(self, demand: Demand, worker_ip: str | None, states: list[DeviceState]) -> Demand:

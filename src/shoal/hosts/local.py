@@ -33,6 +33,8 @@ def local_names() -> frozenset[str]:
 
 
 class LocalHost:
+    fetches_hub_files = False  # the gateway downloads into its cache, which its runners read
+
     def __init__(self, fake_gpus: str, logs: Path, spare_families: tuple[str, ...] = ()) -> None:
         self.fake_gpus = fake_gpus
         self.logs = logs
@@ -58,7 +60,13 @@ class LocalHost:
         pass  # every snapshot reads NVML afresh
 
     def runner(
-        self, device_id: str, config: RunnerConfig, env: dict[str, str], log_name: str, cores: tuple[int, ...]
+        self,
+        device_id: str,
+        config: RunnerConfig,
+        env: dict[str, str],
+        log_name: str,
+        cores: tuple[int, ...],
+        hub: object = None,  # (the hub files are in this machine's cache by now)
     ) -> RunnerProcess:
         n = next(self._spawned)
         config = config.model_copy(

@@ -21,7 +21,13 @@ from shoal.errors import InvalidRequest
 from shoal.hub.names import HF_PREFIXES, HUB_PREFIX, MODELSCOPE_PREFIXES, PART
 
 INCOMPLETE = ".shoal.incomplete"
+ROOTS = {"huggingface": "hub", "modelscope": "modelscope"}  # each hub's folder under SHOAL_MODEL_CACHE
 LAST_USE = ".shoal-last-use"
+
+
+def roots(base: Path) -> dict[str, Path]:
+    """Each hub's cache root under SHOAL_MODEL_CACHE (the gateway's, or a Ray node's)."""
+    return {hub: base / folder for hub, folder in ROOTS.items()}
 
 
 def repo_dir(root: Path, repo: str) -> Path:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +49,42 @@ class FileJob:
     started: float | None = None  # when its GET began (time.monotonic)
     etag: str | None = None
     task: asyncio.Future[Path] | None = None
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """A hub model's files as a Ray node fetches them itself (sent to its agent, so picklable): what
+    the gateway resolved (commit, files, the path the engine loads) and how to reach the hub."""
+
+    name: str  # hf.co/ORG/REPO..., as shown
+    hub: str
+    repo: str
+    commit: str
+    revision: str
+    target: str  # the path the engine loads, relative to the snapshot ("" for the folder)
+    files: tuple[RemoteFile, ...]
+    endpoint: str | None  # the gateway's HF_ENDPOINT (or ModelScope endpoint)
+    token: str | None  # the gateway's HF_TOKEN
+    offline: bool  # the gateway is offline (HF_HUB_OFFLINE=1): the node does not try the hub either
+    disk_headroom: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.hub}:{self.repo}@{self.commit}"
+
+    @property
+    def total(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class HubLaunch:
+    """A replica of a hub model placed on a Ray node: the files its node fetches itself, and how to
+    get the gateway's own copy of them instead (downloaded at the gateway first when it lacks them)
+    for a node that cannot reach the hub."""
+
+    files: HubFiles
+    gateway_path: Callable[[], Awaitable[str]]
 
 
 class DownloadStopped(HubUnreachable):
@@ -183,10 +219,22 @@ def digest(job: FileJob) -> str:
 
 
 class Downloader:
-    def __init__(self, root: Path, disk_headroom: int, hub: str = "huggingface") -> None:
+    """`endpoint` and `token` (Hugging Face) or `endpoint` (ModelScope) are the gateway's, handed to
+    a Ray node's agent that downloads for itself (None: this process's HF_ENDPOINT, HF_TOKEN and
+    MODELSCOPE_DOMAIN)."""
+
+    def __init__(
+        self,
+        root: Path,
+        disk_headroom: int,
+        hub: str = "huggingface",
+        endpoint: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.root = root
         self.hub = hub
         self.disk_headroom = disk_headroom
+        self.endpoint, self.token = endpoint, token
         self._jobs: dict[tuple[str, str, str], FileJob] = {}
         self._stop = threading.Event()
 
@@ -216,7 +264,7 @@ class Downloader:
             job = self._jobs.get(key)
             if job is None or (job.task is not None and job.task.done() and job.task.exception()):
                 job = FileJob(repo, commit, f.path, f.size, f.sha256)
-                job.task = _in_daemon_thread(self._fetch, job, revision)
+                job.task = _in_daemon_thread(self.fetch, job, revision)
                 job.task.add_done_callback(functools.partial(self._finished, key))
                 self._jobs[key] = job
             jobs.append(job)
@@ -229,7 +277,8 @@ class Downloader:
     def active(self, repo: str) -> bool:
         return any(r == repo and j.task and not j.task.done() for (r, _, _), j in self._jobs.items())
 
-    def _fetch(self, job: FileJob, revision: str) -> Path:
+    def fetch(self, job: FileJob, revision: str) -> Path:
+        """One file into the cache (resumed from its partial blob), counting bytes into `job`."""
         from filelock import FileLock
 
         what = f"hub file {job.repo}/{job.path}"
@@ -260,13 +309,13 @@ class Downloader:
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
-        url = hf_hub_url(job.repo, job.path, revision=job.commit)
+        url = hf_hub_url(job.repo, job.path, revision=job.commit, endpoint=self.endpoint)
         what = f"hub file {job.repo}/{job.path}"
         with hub_errors(what):
-            meta = get_hf_file_metadata(url)
+            meta = get_hf_file_metadata(url, token=self.token)
         if not meta.etag:
             raise HubUnreachable(f"{what}: the hub sent no etag")
-        headers = build_hf_headers()
+        headers = build_hf_headers(token=self.token)
         if urlparse(meta.location).netloc != urlparse(url).netloc:
             headers.pop("authorization", None)  # a signed CDN URL: the token stays home
 
@@ -280,6 +329,6 @@ class Downloader:
         etag = job.sha256 or hashlib.sha256(f"{job.repo}/{job.commit}/{job.path}".encode()).hexdigest()
 
         def get(sink: _Counting, resume: int) -> None:
-            modelscope.download(job.repo, revision, job.path, sink, resume, job.size)
+            modelscope.download(job.repo, revision, job.path, sink, resume, job.size, self.endpoint)
 
         return etag, get

@@ -37,8 +37,8 @@ def endpoint() -> str:
     return domain if domain.startswith(("http://", "https://")) else "https://" + domain
 
 
-def _repo_url(repo: str) -> str:
-    return f"{endpoint()}/api/v1/models/{repo}/repo"
+def _repo_url(repo: str, base: str | None = None) -> str:
+    return f"{base or endpoint()}/api/v1/models/{repo}/repo"
 
 
 @contextmanager
@@ -111,8 +111,11 @@ def read_range(repo: str, revision: str, path: str, start: int, end: int) -> byt
     return response.content[: end - start + 1]  # a server that ignores Range sent it all
 
 
-def download(repo: str, revision: str, path: str, sink: Sink, resume: int, size: int) -> None:
-    """The file into `sink` from byte `resume` on (a server that ignores Range starts it over)."""
+def download(
+    repo: str, revision: str, path: str, sink: Sink, resume: int, size: int, base: str | None = None
+) -> None:
+    """The file into `sink` from byte `resume` on (a server that ignores Range starts it over);
+    `base`: the endpoint, when not this process's MODELSCOPE_DOMAIN (a Ray node downloading)."""
     what = f"ModelScope file {repo}/{path}"
     headers = {"Range": f"bytes={resume}-"} if resume else {}
     got = resume
@@ -120,7 +123,7 @@ def download(repo: str, revision: str, path: str, sink: Sink, resume: int, size:
         errors(what),
         httpx.stream(
             "GET",
-            _repo_url(repo),
+            _repo_url(repo, base),
             params={"Revision": revision, "FilePath": path},
             headers=headers,
             timeout=TIMEOUT,

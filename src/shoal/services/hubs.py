@@ -11,10 +11,10 @@ from typing import Any
 
 from shoal.catalog import ModelFamily, Source
 from shoal.errors import Conflict, InvalidRequest, ModelNotFound, ShoalError
-from shoal.hub import cache
-from shoal.hub.download import Downloader, Pull
+from shoal.hub import cache, modelscope
+from shoal.hub.download import Downloader, HubFiles, Pull
 from shoal.hub.names import HUB_PREFIX, HubRef
-from shoal.hub.resolve import HubModel, resolve
+from shoal.hub.resolve import HubModel, offline, resolve
 from shoal.services.replicas import RunningModel
 from shoal.settings import ServerSettings
 
@@ -62,12 +62,12 @@ def _source(ref: HubRef, file: str | None) -> Source:
 
 class HubService:
     def __init__(self, settings: ServerSettings) -> None:
-        base = settings.model_cache.expanduser()
-        self.roots = {"huggingface": base / "hub", "modelscope": base / "modelscope"}
+        self.roots = cache.roots(settings.model_cache.expanduser())
         self.downloads = {
             hub: Downloader(root, settings.disk_headroom, hub) for hub, root in self.roots.items()
         }
         self.default_hub = settings.download_hub
+        self.disk_headroom = settings.disk_headroom
 
     @property
     def root(self) -> Path:  # Hugging Face's, where most callers look
@@ -115,6 +115,19 @@ class HubService:
         downloads.check_disk(hub.ref.repo, files)
         cache.touch(root, hub.ref.repo)
         return downloads.pull(hub.ref.name, hub.ref.repo, hub.commit, hub.ref.revision, files)
+
+    def node_files(self, hub: HubModel) -> HubFiles:
+        """What a Ray node needs to fetch `hub`'s files itself: the resolved commit and files, and
+        this gateway's endpoint and token (so the node asks the same hub, mirror or token)."""
+        from huggingface_hub import constants, get_token
+
+        hf = hub.ref.hub == "huggingface"
+        sel = hub.selection
+        return HubFiles(
+            hub.ref.name, hub.ref.hub, hub.ref.repo, hub.commit, hub.ref.revision, sel.target, sel.files,
+            constants.ENDPOINT if hf else modelscope.endpoint(), get_token() if hf else None,
+            offline(), self.disk_headroom,
+        )  # fmt: skip
 
     async def fetch(self, hub: HubModel, pull: Pull) -> Source:
         path = await pull.wait(self.roots[hub.ref.hub], hub.selection.target)

@@ -39,7 +39,7 @@ from shoal.errors import (
 from shoal.hosts import Host, RunnerHandle
 from shoal.hosts.mps import MpsControl
 from shoal.hub import names as hub_names
-from shoal.hub.download import Pull
+from shoal.hub.download import HubLaunch, Pull
 from shoal.hub.resolve import HubModel
 from shoal.protocol.admin import EstimateRequest, LaunchRequest, PullRequest
 from shoal.runners.config import RunnerConfig
@@ -261,11 +261,13 @@ class ModelService:
                 if isinstance(decision, NoFit):
                     message = ledger.explain(uid, decision, [], ledger.blocked_reasons(self.running()))
                     raise InsufficientMemory(message, ledger.nofit_details(decision))
-            pull = self.hubs.start(hub)  # the disk is checked first (507)
+            if not self.host.fetches_hub_files:  # (Ray: each replica's node fetches them, _start)
+                pull = self.hubs.start(hub)  # the disk is checked first (507)
         await self._take_uid(uid)  # again: it may have been taken while the estimate was read
         replicas = [Replica(i) for i in range(request.replica)]
+        on_nodes = hub if self.host.fetches_hub_files else None
         model = RunningModel(uid, family, spec, engine, source, request, plan, keep_alive, replicas,
-                             preferred=preferred or [], download=pull)  # fmt: skip
+                             preferred=preferred or [], download=pull, hub=on_nodes)  # fmt: skip
         self._models[uid] = model
         # Desired state first: a server that restarts mid-launch (or mid-download) brings the model
         # back, and the download resumes where it stopped.
@@ -711,8 +713,9 @@ class ModelService:
                 self.mps.env(reservation.reserved, len(reservation.devices), model.request.gpu_compute)
             )
         log_name = f"{model.uid}-{replica.index}.log"
+        hub = self._hub_launch(model) if model.hub is not None else None
         try:
-            runner = self.host.runner(reservation.devices[0], config, env, log_name, reservation.cores)
+            runner = self.host.runner(reservation.devices[0], config, env, log_name, reservation.cores, hub)
         except NodeLost as exc:
             await self._lost_while_starting(model, replica, exc)
             return
@@ -742,6 +745,22 @@ class ModelService:
             )
             if profile:
                 await self._record_profile(model, replica)
+
+    def _hub_launch(self, model: RunningModel) -> HubLaunch:
+        """The hub files a Ray node fetches itself for a replica of `model`, and the gateway's own
+        copy for a node that cannot reach the hub: downloaded here first when the gateway lacks it
+        (one download however many nodes need it; the model's `download` shows it)."""
+        hub = model.hub
+        assert hub is not None
+
+        async def gateway_path() -> str:
+            if hub.local is not None:
+                return str(hub.local)
+            if model.download is None or model.download.error is not None:
+                model.download = self.hubs.start(hub)
+            return str((await self.hubs.fetch(hub, model.download)).path)
+
+        return HubLaunch(self.hubs.node_files(hub), gateway_path)
 
     async def _record_profile(self, model: RunningModel, replica: Replica) -> None:
         """After a profile run: the reservation becomes its peak plus the margin, the torch cap

@@ -25,6 +25,7 @@ from shoal.services.plan import LaunchPlan
 if TYPE_CHECKING:
     from shoal.hosts import RunnerHandle
     from shoal.hub.download import Pull
+    from shoal.hub.resolve import HubModel
     from shoal.services.ledger import Reservation
 
 
@@ -148,6 +149,7 @@ class RunningModel:
     unloaded: bool = False  # unloaded at a client's request (Ollama's keep_alive 0): a request reloads it
     waking: int = 0  # wakes and moves under way: a request for it waits for them
     download: Pull | None = None  # its files coming from a hub (status "downloading" meanwhile)
+    hub: HubModel | None = None  # Ray: a hub model whose files each node fetches itself
 
     def __post_init__(self) -> None:
         if self.request.request_limits:
