@@ -8,6 +8,7 @@ files (no runnable image weights exist here: its file choice and estimate are ch
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import replace
@@ -267,6 +268,46 @@ def test_diffusers_pipeline_from_the_hub_picks_one_precision(
     assert listed[f"hf.co/{PIPELINE_REPO}"]["size_bytes"] == total
     assert shoal.http.delete("/v1/model_registrations/image/tiny-diffusers").status_code == 200
     assert shoal.http.delete(f"/v1/cache/models/hf.co/{PIPELINE_REPO}").status_code == 200
+
+
+def test_a_pulled_pipeline_loads_in_diffusers(
+    shoal: ShoalServer, hub: Hub, cache: Path, tmp_path: Path
+) -> None:
+    """A real (tiny, random) pipeline as diffusers saves it, with fp16 copies and a single-file
+    checkpoint beside it: the gateway fetches one precision, and diffusers loads it from the cache
+    with no network (its images are noise)."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from shoal.engines.base import EngineConfig
+    from shoal.engines.diffusers import DiffusersEngine
+    from test_engine_diffusers import build_tiny_pipeline, generate, pngs
+
+    built, half = tmp_path / "tiny-sd", tmp_path / "fp16"
+    build_tiny_pipeline(built)
+    saved = sorted(str(p.relative_to(built)) for p in built.rglob("*") if p.is_file())
+    DiffusionPipeline.from_pretrained(str(built)).to(torch.float16).save_pretrained(str(half), variant="fp16")
+    repo = Path(hub.root) / "test-org" / "tiny-sd"
+    shutil.copytree(built, repo)
+    for weights in half.rglob("*.fp16.safetensors"):
+        shutil.copy(weights, repo / weights.relative_to(half))
+    shutil.copy(
+        built / "unet" / "diffusion_pytorch_model.safetensors", repo / "tiny-sd-single-file.safetensors"
+    )
+    body = {"model_name": "hf.co/test-org/tiny-sd", "model_type": "image", "stream": False}
+    pulled = shoal.http.post("/v1/cache/models", json=body)
+    assert pulled.status_code == 200 and pulled.json()["status"] == "success", pulled.text
+    assert _snapshot_files(cache, "hub", "test-org/tiny-sd") == saved  # as diffusers saved it, no more
+    snapshot = next((cache / "hub" / "models--test-org--tiny-sd" / "snapshots").iterdir())
+    config = EngineConfig(model_path=snapshot, model_uid="tiny-sd", model_format="diffusers",
+                          context_length=None, n_threads=2, options={"num_inference_steps": 1})  # fmt: skip
+    engine = DiffusersEngine(config)
+    engine.load()  # local_files_only: the cache's files are all it needs
+    try:
+        assert pngs(generate(engine, seed=1))[0].startswith(b"\x89PNG")
+    finally:
+        engine.close()
 
 
 def test_media_hub_names_refused_clearly(shoal: ShoalServer) -> None:

@@ -104,6 +104,7 @@ def resolve(ref: HubRef, model_type: str | None, root: Path, model_format: str |
             if _cached_repo(root, ref) is None:
                 raise
             log.warning("%s; launching %s from the cache", exc.message, ref.name)
+    from_cache = remote is None
     if remote is None:  # offline: the cache alone
         remote = _cached_repo(root, ref)
         if remote is None:
@@ -111,15 +112,10 @@ def resolve(ref: HubRef, model_type: str | None, root: Path, model_format: str |
                 f"{ref.name} is not in the cache ({root}) and the hub is offline (HF_HUB_OFFLINE=1 "
                 "or unreachable); pull it on a networked machine first"
             )
-        selection = select(
-            ref, remote, model_type, model_format, _model_index(ref, remote, root, model_format)
-        )
-        if not cache.has_files(root, ref.repo, remote.commit, [f.path for f in selection.files]):
-            raise HubNotFound(f"{ref.name}: the cache holds only part of it and the hub is offline")
-    else:
-        selection = select(
-            ref, remote, model_type, model_format, _model_index(ref, remote, root, model_format)
-        )
+    index = _model_index(ref, remote, root, model_format)
+    selection = select(ref, remote, model_type, model_format, index)
+    if from_cache and not cache.has_files(root, ref.repo, remote.commit, [f.path for f in selection.files]):
+        raise HubNotFound(f"{ref.name}: the cache holds only part of it and the hub is offline")
     paths = [f.path for f in selection.files]
     if cache.has_files(root, ref.repo, remote.commit, paths):
         local = cache.snapshot(root, ref.repo, remote.commit) / selection.target

@@ -26,7 +26,7 @@ HUB_ALIASES = {
     "ms": "modelscope",
 }
 KNOWN_HUBS = ("openmind_hub", "csghub")
-# What a hub name launches without a catalog entry; an audio or image repo is recognised by its files.
+# The abilities of an audio or image hub name (its files say which it is: hub/media.py).
 MEDIA_ABILITIES = {"audio": ["audio2text"], "image": ["text2image"]}
 
 
