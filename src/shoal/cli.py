@@ -287,7 +287,8 @@ def pull(
     ],
     endpoint: Endpoint = settings.ENDPOINT.default,
     model_type: Annotated[
-        str | None, typer.Option("--type", help="LLM, embedding or rerank (default: from the repo)")
+        str | None,
+        typer.Option("--type", help="LLM, embedding, rerank, audio or image (default: from the repo)"),
     ] = None,
 ) -> None:
     """Download a model into the server's cache (SHOAL_MODEL_CACHE) without launching it."""

@@ -1,6 +1,6 @@
 """Turn a spec's source into a local path. Package and path sources resolve without importing the
-package (some model packages import heavy things in __init__); Hugging Face sources download, which
-only the runner does."""
+package (some model packages import heavy things in __init__); hub sources are downloaded by the
+gateway (shoal.hub) before a runner starts, and reach the runner as a path."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def assembled_path(source: Source) -> Path:
 
 
 def materialize(source: Source) -> Path:
-    """Local path of the weights, downloading from Hugging Face or assembling split packages when
-    needed (runner side only: it imports the model package)."""
+    """Local path of the weights, assembling split packages when needed (runner side only: it
+    imports the model package)."""
     path = local_path(source)
     if path is not None:
         return path
@@ -57,10 +57,6 @@ def materialize(source: Source) -> Path:
         module = importlib.import_module(source.python_package)
         getattr(module, source.assemble)(output_path=target)
         return target
-    from huggingface_hub import hf_hub_download, snapshot_download  # runner-only import
-
-    if not source.hf_repo:  # the gateway downloads ModelScope repos before a runner starts
-        raise InvalidRequest(f"ModelScope repo {source.ms_repo!r} is not in the cache; launch it again")
-    if source.hf_file:
-        return Path(hf_hub_download(source.hf_repo, source.hf_file))
-    return Path(snapshot_download(source.hf_repo))
+    # The gateway downloads hub repos into its cache and hands the runner the local folder.
+    repo = source.hf_repo or source.ms_repo
+    raise InvalidRequest(f"hub repo {repo!r} is not in the cache; launch it again (the gateway downloads it)")

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal.runners.config import RUNNER_ENV
 from shoal.runners.process import child_setup
 from shoal.runners.spare import FAMILIES, family_of, installed
 
@@ -134,7 +135,7 @@ class Spares:
                     stdin=subprocess.PIPE,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=dict(os.environ),
+                    env={**os.environ, **RUNNER_ENV},
                     preexec_fn=child_setup(()),
                     close_fds=True,
                     pass_fds=(ready_w,),

@@ -18,7 +18,7 @@ from typing import Any
 
 from shoal.catalog.estimate import RemoteWeights, gguf_shape
 from shoal.errors import HubAccessDenied, HubNotFound, HubUnreachable, InsufficientDisk, InvalidRequest
-from shoal.hub import modelscope
+from shoal.hub import media, modelscope
 from shoal.hub.names import HUB_PREFIX, HubRef
 
 GGUF_FIRST_READ = 2 * 1024**2  # the first read of a GGUF header; doubled while it is truncated
@@ -122,8 +122,36 @@ def repo_info(ref: HubRef) -> RemoteRepo:
     return RemoteRepo(ref.repo, info.sha, files)
 
 
-def select(ref: HubRef, remote: RemoteRepo, model_type: str | None) -> Selection:
-    """Which files a launch of `ref` needs (InvalidRequest or HubNotFound naming what is there)."""
+def select(
+    ref: HubRef,
+    remote: RemoteRepo,
+    model_type: str | None,
+    model_format: str | None = None,
+    index: dict[str, Any] | None = None,
+) -> Selection:
+    """Which files a launch of `ref` needs (InvalidRequest or HubNotFound naming what is there).
+    `model_format` is a catalog spec's (None for a hub name: the files say it); `index` is the
+    repo's model_index.json, for a diffusers pipeline."""
+    detected = (
+        media.detect(remote) if model_format is None and ref.file is None and ref.quant is None else None
+    )
+    if model_format in media.MEDIA_FORMATS or detected is not None:
+        fmt = model_format or detected
+        assert fmt is not None
+        kind = media.MEDIA_TYPES.get(fmt, model_type or "audio")
+        if model_type is not None and model_format is None and model_type != kind:
+            raise InvalidRequest(
+                f"hub repo {ref.repo!r} is a {fmt} model, which launches as model_type {kind!r}, "
+                f"not {model_type!r}"
+            )
+        files, target = media.select_files(remote, fmt, ref.file, index)
+        return Selection(fmt, model_type or kind, files, target, "none")
+    if model_type in ("audio", "image"):
+        raise InvalidRequest(
+            f"hub repo {ref.repo!r} holds neither a CTranslate2 Whisper model (model.bin and "
+            "vocabulary.*: audio) nor a diffusers pipeline (model_index.json: image); other "
+            f"{model_type} models launch from a catalog entry"
+        )
     ggufs = [f for f in remote.files if f.path.endswith(".gguf")]
     names = {f.path for f in remote.files}
     if ref.file:
@@ -230,7 +258,12 @@ def remote_weights(remote: RemoteRepo, selection: Selection) -> tuple[RemoteWeig
             tensors.extend(_safetensors_header(remote, f.path))
     from shoal.catalog.estimate import hf_shape
 
-    context = hf_shape(config, tensors).context_length if config else None
+    # An LLM's context length; a media model's configs (a text encoder's 77 tokens) say none of its own.
+    context = (
+        hf_shape(config, tensors).context_length
+        if config and selection.model_format not in media.MEDIA_FORMATS
+        else None
+    )
     return RemoteWeights(weights, config=config, tensors=tuple(tensors)), context
 
 

@@ -6,15 +6,26 @@ Blocking I/O: call it in a thread.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.catalog.estimate import RemoteWeights, read_gguf_shape, read_hf_shape
-from shoal.errors import HubNotFound, HubUnreachable
-from shoal.hub import cache
+from shoal.errors import HubNotFound, HubUnreachable, InvalidRequest
+from shoal.hub import cache, media
 from shoal.hub.names import HubRef
-from shoal.hub.remote import RemoteFile, RemoteRepo, Selection, remote_weights, repo_info, select
+from shoal.hub.remote import (
+    SMALL_FILE,
+    RemoteFile,
+    RemoteRepo,
+    Selection,
+    read_range,
+    remote_weights,
+    repo_info,
+    select,
+)
 
 log = logging.getLogger("shoal.hub")
 
@@ -54,6 +65,8 @@ def _cached_repo(root: Path, ref: HubRef) -> RemoteRepo | None:
 
 
 def _local_context(path: Path, model_format: str) -> int | None:
+    if model_format in media.MEDIA_FORMATS:
+        return None
     try:
         shape = read_gguf_shape(path) if model_format == "ggufv2" else read_hf_shape(path)
     except (OSError, ValueError):
@@ -61,7 +74,28 @@ def _local_context(path: Path, model_format: str) -> int | None:
     return shape.context_length
 
 
-def resolve(ref: HubRef, model_type: str | None, root: Path) -> HubModel:
+def _model_index(
+    ref: HubRef, remote: RemoteRepo, root: Path, model_format: str | None
+) -> dict[str, Any] | None:
+    """A diffusers pipeline's model_index.json (which components it loads): from the cache when it
+    is there, else read whole from the hub."""
+    f = remote.get(media.MODEL_INDEX)
+    if f is None or model_format not in (None, "diffusers"):
+        return None
+    local = cache.snapshot(root, ref.repo, remote.commit) / media.MODEL_INDEX
+    if not local.is_file() and not 0 < f.size <= SMALL_FILE:
+        raise InvalidRequest(f"{ref.name}: its {media.MODEL_INDEX} is {f.size} bytes, not a pipeline's index")
+    try:
+        raw = local.read_bytes() if local.is_file() else read_range(remote, f.path, 0, f.size - 1)
+        index = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{ref.name}: its {media.MODEL_INDEX} is not readable JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise InvalidRequest(f"{ref.name}: its {media.MODEL_INDEX} is not a JSON object")
+    return index
+
+
+def resolve(ref: HubRef, model_type: str | None, root: Path, model_format: str | None = None) -> HubModel:
     remote: RemoteRepo | None = None
     if not offline():
         try:
@@ -70,6 +104,7 @@ def resolve(ref: HubRef, model_type: str | None, root: Path) -> HubModel:
             if _cached_repo(root, ref) is None:
                 raise
             log.warning("%s; launching %s from the cache", exc.message, ref.name)
+    from_cache = remote is None
     if remote is None:  # offline: the cache alone
         remote = _cached_repo(root, ref)
         if remote is None:
@@ -77,11 +112,10 @@ def resolve(ref: HubRef, model_type: str | None, root: Path) -> HubModel:
                 f"{ref.name} is not in the cache ({root}) and the hub is offline (HF_HUB_OFFLINE=1 "
                 "or unreachable); pull it on a networked machine first"
             )
-        selection = select(ref, remote, model_type)
-        if not cache.has_files(root, ref.repo, remote.commit, [f.path for f in selection.files]):
-            raise HubNotFound(f"{ref.name}: the cache holds only part of it and the hub is offline")
-    else:
-        selection = select(ref, remote, model_type)
+    index = _model_index(ref, remote, root, model_format)
+    selection = select(ref, remote, model_type, model_format, index)
+    if from_cache and not cache.has_files(root, ref.repo, remote.commit, [f.path for f in selection.files]):
+        raise HubNotFound(f"{ref.name}: the cache holds only part of it and the hub is offline")
     paths = [f.path for f in selection.files]
     if cache.has_files(root, ref.repo, remote.commit, paths):
         local = cache.snapshot(root, ref.repo, remote.commit) / selection.target

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.catalog.specs import Source
 
+# Every runner's environment (warm spares' too, so a launch stays warm): the gateway fetched the
+# weights before the runner starts, so a runner never calls a hub (a launch's envs may say otherwise).
+RUNNER_ENV = {"HF_HUB_OFFLINE": "1"}
+
 
 class RunnerConfig(BaseModel):
     model_config = ConfigDict(protected_namespaces=())

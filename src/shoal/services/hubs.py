@@ -26,7 +26,8 @@ HUB_ALIASES = {
     "ms": "modelscope",
 }
 KNOWN_HUBS = ("openmind_hub", "csghub")
-HUB_TYPES = ("LLM", "embedding", "rerank")
+# The abilities of an audio or image hub name (its files say which it is: hub/media.py).
+MEDIA_ABILITIES = {"audio": ["audio2text"], "image": ["text2image"]}
 
 
 def check_hub(download_hub: str | None) -> str:
@@ -73,12 +74,10 @@ class HubService:
     def root(self) -> Path:  # Hugging Face's, where most callers look
         return self.roots["huggingface"]
 
-    async def resolve(self, ref: HubRef, model_type: str | None) -> HubModel:
-        if model_type is not None and model_type not in HUB_TYPES:
-            raise InvalidRequest(
-                f"hub names launch {', '.join(HUB_TYPES)} models; {model_type!r} needs a catalog entry"
-            )
-        return await asyncio.to_thread(resolve, ref, model_type, self.roots[ref.hub])
+    async def resolve(self, ref: HubRef, model_type: str | None, model_format: str | None = None) -> HubModel:
+        """What the hub (or the cache) says of a hub name (`model_format` None: its files say it),
+        or of a catalog spec's repo (its format)."""
+        return await asyncio.to_thread(resolve, ref, model_type, self.roots[ref.hub], model_format)
 
     @staticmethod
     def family(hub: HubModel) -> ModelFamily:
@@ -88,6 +87,7 @@ class HubService:
             {
                 "model_name": hub.ref.default_uid(),
                 "model_type": sel.model_type,
+                "model_ability": MEDIA_ABILITIES.get(sel.model_type, []),
                 "context_length": hub.context_length,
                 "model_description": f"{hub.ref.name} at {hub.commit}",
                 "model_specs": [

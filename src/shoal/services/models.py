@@ -42,7 +42,7 @@ from shoal.hub import names as hub_names
 from shoal.hub.download import HubLaunch, Pull
 from shoal.hub.resolve import HubModel
 from shoal.protocol.admin import EstimateRequest, LaunchRequest, PullRequest
-from shoal.runners.config import RunnerConfig
+from shoal.runners.config import RUNNER_ENV, RunnerConfig
 from shoal.scheduler import (
     Decision,
     Demand,
@@ -57,7 +57,7 @@ from shoal.scheduler import (
     place,
 )
 from shoal.services import ledger, parking
-from shoal.services.hubs import HUB_TYPES, HubService, catalog_ref, check_hub
+from shoal.services.hubs import HubService, catalog_ref, check_hub
 from shoal.services.ledger import Reservation
 from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.services.profiles import ProfileBook, model_identity, wants_profile_run
@@ -186,16 +186,10 @@ class ModelService:
             registry.check_installed(engine)
         assert spec.source is not None
         source = Source(path=model_path) if model_path else spec.source
-        if family.model_type not in HUB_TYPES and source.ms_repo and not source.hf_repo:
-            raise InvalidRequest(
-                f"{family.model_name}: ModelScope downloads serve {', '.join(HUB_TYPES)} models; "
-                "an audio or image model downloads from Hugging Face (hf_repo) or a local path"
-            )
-        # (audio and image models from a hub are still fetched by their runner, from Hugging Face)
-        ref = catalog_ref(source, preferred) if family.model_type in HUB_TYPES else None
-        if hub is None and ref is not None:  # a catalog model from the hub
+        ref = catalog_ref(source, preferred)
+        if hub is None and ref is not None:  # a catalog model from the hub, of any type
             try:
-                hub = await self.hubs.resolve(ref, family.model_type)
+                hub = await self.hubs.resolve(ref, family.model_type, spec.model_format)
             except (HubUnreachable, HubNotFound):
                 if not isinstance(request, EstimateRequest):
                     raise
@@ -704,7 +698,7 @@ class ModelService:
         config = self._runner_config(model, reservation).model_copy(
             update={"replica": replica.index, "profile": profile}
         )
-        env = dict(model.request.envs or {})
+        env = {**RUNNER_ENV, **(model.request.envs or {})}
         env["CUDA_VISIBLE_DEVICES"] = (
             ",".join(d.split(":")[-1] for d in reservation.devices) if model.plan.real_gpu else ""
         )
