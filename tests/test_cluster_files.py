@@ -183,3 +183,18 @@ def test_progress_says_where_a_nodes_files_come_from() -> None:
     assert (shown["status"], shown["from"], shown["path"]) == ("downloaded", "hub", "/cache/hub/x")
     progress.via = "cache"
     assert progress.progress()["status"] == "cached" and progress.progress()["rate_bytes_per_s"] is None
+
+
+def test_tracked_progress_is_listed_while_under_way_and_records_how_it_ended() -> None:
+    under_way: dict[tuple[str, str], files.CopyProgress] = {}
+    key = ("node-a", "k")
+    with files.tracked(under_way, key, files.CopyProgress("node-a", "/m", total=5)) as progress:
+        assert under_way == {key: progress} and progress.ended is None
+        progress.done = 5
+    assert under_way == {} and progress.ended is not None and progress.error is None
+    assert progress.progress()["status"] == "copied"
+    with pytest.raises(OSError, match="disk full"):
+        with files.tracked(under_way, key, files.CopyProgress("node-a", "/m", total=5)) as failed:
+            raise OSError("disk full")
+    assert under_way == {} and failed.ended is not None and failed.error == "OSError: disk full"
+    assert failed.progress()["status"] == "failed"

@@ -15,10 +15,11 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shoal.hub.cache import ROOTS
 
@@ -85,6 +86,24 @@ class CopyProgress:
             "seconds": round(took, 2),
             "error": self.error,
         }
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+@contextmanager
+def tracked(under_way: dict[K, CopyProgress], key: K, progress: CopyProgress) -> Iterator[CopyProgress]:
+    """`progress` listed in `under_way` (GET /v1/workers shows it) while the block runs; then its
+    end time, and the error when the block raised."""
+    under_way[key] = progress
+    try:
+        yield progress
+    except Exception as exc:
+        progress.error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        progress.ended = time.monotonic()
+        del under_way[key]
 
 
 def manifest(path: Path) -> Manifest:

@@ -475,17 +475,12 @@ class RayHost:
             found = await self.call(node, node.agent.find_files.remote(m), timeout=60)
             if found is not None:
                 return str(found)
-            progress = self._copying[key] = files.CopyProgress(node.name, m.root, m.total_bytes)
-            seen(progress)
-            log.info("copying %s (%d bytes) to %s", m.root, m.total_bytes, node.name)
-            try:
+            copying = files.CopyProgress(node.name, m.root, m.total_bytes)
+            with files.tracked(self._copying, key, copying) as progress:
+                seen(progress)
+                log.info("copying %s (%d bytes) to %s", m.root, m.total_bytes, node.name)
                 copied = await asyncio.to_thread(self._copy, node, m, progress)
-            except Exception as exc:
-                progress.error = f"{type(exc).__name__}: {exc}"
-                raise
-            finally:
-                progress.ended = time.monotonic()
-                del self._copying[key]
+            assert progress.ended is not None
             took = progress.ended - progress.started
             log.info("copied %s to %s in %.1f s (%.0f MiB/s)", m.root, node.name, took,
                      m.total_bytes / 2**20 / max(took, 1e-6))  # fmt: skip
@@ -518,21 +513,16 @@ class RayHost:
             seen(self._fetching[key])
         async with self._copies.setdefault(key, asyncio.Lock()):
             m = await asyncio.to_thread(files.manifest, Path(gateway_path)) if gateway_path else None
-            progress = self._fetching[key] = files.CopyProgress(node.name, want.name, want.total, "hub")
-            seen(progress)
-            ref = node.agent.fetch_hub.remote(want, m)
-            call = asyncio.ensure_future(self.call(node, ref, DOWNLOAD_TIMEOUT))
-            try:
+            fetching = files.CopyProgress(node.name, want.name, want.total, "hub")
+            with files.tracked(self._fetching, key, fetching) as progress:
+                seen(progress)
+                ref = node.agent.fetch_hub.remote(want, m)
+                call = asyncio.ensure_future(self.call(node, ref, DOWNLOAD_TIMEOUT))
                 while not call.done():
                     await asyncio.wait({call}, timeout=DOWNLOAD_PROGRESS)
                     progress.done = node.downloads.get(want.key, progress.done)
                 path, how, why = call.result()
-            except Exception as exc:
-                progress.error = f"{type(exc).__name__}: {exc}"
-                raise
-            finally:
-                progress.ended = time.monotonic()
-                del self._fetching[key]
+            assert progress.ended is not None
             if path is not None:
                 progress.via = "hub" if how == "hub" else "cache"
                 progress.done, progress.path = want.total, path
