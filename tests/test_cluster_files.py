@@ -5,6 +5,8 @@ hub model itself from tests/hubserver.py on loopback, with the gateway's endpoin
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from shoal.cluster import files
 from shoal.cluster.agent import NodeAgent
 from shoal.hub.download import HubFiles
 from shoal.hub.remote import RemoteFile
+from shoal.settings import ServerSettings
 from test_hubs import Hub, make_repos
 
 
@@ -142,7 +145,7 @@ def test_a_node_agent_fetches_a_hub_model_itself(tmp_path: Path, monkeypatch: py
         readme = next(s for s in info["siblings"] if s["rfilename"] == "README.md")
         want = HubFiles("hf.co/test-org/smollm2-gguf", "huggingface", "test-org/smollm2-gguf", info["sha"],
                         "main", "README.md", (RemoteFile("README.md", readme["size"]),), hub.url, None,
-                        offline=False, disk_headroom=0)  # fmt: skip
+                        offline=False, disk_headroom=0, probe_timeout=5.0)  # fmt: skip
         path, how, why = agent.fetch_hub(want, None)
         assert (how, why) == ("hub", "")
         snapshot = tmp_path / "node" / "hub" / "models--test-org--smollm2-gguf" / "snapshots" / info["sha"]
@@ -198,3 +201,43 @@ def test_tracked_progress_is_listed_while_under_way_and_records_how_it_ended() -
             raise OSError("disk full")
     assert under_way == {} and failed.ended is not None and failed.error == "OSError: disk full"
     assert failed.progress()["status"] == "failed"
+
+
+def test_a_node_whose_hub_accepts_but_never_answers_falls_back_after_the_probe_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale or black-holed hub endpoint: the node's first request gives up after
+    SHOAL_HUB_PROBE_TIMEOUT (not huggingface_hub's 10 s), so the gateway's copy is used soon."""
+    monkeypatch.setenv("SHOAL_MODEL_CACHE", str(tmp_path / "node"))
+    monkeypatch.setenv("SHOAL_HUB_PROBE_TIMEOUT", "0.5")
+    probe = ServerSettings().hub_probe_timeout
+    assert probe == 0.5
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []  # connections accepted, never read from nor answered
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    agent = NodeAgent("127.0.0.1")
+    try:
+        want = HubFiles("hf.co/test-org/minilm", "huggingface", "test-org/minilm", "0" * 40, "main",
+                        "", (RemoteFile("config.json", 10),), f"http://127.0.0.1:{silent.getsockname()[1]}",
+                        None, offline=False, disk_headroom=0, probe_timeout=probe)  # fmt: skip
+        path, how, why = agent.fetch_hub(want, None)
+        assert (path, how) == (None, "unreachable"), why
+        assert "no answer within 0.5 s (SHOAL_HUB_PROBE_TIMEOUT)" in why and "config.json" in why
+        assert held  # it did connect: the hub accepted, then said nothing
+        assert not (tmp_path / "node" / "hub" / "models--test-org--minilm" / "snapshots").exists()
+        assert agent.poll()["downloads"] == {}
+    finally:
+        agent.close()
+        silent.close()
+        for conn in held:
+            conn.close()

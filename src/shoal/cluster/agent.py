@@ -224,8 +224,8 @@ class NodeAgent:
         self._downloaders.add(downloader)
         try:
             downloader.check_disk(want.repo, missing)
-            for job in jobs:
-                downloader.fetch(job, want.revision)
+            for i, job in enumerate(jobs):  # the first request is the probe: a silent hub fails fast
+                downloader.fetch(job, want.revision, want.probe_timeout if i == 0 else None)
         except HubUnreachable as exc:
             return None, "unreachable", exc.message
         except ShoalError as exc:

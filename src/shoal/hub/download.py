@@ -67,6 +67,7 @@ class HubFiles:
     token: str | None  # the gateway's HF_TOKEN
     offline: bool  # the gateway is offline (HF_HUB_OFFLINE=1): the node does not try the hub either
     disk_headroom: int
+    probe_timeout: float  # seconds the node's first request to the hub may take (SHOAL_HUB_PROBE_TIMEOUT)
 
     @property
     def key(self) -> str:
@@ -277,12 +278,17 @@ class Downloader:
     def active(self, repo: str) -> bool:
         return any(r == repo and j.task and not j.task.done() for (r, _, _), j in self._jobs.items())
 
-    def fetch(self, job: FileJob, revision: str) -> Path:
-        """One file into the cache (resumed from its partial blob), counting bytes into `job`."""
+    def fetch(self, job: FileJob, revision: str, probe: float | None = None) -> Path:
+        """One file into the cache (resumed from its partial blob), counting bytes into `job`.
+        `probe`: seconds the first request (Hugging Face's HEAD) may take, in place of
+        huggingface_hub's 10, so a Ray node whose hub does not answer gives up soon."""
         from filelock import FileLock
 
         what = f"hub file {job.repo}/{job.path}"
-        etag, get = self._modelscope(job, revision) if self.hub == "modelscope" else self._huggingface(job)
+        if self.hub == "modelscope":
+            etag, get = self._modelscope(job, revision)
+        else:
+            etag, get = self._huggingface(job, probe)
         job.etag = etag
         blobs = cache.repo_dir(self.root, job.repo) / "blobs"
         blobs.mkdir(parents=True, exist_ok=True)
@@ -303,16 +309,28 @@ class Downloader:
         cache.write_ref(self.root, job.repo, revision, job.commit)
         return link
 
-    def _huggingface(self, job: FileJob) -> tuple[str, Callable[[_Counting, int], None]]:
+    def _huggingface(
+        self, job: FileJob, probe: float | None = None
+    ) -> tuple[str, Callable[[_Counting, int], None]]:
         """The file's etag, and how to GET it from an offset (huggingface_hub's own calls)."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        import httpx2
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
         url = hf_hub_url(job.repo, job.path, revision=job.commit, endpoint=self.endpoint)
         what = f"hub file {job.repo}/{job.path}"
+        timeout = constants.DEFAULT_ETAG_TIMEOUT if probe is None else probe
         with hub_errors(what):
-            meta = get_hf_file_metadata(url, token=self.token)
+            try:
+                meta = get_hf_file_metadata(url, token=self.token, timeout=timeout)
+            except httpx2.TimeoutException as exc:
+                if probe is None:
+                    raise
+                raise HubUnreachable(
+                    f"{what}: the hub at {urlparse(url).netloc} sent no answer within {probe:g} s "
+                    f"(SHOAL_HUB_PROBE_TIMEOUT): {type(exc).__name__}"
+                ) from None
         if not meta.etag:
             raise HubUnreachable(f"{what}: the hub sent no etag")
         headers = build_hf_headers(token=self.token)

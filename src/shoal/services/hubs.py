@@ -69,6 +69,7 @@ class HubService:
         }
         self.default_hub = settings.download_hub
         self.disk_headroom = settings.disk_headroom
+        self.probe_timeout = settings.hub_probe_timeout
 
     @property
     def root(self) -> Path:  # Hugging Face's, where most callers look
@@ -126,7 +127,7 @@ class HubService:
         return HubFiles(
             hub.ref.name, hub.ref.hub, hub.ref.repo, hub.commit, hub.ref.revision, sel.target, sel.files,
             constants.ENDPOINT if hf else modelscope.endpoint(), get_token() if hf else None,
-            offline(), self.disk_headroom,
+            offline(), self.disk_headroom, self.probe_timeout,
         )  # fmt: skip
 
     async def fetch(self, hub: HubModel, pull: Pull) -> Source:
