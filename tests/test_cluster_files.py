@@ -14,12 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.catalog.specs import Source
 from shoal.cluster import files
 from shoal.cluster.agent import NodeAgent
 from shoal.hub.download import HubFiles
 from shoal.hub.remote import RemoteFile
+from shoal.runners.config import RunnerConfig
 from shoal.settings import ServerSettings
-from test_hubs import Hub, make_repos
+from test_hubs import GGUF, GGUF_NAME, Hub, make_repos
 
 
 def make_model(root: Path) -> Path:
@@ -241,3 +243,71 @@ def test_a_node_whose_hub_accepts_but_never_answers_falls_back_after_the_probe_t
         silent.close()
         for conn in held:
             conn.close()
+
+
+def wait_healthy(listen: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://{listen}/health", timeout=5, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the runner on {listen} did not come up"
+        time.sleep(0.1)
+
+
+def test_a_node_agent_removes_a_hub_model_unless_a_runner_there_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `shoal rm-cache` asks each Ray node: its own hub download of the repo, and its copies of
+    the gateway's files of it, go; a live runner loading from them there refuses it."""
+    make_repos(tmp_path / "repos")
+    hub = Hub(tmp_path / "repos", tmp_path / "hub.log")
+    hub.start()
+    node = tmp_path / "node"
+    monkeypatch.setenv("SHOAL_MODEL_CACHE", str(node))
+    agent = NodeAgent("127.0.0.1")
+    try:
+        info = httpx.get(f"{hub.url}/api/models/test-org/smollm2-gguf", trust_env=False).json()
+        size = GGUF.stat().st_size
+        want = HubFiles("hf.co/test-org/smollm2-gguf", "huggingface", "test-org/smollm2-gguf", info["sha"],
+                        "main", GGUF_NAME, (RemoteFile(GGUF_NAME, size),), hub.url, None,
+                        offline=False, disk_headroom=0, probe_timeout=5.0)  # fmt: skip
+        path, how, _ = agent.fetch_hub(want, None)
+        assert how == "hub" and path is not None
+        config = RunnerConfig(model_uid="held", replica=0, engine="llama.cpp", model_format="ggufv2",
+                              source=Source(path=path), options={"n_ctx": 512, "n_parallel": 1},
+                              n_threads=1, socket="", status_file="")  # fmt: skip
+        pid, listen = agent.spawn(config.model_dump_json(), {"HF_HUB_OFFLINE": "1"}, "held.log", [], "t1")
+        wait_healthy(listen)
+        # the gateway asks first (dry_run), then removes; either way a runner here holds it
+        for dry_run in (True, False):
+            refused = agent.remove_hub("huggingface", "test-org/smollm2-gguf", None, dry_run)
+            assert refused["status"] == "in use" and refused["pids"] == [pid], refused
+        assert Path(path).is_file()
+        agent.stop(pid)
+        would = agent.remove_hub("huggingface", "test-org/smollm2-gguf", None, dry_run=True)
+        assert would["status"] == "cached" and would["bytes"] >= size and Path(path).is_file()
+        removed = agent.remove_hub("huggingface", "test-org/smollm2-gguf", None)
+        folder = node / "hub" / "models--test-org--smollm2-gguf"
+        assert removed == {"status": "removed", "removed": [str(folder)], "bytes": would["bytes"], "pids": []}
+        assert not folder.exists() and agent.cached()["hub"] == []
+        assert agent.remove_hub("huggingface", "test-org/smollm2-gguf", None)["status"] == "not cached"
+
+        # a copy of the gateway's files of a repo (a node that could not reach the hub) goes too
+        gateway_repo = tmp_path / "gateway" / "hub" / "models--test-org--minilm"
+        snapshot = gateway_repo / "snapshots" / ("1" * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text('{"a": 1}')
+        m = files.manifest(snapshot)
+        for rel, offset, data in files.chunks(m):
+            agent.write_chunk(m, rel, offset, data)
+        copy = agent.finish_files(m)
+        assert agent.remove_hub("huggingface", "test-org/minilm", None)["status"] == "not cached"
+        other = agent.remove_hub("huggingface", "test-org/minilm", str(gateway_repo))
+        assert other["status"] == "removed" and other["removed"] == [str(node / m.key)]
+        assert not Path(copy).exists() and agent.cached()["copies"] == []
+    finally:
+        agent.close()
+        hub.kill()

@@ -214,7 +214,33 @@ def test_a_hub_model_is_downloaded_by_the_worker_into_its_own_cache(gateway: Gat
     assert replica["files"]["status"] == "cached" and replica["files"]["path"] == files["path"]
     assert [g for g in gateway.hub.stats()["gets"] if g[2] == cluster.worker_ip] == []
     assert gateway.chat("again").status_code == 200
+    refused = gateway.http.delete(f"/v1/cache/models/{HUB_GGUF}")  # the gateway knows "again" uses it
+    assert refused.status_code == 409 and "again" in refused.json()["error"]["message"], refused.text
     assert gateway.http.delete("/v1/models/again").status_code == 200
+
+    # a launch from a path into the worker's cache: only the worker's agent sees it holds the repo
+    gateway.launch("bypath", model_name=CHAT_MODEL, model_path=files["path"], worker_ip=gateway.worker,
+                   gpu_memory="6GiB", **SMALL)  # fmt: skip
+    assert gateway.replicas("bypath")[0]["files"] is None  # (loaded in place: no copy)
+    refused = gateway.http.delete(f"/v1/cache/models/{HUB_GGUF}")
+    assert refused.status_code == 409, refused.text
+    assert f"in use on {gateway.worker} (by bypath)" in refused.json()["error"]["message"], refused.text
+    assert gateway.workers()[gateway.worker]["hub_cache"] != []  # nothing removed anywhere
+    assert gateway.http.delete("/v1/models/bypath").status_code == 200
+
+    # rm-cache removes it from the worker's own cache (the gateway has none) and says so per node
+    removed = gateway.http.delete(f"/v1/cache/models/{HUB_GGUF}")
+    assert removed.status_code == 200, removed.text
+    body = removed.json()
+    assert body["name"] == HUB_GGUF and body["gateway"]["status"] == "not cached"
+    nodes = {n["node"]: n for n in body["nodes"]}
+    assert nodes[gateway.head]["status"] == "not cached"
+    worker_report = nodes[gateway.worker]
+    assert worker_report["status"] == "removed" and worker_report["bytes"] >= GGUF.stat().st_size
+    assert worker_report["removed"] == [str(cluster.tmp / "cache" / "hub" / "models--test-org--smollm2-gguf")]
+    assert not Path(files["path"]).exists()
+    assert gateway.workers()[gateway.worker]["hub_cache"] == []
+    assert gateway.http.delete(f"/v1/cache/models/{HUB_GGUF}").status_code == 404
 
 
 def test_a_worker_that_cannot_reach_the_hub_gets_the_gateways_copy(gateway: Gateway) -> None:
@@ -242,6 +268,18 @@ def test_a_worker_that_cannot_reach_the_hub_gets_the_gateways_copy(gateway: Gate
     assert r.status_code == 200, r.text
     assert gateway.http.delete("/v1/models/far").status_code == 200
     assert f"{gateway.worker} cannot reach the hub" in gateway.log_path.read_text()
+    # rm-cache removes the gateway's download and the worker's copy of it
+    removed = gateway.http.delete("/v1/cache/models/hf.co/test-org/minilm")
+    assert removed.status_code == 200, removed.text
+    body = removed.json()
+    assert body["gateway"] == {"status": "removed", "path": cached["path"]}
+    worker_report = next(n for n in body["nodes"] if n["node"] == gateway.worker)
+    assert worker_report["status"] == "removed" and len(worker_report["removed"]) == 1, worker_report
+    assert not Path(files["path"]).exists()
+    assert not any(
+        c["source"].startswith(cached["path"]) for c in gateway.workers()[gateway.worker]["model_cache"]
+    )
+    assert gateway.http.get("/v1/cache/models").json()["data"] == []
 
 
 def test_a_partition_while_serving(gateway: Gateway) -> None:

@@ -326,10 +326,17 @@ def rm_cache(
     ],
     endpoint: Endpoint = settings.ENDPOINT.default,
 ) -> None:
-    """Remove a model's files from the server's cache (refused while a model uses them)."""
+    """Remove a model's files from the server's cache, and on a Ray cluster from each node's
+    (refused while a model uses them)."""
     with _session(endpoint) as client:
-        client.remove_cached(name)
-    console.print(f"removed {name}")
+        removed = client.remove_cached(name)
+    console.print(f"removed {removed.get('name', name)}")
+    gateway = removed.get("gateway") or {}
+    if removed.get("nodes"):
+        console.print(f"  gateway: {gateway.get('status', 'removed')}")
+    for node in removed.get("nodes") or []:
+        size = f" ({_gib(node['bytes'])} GiB)" if node.get("status") == "removed" else ""
+        console.print(f"  {node['node']}: {node['status']}{size}")
 
 
 @app.command()

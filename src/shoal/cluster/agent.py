@@ -58,6 +58,10 @@ def runner_environment() -> dict[str, str]:
     return env
 
 
+def _within(path: str, folder: Path) -> bool:
+    return bool(path) and (path == str(folder) or path.startswith(str(folder) + "/"))
+
+
 class NodeAgent:
     """Runners are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
     forked exits, so a short-lived thread would kill its runners."""
@@ -198,6 +202,42 @@ class NodeAgent:
             for entry in hub_cache.entries(root, name)
         ]
         return {"copies": files.listing(self.cache), "hub": hub}
+
+    def remove_hub(self, hub: str, repo: str, copies_of: str | None, dry_run: bool = False) -> dict[str, Any]:
+        """`shoal rm-cache` on this node: remove a hub repo's folder from this node's hub cache, and
+        the copies here of the gateway's files of it (`copies_of`: the gateway's folder of the repo).
+        Refused ("in use", with the pids) while a live runner here loads from one of them, or
+        ("downloading") while this node downloads the repo. `dry_run`: say what would go ("cached",
+        or "not cached"), remove nothing."""
+        folder = hub_cache.repo_dir(hub_cache.roots(self.cache)[hub], repo)
+        targets = [folder] if folder.is_dir() else []
+        if copies_of:
+            under = copies_of.rstrip("/") + "/"
+            targets += [
+                self.cache / str(entry["key"])
+                for entry in files.listing(self.cache)
+                if entry["complete"] and str(entry["source"] or "").startswith(under)
+            ]
+        held = [
+            pid
+            for pid, proc in list(self._procs.items())
+            if proc.poll() is None and any(_within(self._sources.get(pid, ""), t) for t in targets)
+        ]
+        size = sum(
+            p.stat().st_size for t in targets for p in t.rglob("*") if p.is_file() and not p.is_symlink()
+        )
+        report: dict[str, Any] = {"status": "cached", "removed": [], "bytes": size, "pids": held}
+        if held:
+            return {**report, "status": "in use"}
+        if any(key.startswith(f"{hub}:{repo}@") for key in list(self._downloads)):
+            return {**report, "status": "downloading"}
+        if not targets:
+            return {**report, "status": "not cached"}
+        if dry_run:
+            return report
+        for target in targets:
+            shutil.rmtree(target, ignore_errors=True)
+        return {**report, "status": "removed", "removed": [str(t) for t in targets]}
 
     def fetch_hub(self, want: HubFiles, gateway: files.Manifest | None) -> tuple[str | None, str, str]:
         """The path this node loads a hub model from, as (path, how, ""): from its own cache

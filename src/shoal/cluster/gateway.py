@@ -615,6 +615,28 @@ class RayHost:
             for n in self.nodes.values()
         ]
 
+    async def remove_hub(
+        self, hub: str, repo: str, copies_of: str, dry_run: bool = False
+    ) -> list[dict[str, Any]]:
+        """Each node's report (NodeAgent.remove_hub), its runners named by uid where the gateway
+        knows them; a node cut off or gone keeps its files ("unreachable")."""
+
+        async def one(node: Node) -> dict[str, Any]:
+            shown: dict[str, Any] = {"node": node.name}
+            if not node.usable:
+                return {**shown, "status": "unreachable"}
+            try:
+                ref = node.agent.remove_hub.remote(hub, repo, copies_of, dry_run)
+                report: dict[str, Any] = await self.call(node, ref, timeout=120)
+            except Exception as exc:
+                return {**shown, "status": "unreachable", "error": f"{type(exc).__name__}: {exc}"}
+            if report["status"] == "removed":
+                await self._relist(node)
+            uids = [node.runners[pid].config.model_uid for pid in report["pids"] if pid in node.runners]
+            return {**shown, **report, "model_uids": uids}
+
+        return list(await asyncio.gather(*(one(n) for n in self.nodes.values() if n.alive)))
+
     async def shutdown(self) -> None:
         """Each agent stops its runners and removes its folder, then goes."""
         import ray

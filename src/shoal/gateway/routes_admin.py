@@ -179,5 +179,6 @@ async def cached_models(request: Request) -> dict[str, Any]:
 
 @router.delete("/v1/cache/models/{name:path}")
 async def remove_cached(request: Request, name: str) -> dict[str, Any]:
-    """Remove a model's files from the cache (409 while a model uses them or they download)."""
-    return await asyncio.to_thread(_service(request).remove_cached, name)
+    """Remove a model's files from the cache, and from each Ray node's (409 while a model uses them
+    or they download); says per node what went."""
+    return await _service(request).remove_cached(name)

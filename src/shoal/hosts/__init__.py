@@ -98,5 +98,14 @@ class Host(Protocol):
         """GET /v1/workers: the nodes."""
         ...
 
+    async def remove_hub(
+        self, hub: str, repo: str, copies_of: str, dry_run: bool = False
+    ) -> list[dict[str, Any]]:
+        """`shoal rm-cache` on the nodes (Ray): each node's report on the hub repo in its own cache
+        and its copies of the gateway's files of it (`copies_of`: the gateway's folder of the repo),
+        removed unless `dry_run` or a runner there uses them. One machine: none (its cache is the
+        gateway's)."""
+        ...
+
 
 __all__ = ["Host", "RunnerHandle"]

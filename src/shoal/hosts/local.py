@@ -87,3 +87,8 @@ class LocalHost:
         ids = [d.id for d in devices.all_devices(self.fake_gpus)]
         local = {"node": "local", "node_id": None, "worker_ip": "127.0.0.1", "alive": True}
         return [{**local, "devices": ids, "runners": runners}]
+
+    async def remove_hub(
+        self, hub: str, repo: str, copies_of: str, dry_run: bool = False
+    ) -> list[dict[str, Any]]:
+        return []  # the gateway's cache is this machine's

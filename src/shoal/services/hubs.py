@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.catalog import ModelFamily, Source
-from shoal.errors import Conflict, InvalidRequest, ModelNotFound, ShoalError
+from shoal.errors import Conflict, InvalidRequest, ShoalError
 from shoal.hub import cache, modelscope
 from shoal.hub.download import Downloader, HubFiles, Pull
 from shoal.hub.names import HUB_PREFIX, HubRef
@@ -156,7 +156,9 @@ class HubService:
             for e in cache.entries(root, hub)
         ]
 
-    def remove(self, name: str, models: Iterable[RunningModel]) -> dict[str, Any]:
+    def removable(self, name: str, models: Iterable[RunningModel]) -> tuple[str, str, str]:
+        """(hub, repo, its name as shown) of a cache name, or a 409 while a model here uses it or
+        it downloads."""
         hub, repo = cache.repo_of(name)
         shown = f"{HUB_PREFIX[hub]}{repo}"
         users = self._users(hub, repo, models)
@@ -164,9 +166,14 @@ class HubService:
             raise Conflict(f"{shown} is in use by {', '.join(users)}; stop them first (shoal stop UID)")
         if self.downloads[hub].active(repo):
             raise Conflict(f"{shown} is being downloaded; wait for it or stop the launch")
-        if not cache.remove(self.roots[hub], repo):
-            raise ModelNotFound(f"{shown} is not in the cache ({self.roots[hub]})")
-        return {"name": shown, "status": "removed"}
+        return hub, repo, shown
+
+    def folder(self, hub: str, repo: str) -> Path:
+        return cache.repo_dir(self.roots[hub], repo)
+
+    def remove(self, hub: str, repo: str) -> bool:
+        """Remove the repo from the gateway's cache; False when it was not there."""
+        return cache.remove(self.roots[hub], repo)
 
 
 PROGRESS_EVERY = 0.5  # seconds between progress lines of a pull

@@ -645,8 +645,25 @@ class ModelService:
     def cached(self) -> list[dict[str, Any]]:
         return self.hubs.cached(self._models.values())
 
-    def remove_cached(self, name: str) -> dict[str, Any]:
-        return self.hubs.remove(name, self._models.values())
+    async def remove_cached(self, name: str) -> dict[str, Any]:
+        """Remove a hub model from the gateway's cache and from every node's (Ray), or from none:
+        a 409 while a model uses it (here, or a runner on a node) or it downloads, a 404 when no
+        cache has it. Says per node what went."""
+        hub, repo, shown = self.hubs.removable(name, self._models.values())
+        folder = self.hubs.folder(hub, repo).absolute()  # as a node's copies name their source
+        nodes = await self.host.remove_hub(hub, repo, str(folder), dry_run=True)
+        busy = [n for n in nodes if n["status"] in ("in use", "downloading")]
+        if busy:
+            why = "; ".join(_node_holds(n) for n in busy)
+            raise Conflict(f"{shown} is in use on {why}; stop them first (shoal stop UID)")
+        here = await asyncio.to_thread(self.hubs.remove, hub, repo)
+        if any(n["status"] == "cached" for n in nodes):
+            nodes = await self.host.remove_hub(hub, repo, str(folder))
+        if not here and not any(n["status"] == "removed" for n in nodes):
+            where = f"{self.hubs.roots[hub]}" + (" nor on any node" if nodes else "")
+            raise ModelNotFound(f"{shown} is not in the cache ({where})")
+        gateway = {"status": "removed" if here else "not cached", "path": str(folder)}
+        return {"name": shown, "status": "removed", "gateway": gateway, "nodes": nodes}
 
     async def devices(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.devices_now)
@@ -827,3 +844,14 @@ class ModelService:
         self._models.clear()
         await self.host.shutdown()
         await asyncio.to_thread(self.mps.stop)  # after its clients (the runners) are gone
+
+
+def _node_holds(report: dict[str, Any]) -> str:
+    """What holds a hub repo on a node (its NodeAgent.remove_hub report), for a 409."""
+    if report["status"] == "downloading":
+        return f"{report['node']} (downloading it)"
+    known = report.get("model_uids") or []
+    strays = len(report["pids"]) - len(known)
+    held = ", ".join([*known, *([f"{strays} runner(s) the gateway does not know"] if strays > 0 else [])])
+    return f"{report['node']} (by {held})"
+
