@@ -44,6 +44,15 @@ PIPELINE_FILES = sorted([
     "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
     "vae/diffusion_pytorch_model.safetensors.index.json",
 ])  # fmt: skip
+# With variant "fp16": each component's fp16 weights instead (the vae's sharded ones with their
+# fp16 index), the same configs, tokenizer and scheduler.
+FP16_FILES = sorted([
+    *(f for f in PIPELINE_FILES if not f.endswith((".safetensors", ".index.json"))),
+    "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+    "vae/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+])  # fmt: skip
 
 
 def _safetensors(path: Path, dtype: str, shapes: dict[str, list[int]]) -> None:
@@ -270,6 +279,39 @@ def test_diffusers_pipeline_from_the_hub_picks_one_precision(
     assert shoal.http.delete(f"/v1/cache/models/hf.co/{PIPELINE_REPO}").status_code == 200
 
 
+def test_a_variant_picks_that_precision_and_a_bad_one_is_refused(shoal: ShoalServer, hub: Hub) -> None:
+    repo = Path(hub.root) / PIPELINE_REPO
+    total = sum((repo / f).stat().st_size for f in FP16_FILES)
+    weights = sum((repo / f).stat().st_size for f in FP16_FILES if f.endswith(".safetensors"))
+    name = f"hf.co/{PIPELINE_REPO}"
+    hub.post("/_reset")
+    answer = shoal.http.post("/v1/models/estimate", json={"model_name": name, "variant": "fp16"})
+    assert answer.status_code == 200, answer.text
+    est = answer.json()
+    assert est["download"]["total_bytes"] == total and est["estimate"]["weights"] == weights, est
+    read = {r[0].split("/", 2)[2] for r in hub.stats()["gets"]}
+    assert read == {"model_index.json", "text_encoder/config.json"} | {
+        f for f in FP16_FILES if f.endswith(".safetensors")
+    }, read  # the fp16 files' headers, not the float32 ones'
+    for variant, words in [
+        ("int8", "no weights of variant 'int8'"),  # the repo has none
+        ("../fp16", "variant must be"),
+        (16, "variant must be"),
+        ("", "variant must be"),
+    ]:
+        for route in ("/v1/models", "/v1/models/estimate"):
+            answer = shoal.http.post(route, json={"model_name": name, "variant": variant})
+            assert answer.status_code == 400, (variant, answer.text)
+            error = answer.json()["error"]
+            assert words in error["message"] and error["type"] == "invalid_request_error", error
+    pulled = shoal.http.post("/v1/cache/models", json={"model_name": name, "variant": "x/y", "stream": False})
+    assert pulled.status_code == 400 and "variant must be" in pulled.json()["error"]["message"], pulled.text
+    # an engine that takes no variant refuses it
+    whisper = {"model_name": f"hf.co/{WHISPER_REPO}", "model_type": "audio", "variant": "fp16"}
+    answer = shoal.http.post("/v1/models", json=whisper)
+    assert answer.status_code == 400 and "variant" in answer.json()["error"]["message"], answer.text
+
+
 def test_a_pulled_pipeline_loads_in_diffusers(
     shoal: ShoalServer, hub: Hub, cache: Path, tmp_path: Path
 ) -> None:
@@ -304,6 +346,22 @@ def test_a_pulled_pipeline_loads_in_diffusers(
                           context_length=None, n_threads=2, options={"num_inference_steps": 1})  # fmt: skip
     engine = DiffusersEngine(config)
     engine.load()  # local_files_only: the cache's files are all it needs
+    try:
+        assert pngs(generate(engine, seed=1))[0].startswith(b"\x89PNG")
+    finally:
+        engine.close()
+
+    # with variant fp16: the fp16 weights only, which diffusers loads when told the variant
+    shutil.rmtree(cache / "hub" / "models--test-org--tiny-sd")
+    pulled = shoal.http.post("/v1/cache/models", json={**body, "variant": "fp16"})
+    assert pulled.status_code == 200 and pulled.json()["status"] == "success", pulled.text
+    halves = sorted(str(p.relative_to(half)) for p in half.rglob("*.fp16.safetensors"))
+    assert halves and _snapshot_files(cache, "hub", "test-org/tiny-sd") == sorted(
+        [*(f for f in saved if not f.endswith(".safetensors")), *halves]
+    )
+    options = {"num_inference_steps": 1, "variant": "fp16"}
+    engine = DiffusersEngine(replace(config, options=options))
+    engine.load()
     try:
         assert pngs(generate(engine, seed=1))[0].startswith(b"\x89PNG")
     finally:
@@ -360,8 +418,31 @@ def test_media_file_selection() -> None:
         p.path for p in flux.files if p.path not in ("flux1-schnell.safetensors", "ae.safetensors")
     )
     only_fp16 = repo("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors")
+    unet = {"unet": ["diffusers", "UNet2DConditionModel"]}
     with pytest.raises(InvalidRequest, match="fp16"):
-        select(ref, only_fp16, "image", "diffusers", {"unet": ["diffusers", "UNet2DConditionModel"]})
+        select(ref, only_fp16, "image", "diffusers", unet)
+    # variant fp16: that copy (as diffusers' variant_compatible_siblings picks it)
+    picked = select(ref, only_fp16, "image", "diffusers", unet, "fp16")
+    assert sorted(f.path for f in picked.files) == sorted(p.path for p in only_fp16.files)
+    # a component without the variant keeps its plain weights, as diffusers falls back to them;
+    # the legacy spelling of sharded variants (model-00001-of-00002.fp16.safetensors) counts too
+    mixed = repo(
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.bin", "text_encoder/config.json", "text_encoder/model.safetensors",
+        "text_encoder/model-00001-of-00002.fp16.safetensors",
+        "text_encoder/model-00002-of-00002.fp16.safetensors",
+        "text_encoder/model.safetensors.fp16.index.json", "text_encoder/model.fp16.bin",
+    )  # fmt: skip
+    both = {**unet, "text_encoder": ["transformers", "CLIPTextModel"]}
+    picked = select(ref, mixed, "image", "diffusers", both, "fp16")
+    assert sorted(f.path for f in picked.files) == sorted([
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json", "text_encoder/model-00001-of-00002.fp16.safetensors",
+        "text_encoder/model-00002-of-00002.fp16.safetensors",
+        "text_encoder/model.safetensors.fp16.index.json",
+    ])  # fmt: skip
+    with pytest.raises(InvalidRequest, match="no weights of variant 'bf16'"):
+        select(ref, mixed, "image", "diffusers", both, "bf16")
     joe = "en/en_US/joe/medium/en_US-joe-medium.onnx"  # rhasspy/piper-voices' layout
     voices = repo(joe, joe + ".json", "en/en_US/amy/low/en_US-amy-low.onnx", "voices.json")
     voice = select(replace(ref, file=joe), voices, "audio", "piper")

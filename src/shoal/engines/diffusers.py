@@ -92,8 +92,13 @@ class DiffusersEngine(Engine):
         self._default_steps = self._launch_int(opts, "num_inference_steps", 1, MAX_STEPS)
         self._default_guidance = self._launch_guidance(opts)
 
+        # variant: the weights of that precision (the gateway fetched those: hub/media.py)
+        variant = str(opts["variant"]) if opts.get("variant") else None
         pipe: Any = DiffusionPipeline.from_pretrained(
-            str(self.config.model_path), dtype=getattr(torch, dtype_name), local_files_only=True
+            str(self.config.model_path),
+            dtype=getattr(torch, dtype_name),
+            variant=variant,
+            local_files_only=True,
         )
         self._accepts = set(inspect.signature(pipe.__call__).parameters)
         needed = {"prompt", "num_inference_steps", "generator"}

@@ -32,8 +32,12 @@ class Option:
     low_open: bool = False  # low itself is refused (a positive fraction)
     choices: tuple[str, ...] = ()
     help: str = ""
+    pattern: str = ""  # a str option's whole value must match it (re.fullmatch)
+    shown: str = ""  # what describe() says of a patterned value
 
     def describe(self) -> str:
+        if self.shown:
+            return self.shown
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind == "bool":
@@ -114,6 +118,12 @@ OPTIONS: dict[str, Option] = {
     # image generation
     "num_inference_steps": _int(1, 100, "diffusers: default denoising steps"),
     "guidance_scale": Option("float", 0, 50, help="diffusers: default guidance"),
+    "variant": Option(
+        "str",
+        pattern=r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}",
+        shown="a variant name: up to 32 letters, digits, '_' or '-' (e.g. fp16)",
+        help="diffusers: the weights' variant (fp16: each component's *.fp16.safetensors)",
+    ),
 }
 
 _LLAMA = ("n_ctx", "n_parallel", "n_gpu_layers", "n_batch", "chat_template")
@@ -144,7 +154,7 @@ ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "piper": ("noise_scale", "noise_w_scale", "normalize_audio", "volume"),
     "hibari": ("voice", "seed"),
     "rapidocr": ("text_score", "box_thresh", "unclip_ratio", "use_cls", "max_pixels", "max_side_len"),
-    "diffusers": ("memory_fraction", "dtype", "num_inference_steps", "guidance_scale"),
+    "diffusers": ("memory_fraction", "dtype", "num_inference_steps", "guidance_scale", "variant"),
 }  # fmt: skip
 SHOAL_OPTIONS = ("n_threads",)  # every engine: Shoal reads them, the engine never sees them
 
@@ -171,6 +181,7 @@ def _coerce(option: Option, value: Any) -> Any:
             not isinstance(value, str)
             or len(value) > MAX_TEXT
             or (option.choices and value not in option.choices)
+            or (option.pattern and re.fullmatch(option.pattern, value) is None)
         ):
             raise _Bad
         return value

@@ -128,10 +128,11 @@ def select(
     model_type: str | None,
     model_format: str | None = None,
     index: dict[str, Any] | None = None,
+    variant: str | None = None,
 ) -> Selection:
     """Which files a launch of `ref` needs (InvalidRequest or HubNotFound naming what is there).
     `model_format` is a catalog spec's (None for a hub name: the files say it); `index` is the
-    repo's model_index.json, for a diffusers pipeline."""
+    repo's model_index.json, and `variant` the launch's (fp16), for a diffusers pipeline."""
     detected = (
         media.detect(remote) if model_format is None and ref.file is None and ref.quant is None else None
     )
@@ -144,7 +145,7 @@ def select(
                 f"hub repo {ref.repo!r} is a {fmt} model, which launches as model_type {kind!r}, "
                 f"not {model_type!r}"
             )
-        files, target = media.select_files(remote, fmt, ref.file, index)
+        files, target = media.select_files(remote, fmt, ref.file, index, variant)
         return Selection(fmt, model_type or kind, files, target, "none")
     if model_type in ("audio", "image"):
         raise InvalidRequest(

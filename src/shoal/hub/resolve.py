@@ -95,7 +95,13 @@ def _model_index(
     return index
 
 
-def resolve(ref: HubRef, model_type: str | None, root: Path, model_format: str | None = None) -> HubModel:
+def resolve(
+    ref: HubRef,
+    model_type: str | None,
+    root: Path,
+    model_format: str | None = None,
+    variant: str | None = None,
+) -> HubModel:
     remote: RemoteRepo | None = None
     if not offline():
         try:
@@ -113,7 +119,7 @@ def resolve(ref: HubRef, model_type: str | None, root: Path, model_format: str |
                 "or unreachable); pull it on a networked machine first"
             )
     index = _model_index(ref, remote, root, model_format)
-    selection = select(ref, remote, model_type, model_format, index)
+    selection = select(ref, remote, model_type, model_format, index, variant)
     if from_cache and not cache.has_files(root, ref.repo, remote.commit, [f.path for f in selection.files]):
         raise HubNotFound(f"{ref.name}: the cache holds only part of it and the hub is offline")
     paths = [f.path for f in selection.files]

@@ -108,6 +108,7 @@ class PullRequest(BaseModel):
     model_size_in_billions: float | int | str | None = None
     model_engine: str | None = None
     download_hub: str | None = None
+    variant: str | None = None  # a diffusers pipeline's weights variant (fp16), as a launch's
     stream: bool = True
 
 

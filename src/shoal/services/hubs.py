@@ -75,10 +75,12 @@ class HubService:
     def root(self) -> Path:  # Hugging Face's, where most callers look
         return self.roots["huggingface"]
 
-    async def resolve(self, ref: HubRef, model_type: str | None, model_format: str | None = None) -> HubModel:
+    async def resolve(
+        self, ref: HubRef, model_type: str | None, model_format: str | None = None, variant: str | None = None
+    ) -> HubModel:
         """What the hub (or the cache) says of a hub name (`model_format` None: its files say it),
-        or of a catalog spec's repo (its format)."""
-        return await asyncio.to_thread(resolve, ref, model_type, self.roots[ref.hub], model_format)
+        or of a catalog spec's repo (its format); `variant`: a diffusers launch's (fp16)."""
+        return await asyncio.to_thread(resolve, ref, model_type, self.roots[ref.hub], model_format, variant)
 
     @staticmethod
     def family(hub: HubModel) -> ModelFamily:

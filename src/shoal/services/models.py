@@ -162,7 +162,8 @@ class ModelService:
         ref = hub_names.parse(request.model_name)  # a malformed hub name or ModelScope: 400
         if ref is not None and model_path:
             raise InvalidRequest("model_path names local weights; a hub name names the hub's: give one")
-        hub = await self.hubs.resolve(ref, model_type) if ref is not None else None
+        variant = _variant(request)  # which files a diffusers pipeline fetches: checked first
+        hub = await self.hubs.resolve(ref, model_type, None, variant) if ref is not None else None
         family = (
             self.hubs.family(hub) if hub is not None else self.catalog.get(request.model_name, model_type)
         )
@@ -189,7 +190,7 @@ class ModelService:
         ref = catalog_ref(source, preferred)
         if hub is None and ref is not None:  # a catalog model from the hub, of any type
             try:
-                hub = await self.hubs.resolve(ref, family.model_type, spec.model_format)
+                hub = await self.hubs.resolve(ref, family.model_type, spec.model_format, variant)
             except (HubUnreachable, HubNotFound):
                 if not isinstance(request, EstimateRequest):
                     raise
@@ -855,3 +856,10 @@ def _node_holds(report: dict[str, Any]) -> str:
     held = ", ".join([*known, *([f"{strays} runner(s) the gateway does not know"] if strays > 0 else [])])
     return f"{report['node']} (by {held})"
 
+
+def _variant(request: LaunchRequest | EstimateRequest | PullRequest) -> str | None:
+    """A launch's diffusers `variant` (fp16), checked (400) before the hub's files are picked by it."""
+    raw = request.variant if isinstance(request, PullRequest) else (request.model_extra or {}).get("variant")
+    if raw is None:
+        return None
+    return str(check_launch_options(None, {"variant": raw})["variant"])
