@@ -8,7 +8,9 @@ with every core, one after another (never two at once). Phases per side, each fo
 - `batch64`: one client sending 64-sentence requests.
 
 Each phase reports requests/s, sentences/s and latency p50/p99 (ms). Requests still in flight at the
-deadline are waited for and counted.
+deadline are waited for and counted. The load goes through Shoal's own lean HTTP client
+(runners/client.py) for every server, and each server is first left to settle (under a tenth of a
+core for a second: Shoal's warm spare refills after the launch) before its phases.
 
 Sides:
 - `inprocess_raw`: SentenceTransformer.encode in this process, one sentence at a time (`c1`) and 64
@@ -45,9 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 import load  # benchmarks/load.py: Xinference's launcher
-from common import free_port, machine_info, server_process, wait_ok  # benchmarks/common.py
+from common import free_port, machine_info, server_process, settle, wait_ok  # benchmarks/common.py
+from shoal.runners.client import RunnerClient
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
 WORDS = (
@@ -166,17 +170,30 @@ async def bench_inprocess(seconds: float) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def http(port: int) -> AsyncIterator[httpx.AsyncClient]:
+async def http(port: int) -> AsyncIterator[tuple[httpx.AsyncClient, RunnerClient]]:
+    """httpx for the admin calls; for the load, keep-alive connections through Shoal's own lean
+    client (runners/client.py), the same for every server: at 64 clients httpx took a good part of
+    the 2 cores the servers run on."""
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    lean = RunnerClient(host="127.0.0.1", port=port)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as client:
-        yield client
+        try:
+            yield client, lean
+        finally:
+            await lean.close()
 
 
-def embed_call(client: httpx.AsyncClient, path: str, model: str) -> Callable[[list[str]], Awaitable[None]]:
+def embed_call(lean: RunnerClient, path: str, model: str) -> Callable[[list[str]], Awaitable[None]]:
     async def call(texts: list[str]) -> None:
-        response = await client.post(path, json={"model": model, "input": texts})
-        response.raise_for_status()
-        if len(response.json()["data"]) != len(texts):
+        body = orjson.dumps({"model": model, "input": texts})
+        answer = await lean.request("POST", path, body, {"content-type": "application/json"}, timeout=300)
+        try:
+            status, content = answer.status, await answer.read()
+        finally:
+            answer.close()
+        if status != 200:
+            raise RuntimeError(f"{status}: {content[:200]!r}")
+        if len(orjson.loads(content)["data"]) != len(texts):
             raise RuntimeError("wrong number of vectors")
 
     return call
@@ -192,7 +209,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
         command = [sys.executable, "-m", "shoal.cli", "serve", "--port", str(port), "--data-dir", tmp,
                    "--log-level", "warning"]  # fmt: skip
         with server_process(command, log_path, env) as proc:
-            async with http(port) as client:
+            async with http(port) as (client, lean):
                 await wait_ok(client, "/health", proc, log_path, 300, 0.1)
                 launch = {"model_name": EMBED_MODEL, "n_threads": args.threads or os.cpu_count(), **options}
                 started = time.monotonic()
@@ -201,7 +218,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
                 if response.status_code != 200:
                     raise RuntimeError(f"launch failed: {response.status_code} {response.text}")
                 uid = response.json()["model_uid"]
-                call = embed_call(client, "/v1/embeddings", uid)
+                call = embed_call(lean, "/v1/embeddings", uid)
                 first = time.perf_counter()
                 await call(SENTENCES[:1])
                 first_ms = (time.perf_counter() - first) * 1000
@@ -213,6 +230,7 @@ async def bench_shoal(args: argparse.Namespace, options: dict[str, Any]) -> dict
                     "launch_s": round(launch_s, 3),
                     "first_request_ms": round(first_ms, 2),
                     "second_request_ms": round(second_ms, 2),
+                    "settled_s": await settle(proc.pid),  # the torch spare refilling after the launch
                 }
                 result.update(await phases(call, args.seconds, tuple(p[0] for p in PHASES)))
                 metrics = await client.get(f"/v1/models/{uid}/engine_metrics")
@@ -234,13 +252,14 @@ async def bench_infinity(args: argparse.Namespace) -> dict[str, Any] | str:
                    "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
         started = time.monotonic()
         with server_process(command, log_path, env) as proc:
-            async with http(port) as client:
+            async with http(port) as (client, lean):
                 try:
                     await wait_ok(client, "/health", proc, log_path, 300, 0.1)
                 except RuntimeError as exc:
                     return {"error": str(exc)[-1500:]}
                 result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
-                result.update(await phases(embed_call(client, "/embeddings", model), args.seconds,
+                result["settled_s"] = await settle(proc.pid)
+                result.update(await phases(embed_call(lean, "/embeddings", model), args.seconds,
                                            tuple(p[0] for p in PHASES)))  # fmt: skip
                 python = str(binary.parent / "python")
                 code = "import importlib.metadata as m; print(m.version('infinity-emb'))"
@@ -260,13 +279,14 @@ async def bench_xinference(args: argparse.Namespace) -> dict[str, Any] | str:
         command = [str(executable), "--host", "127.0.0.1", "--port", str(port)]
         started = time.monotonic()
         with server_process(command, log_path, load.xinference_env(venv, Path(tmp))) as proc:
-            async with http(port) as client:
+            async with http(port) as (client, lean):
                 await wait_ok(client, "/v1/models", proc, log_path, 300, 0.1)
                 result: dict[str, Any] = {"start_s": round(time.monotonic() - started, 3)}
                 launched = time.monotonic()
                 uid, _ = await load.xinference_launch(f"http://127.0.0.1:{port}", "embed", minilm())
                 result["launch_s"] = round(time.monotonic() - launched, 3)
-                result.update(await phases(embed_call(client, "/v1/embeddings", uid), args.seconds,
+                result["settled_s"] = await settle(proc.pid)
+                result.update(await phases(embed_call(lean, "/v1/embeddings", uid), args.seconds,
                                            tuple(p[0] for p in PHASES)))  # fmt: skip
         result["version"] = load.xinference_version(venv)
     return result

@@ -96,3 +96,38 @@ async def wait_ok(
                 return
         await asyncio.sleep(poll)
     raise RuntimeError(f"no 200 on {path} within {timeout:.0f} s:\n{log_path.read_text()[-2000:]}")
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system seconds of `pid` and the children it has waited for (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+async def settle(pid: int, quiet: float = 0.1, timeout: float = 60.0) -> float:
+    """Wait until `pid` and its descendants together use less than `quiet` of a core over a second
+    (a server's warm spare runner refilling after a launch imports torch for seconds, on the cores a
+    phase would measure); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        pids = {pid} | _descendants(pid)
+        before = sum(_process_cpu(p) for p in pids)
+        await asyncio.sleep(1.0)
+        if sum(_process_cpu(p) for p in pids) - before < quiet:
+            break
+    return round(time.monotonic() - started, 1)

@@ -4,6 +4,7 @@ Same parse, checks, forward, answers and errors as their FastAPI routes in route
 routes_openai.serve and errors.response_for), without FastAPI's route matching over every route,
 its Request object and dependency solving, and its middleware layers: measured with py-spy, those
 took more of the gateway's CPU per one-sentence embeddings request than parsing and forwarding did.
+A whole (not streamed) answer is sent as two ASGI messages, without a Starlette Response.
 Any other method, path or root path goes on to the FastAPI app (its lifespan too).
 """
 
@@ -15,10 +16,12 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from shoal.errors import ShoalError
 from shoal.gateway import errors, routes_openai
 from shoal.gateway.middleware import ASGIApp, Receive, Scope, Send
+from shoal.services.proxy import Forwarded
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -54,9 +57,29 @@ class HotRoutes:
             return await self.app(scope, receive, send)
         scope["app"], scope["route"] = self.fastapi_app, route
         service = self.fastapi_app.state.models
+        response: Response
         try:
             raw = await read_body(receive)
-            response = await routes_openai.serve(service, scope.setdefault("state", {}), raw, route.path)
+            result = await routes_openai.serve(service, scope.setdefault("state", {}), raw, route.path)
         except (ShoalError, RequestValidationError, HTTPException) as exc:
             response = errors.response_for(route.path, exc)
+        else:
+            if result.stream is None:  # a whole answer: two messages, no Response object
+                return await send_whole(send, result)
+            response = routes_openai.render(result)
         await response(scope, receive, send)
+
+
+async def send_whole(send: Send, result: Forwarded) -> None:
+    """What routes_openai.render's Response would send for a whole answer, sent directly."""
+    body = result.body or b""
+    media_type = result.media_type
+    if media_type.startswith("text/") and "charset=" not in media_type:
+        media_type += "; charset=utf-8"  # as Starlette's Response adds it
+    headers = [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", media_type.encode("latin-1")),
+        (b"x-shoal-replica", str(result.replica).encode()),
+    ]
+    await send({"type": "http.response.start", "status": result.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

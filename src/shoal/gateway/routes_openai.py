@@ -104,12 +104,13 @@ def render(result: Forwarded) -> Response:
 
 async def _run(request: Request, path: str) -> Response:
     state = request.scope.setdefault("state", {})
-    return await serve(request.app.state.models, state, await request.body(), path)
+    return render(await serve(request.app.state.models, state, await request.body(), path))
 
 
-async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: str) -> Response:
-    """One request to an INFERENCE path, from its raw body to the answer (gateway.hot serves these
-    paths without FastAPI's routing; the routes below document them and take what it passes on)."""
+async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: str) -> Forwarded:
+    """One request to an INFERENCE path, from its raw body to the runner's answer (gateway.hot
+    serves these paths without FastAPI's routing; the routes below document them and render what
+    it passes on)."""
     model, ability = INFERENCE[path]
     body = validate(model, raw)
     uid: str = body.model  # type: ignore[attr-defined]
@@ -119,7 +120,7 @@ async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: 
     result = await forward(service, uid, path, raw, stream)
     if ability in ("chat", "generate"):
         record_tokens(uid, result)
-    return render(result)
+    return result
 
 
 def check_size(service: ModelService, uid: str, body: BaseModel) -> None:

@@ -21,12 +21,14 @@ the per-connection logic is `_Guard`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, cast
 
 import uvicorn
@@ -325,6 +327,28 @@ def protocol_class(limits: ConnectionLimits, kind: str = "auto") -> type[asyncio
     return _h11_class(limits) if kind == "h11" else _httptools_class(limits)
 
 
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, waking once a second instead of ten times: its loop only refreshes the
+    Date header (once a second anyway) and looks for a shutdown signal, which now wakes it at
+    once. An idle gateway woke 10 times a second for this (about 3 ms of CPU per second), and on a
+    busy one each wake-up comes on a cold cache: that CPU is charged to the requests around it."""
+
+    _wake: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        self._wake, self._loop = asyncio.Event(), asyncio.get_running_loop()
+        while not await self.on_tick(0):  # tick 0: the Date header is refreshed every pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)  # a signal handler: not in a callback
+
+
 def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> None:
     """Run `app` on settings.host:port until SIGINT/SIGTERM."""
     descriptors = raise_descriptor_limit()
@@ -350,7 +374,7 @@ def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> No
         http=protocol_class(limits),
         ws="none",  # no WebSocket routes: an upgrade would hand the connection (and its count) away
     )
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for, after the shutdown
