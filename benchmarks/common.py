@@ -119,15 +119,16 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-async def settle(pid: int, quiet: float = 0.1, timeout: float = 60.0) -> float:
-    """Wait until `pid` and its descendants together use less than `quiet` of a core over a second
-    (a server's warm spare runner refilling after a launch imports torch for seconds, on the cores a
-    phase would measure); returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        pids = {pid} | _descendants(pid)
-        before = sum(_process_cpu(p) for p in pids)
+async def settle(pid: int, quiet: float = 0.1, timeout: float = 60.0, seconds: int = 2) -> float:
+    """Wait until `pid` and its descendants together use less than `quiet` of a core in each of
+    `seconds` seconds in a row (a server's warm spare runner, started within half a second after a
+    launch, imports torch for seconds on the cores a phase would measure); a process born during a
+    second counts with all its CPU. Returns the seconds waited."""
+    started, calm = time.monotonic(), 0
+    while time.monotonic() - started < timeout and calm < seconds:
+        before = {p: _process_cpu(p) for p in {pid} | _descendants(pid)}
         await asyncio.sleep(1.0)
-        if sum(_process_cpu(p) for p in pids) - before < quiet:
-            break
+        after = {p: _process_cpu(p) for p in {pid} | _descendants(pid)}
+        used = sum(cpu - before.get(p, 0.0) for p, cpu in after.items())
+        calm = calm + 1 if used < quiet else 0
     return round(time.monotonic() - started, 1)

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from common import free_port, machine_info, wait_ok  # benchmarks/common.py
+from common import free_port, machine_info, settle, wait_ok  # benchmarks/common.py
 from shoal.catalog import Catalog, ModelFamily
 from shoal.catalog.resolve import local_path
 from shoal.engines.base import EngineConfig
@@ -492,6 +492,7 @@ def build_report(
             "temperature": 0,
             "seed": 1,
             "order": "in-process first, then Shoal",
+            "settled_s": timings.get("settled_s"),  # after each launch, until the server was quiet
         },
     }
     summary: dict[str, Any] = {}
@@ -597,6 +598,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await wait_healthy(client, proc, data_dir / "gateway.log")
                 if "embed" in args.parts:
                     async with launched(client, EMBED_MODEL, n_threads):
+                        timings.setdefault("settled_s", []).append(await settle(proc.pid))  # spares
                         log("shoal embeddings")
                         timings["embed_shoal"] = await shoal_embeddings(
                             client,
@@ -609,6 +611,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                 if "chat" in args.parts:
                     async with launched(client, CHAT_MODEL, n_threads):
+                        timings.setdefault("settled_s", []).append(await settle(proc.pid))  # spares
                         log("shoal chat")
                         timings["chat_shoal"] = await shoal_chat(
                             client, args.max_tokens, args.repeats, proc.pid, args.profile
