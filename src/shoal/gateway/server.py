@@ -330,8 +330,8 @@ def protocol_class(limits: ConnectionLimits, kind: str = "auto") -> type[asyncio
 class QuietServer(uvicorn.Server):
     """uvicorn's server, waking once a second instead of ten times: its loop only refreshes the
     Date header (once a second anyway) and looks for a shutdown signal, which now wakes it at
-    once. An idle gateway woke 10 times a second for this (about 3 ms of CPU per second), and on a
-    busy one each wake-up comes on a cold cache: that CPU is charged to the requests around it."""
+    once. An idle gateway woke 10 times a second for this: 1.5–3 ms of CPU per second measured,
+    since a wake-up from idle costs about as much as a small request (docs/benchmarks.md)."""
 
     _wake: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
