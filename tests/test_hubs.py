@@ -83,6 +83,15 @@ def make_repos(repos: Path) -> None:
     (gated / "config.json").symlink_to(_minilm() / "config.json")
     (gated / "model.safetensors").symlink_to(_minilm() / "model.safetensors")
     (gated / ".gated").write_text(TOKEN)
+    # The same weights through xet: only through it (the plain GET answers 500), either way, or with
+    # xet broken (its CAS answers 404).
+    for repo, mark in (
+        ("minilm-xet", "model.safetensors only"),
+        ("minilm-xet-both", "model.safetensors"),
+        ("minilm-xet-broken", "model.safetensors broken"),
+    ):
+        _link_tree(_minilm(), repos / "test-org" / repo)
+        (repos / "test-org" / repo / ".xet").write_text(mark + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +419,76 @@ def test_ollama_pull_streams_progress(shoal: ShoalServer) -> None:
     pulled = cli("pull", "hf.co/test-org/smollm2-gguf:Q4_1")
     assert pulled.returncode == 0 and "in the cache" in pulled.stdout, pulled.stdout + pulled.stderr
     assert shoal.http.delete(f"/v1/models/{uid}").status_code == 200
+
+
+def _xet_env(hub: Hub, tmp_path: Path, **extra: str) -> dict[str, str]:
+    # hf_xet's chunk cache per test (else a second download comes from it, not the hub), and no
+    # telemetry posts to the test hub's CAS.
+    return _env(hub, tmp_path / "cache", HF_XET_CACHE=str(tmp_path / "xet"), HF_XET_TELEMETRY_ENABLED="0",
+                **extra)  # fmt: skip
+
+
+def test_weights_served_only_through_xet_download_with_progress(hub: Hub, tmp_path: Path) -> None:
+    srv = ShoalServer(tmp_path / "data", tmp_path / "server.log", env=_xet_env(hub, tmp_path))
+    srv.start()
+    weights = _minilm() / "model.safetensors"
+    try:
+        hub.post("/_reset")
+        hub.post(f"/_hold?after={24 * 1024**2}")  # the xorb's bytes stop after 24 MiB until released
+        try:
+            body = {"model_name": "hf.co/test-org/minilm-xet", "model_uid": "minilm-xet"}
+            assert srv.http.post("/v1/models?wait_ready=false", json=body).status_code == 200
+            seen = _until(srv, "minilm-xet", lambda d: any(
+                f["path"] == "model.safetensors" and f["completed"] > 0
+                for f in (d.get("download") or {}).get("files", [])))  # fmt: skip
+            file = next(f for f in seen["download"]["files"] if f["path"] == "model.safetensors")
+            assert seen["status"] == "downloading" and 0 < file["completed"] < file["size"], seen
+            assert srv.stop() == 0  # a gateway stopped mid-xet-download exits (not killed after 30 s)
+        finally:
+            hub.post("/_release")
+        srv.start()  # the desired state launches it again; xet starts the file over (no partial blob)
+        wait_until_ready(srv, "minilm-xet", timeout=180)
+        stats = hub.stats()
+        assert stats["paths"]["xet/test-org/minilm-xet/model.safetensors"] > weights.stat().st_size
+        # Over plain HTTP only the reads of its header before the download (the GET of it answers 500).
+        assert stats["paths"]["test-org/minilm-xet/model.safetensors"] < 1024**2, stats["paths"]
+        cached = tmp_path / "cache" / "hub" / "models--test-org--minilm-xet" / "snapshots"
+        got = next(cached.glob("*/model.safetensors"))
+        assert got.read_bytes() == weights.read_bytes()
+        answer = srv.http.post("/v1/embeddings", json={"model": "minilm-xet", "input": "hello"})
+        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("repo", "xet", "words"),
+    [("minilm-xet-both", "0", None), ("minilm-xet-broken", "1", "the xet download failed")],
+    ids=["SHOAL_HUB_XET=0", "xet-fails"],
+)
+def test_plain_http_when_xet_is_off_or_fails(
+    hub: Hub, tmp_path: Path, repo: str, xet: str, words: str | None
+) -> None:
+    srv = ShoalServer(
+        tmp_path / "data", tmp_path / "server.log", env=_xet_env(hub, tmp_path, SHOAL_HUB_XET=xet)
+    )
+    srv.start()
+    weights = _minilm() / "model.safetensors"
+    try:
+        hub.post("/_reset")
+        pulled = srv.http.post("/api/pull", json={"model": f"hf.co/test-org/{repo}", "stream": False})
+        assert pulled.status_code == 200 and pulled.json()["status"] == "success", pulled.text
+        paths = hub.stats()["paths"]
+        # The whole file over plain HTTP (and the reads of its header before it), nothing through xet.
+        sent = paths[f"test-org/{repo}/model.safetensors"]
+        assert weights.stat().st_size <= sent < weights.stat().st_size + 1024**2, paths
+        assert not any(p.startswith("xet/") for p in paths), paths
+        cached = tmp_path / "cache" / "hub" / f"models--test-org--{repo}" / "snapshots"
+        assert next(cached.glob("*/model.safetensors")).read_bytes() == weights.read_bytes()
+    finally:
+        srv.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert (words in log) if words else ("xet download failed" not in log), log[-2000:]
 
 
 def test_names_and_file_selection() -> None:

@@ -63,6 +63,12 @@ HUB_PROBE_TIMEOUT = Setting(
     "3",
     "seconds a Ray node's first request to the hub may take before it gets the gateway's copy instead",
 )
+HUB_XET = Setting(
+    "SHOAL_HUB_XET",
+    "1",
+    "1: a Hugging Face file its hub serves through xet downloads with hf_xet, where it is installed "
+    "(falling back to plain HTTP if that fails); 0: always plain HTTP",
+)
 MAX_BODY = Setting("SHOAL_MAX_BODY", "128MiB", "largest request body accepted (413 past it)")
 LIVENESS_INTERVAL = Setting(
     "SHOAL_LIVENESS_INTERVAL", "2", "seconds between liveness pings (GET /health) of each ready runner"
@@ -125,7 +131,7 @@ MPS = Setting(
 ALL: tuple[Setting, ...] = (
     ENDPOINT, DATA_DIR, HOST, PORT, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, MAX_RESTARTS, LOG_LEVEL,
     FAKE_GPUS, HEADROOM, PLACEMENT, KEEP_ALIVE, CPU_CORES_PER_MODEL, AUTOLOAD, API_KEY, MAX_BODY,
-    RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, HUB_PROBE_TIMEOUT, LIVENESS_INTERVAL,
+    RAY_ADDRESS, MODEL_CACHE, DISK_HEADROOM, DOWNLOAD_HUB, HUB_PROBE_TIMEOUT, HUB_XET, LIVENESS_INTERVAL,
     LIVENESS_TIMEOUT, FIRST_BYTE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_CLIENT, PARK_MEMORY, PROFILE, PROFILE_MARGIN, MPS, WARM_SPARES,
 )  # fmt: skip
@@ -171,6 +177,7 @@ class ServerSettings:
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
     hub_probe_timeout: float = field(default_factory=lambda: float(HUB_PROBE_TIMEOUT.get()))
+    hub_xet: bool = field(default_factory=lambda: HUB_XET.get().strip().lower() not in ("0", "false", "no"))
     # bytes parked replicas may hold per node; None: its free RAM ("auto"); 0: never park
     park_memory: int | None = field(
         default_factory=lambda: (

@@ -258,7 +258,7 @@ class NodeAgent:
         if want.offline:
             return None, "unreachable", "the gateway is offline (HF_HUB_OFFLINE=1)"
         missing = [f for f in want.files if not (folder / f.path).is_file()]
-        downloader = Downloader(root, want.disk_headroom, want.hub, want.endpoint, want.token)
+        downloader = Downloader(root, want.disk_headroom, want.hub, want.endpoint, want.token, want.xet)
         jobs = [FileJob(want.repo, want.commit, f.path, f.size, f.sha256) for f in missing]
         self._downloads[want.key] = (want.total - sum(f.size for f in missing), jobs)
         self._downloaders.add(downloader)

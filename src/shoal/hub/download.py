@@ -5,9 +5,14 @@ progress per model: bytes done, total, rate, ETA.
 
 From Hugging Face the bytes move through `huggingface_hub`'s own `get_hf_file_metadata` (HEAD:
 etag, size, where) and `http_get` (GET, resuming at an offset, retrying a dropped connection), so
-HF_ENDPOINT, HF_TOKEN and proxies apply; from ModelScope through hub/modelscope.py (the blob named
-by the sha256 its file list gives). Either way each file lands in Hugging Face's cache layout
-(hub/cache.py), one cache root per hub, and the resume, lock and progress below are the same. A
+HF_ENDPOINT, HF_TOKEN and proxies apply; or, for a file the hub serves through xet (its HEAD answer
+carries a xet hash) where hf_xet is installed and SHOAL_HUB_XET is not 0, through `xet_get` (hf_xet:
+the file's chunks from the hub's CAS, in parallel, kept in hf_xet's own chunk cache, HF_XET_CACHE).
+Xet does not resume from Shoal's partial blob: it downloads the file whole into a staging file beside
+it, so a partial blob left by an interrupted plain download is resumed over plain HTTP instead, and a
+failed xet download falls back to plain HTTP (logged). From ModelScope through hub/modelscope.py (the
+blob named by the sha256 its file list gives). Either way each file lands in Hugging Face's cache
+layout (hub/cache.py), one cache root per hub, and the resume, lock and progress below are the same. A
 file lock beside each partial blob keeps two gateways sharing one cache from writing it together.
 """
 
@@ -68,6 +73,7 @@ class HubFiles:
     offline: bool  # the gateway is offline (HF_HUB_OFFLINE=1): the node does not try the hub either
     disk_headroom: int
     probe_timeout: float  # seconds the node's first request to the hub may take (SHOAL_HUB_PROBE_TIMEOUT)
+    xet: bool = True  # the gateway's SHOAL_HUB_XET: use hf_xet where the hub serves a file through xet
 
     @property
     def key(self) -> str:
@@ -116,6 +122,23 @@ class _Counting:
         n = self.f.truncate(size)
         self.job.done = n
         return n
+
+
+class _XetProgress:
+    """The progress bar `xet_get` reports to (its `_tqdm_bar`): bytes written into the file, counted
+    into the job."""
+
+    def __init__(self, job: FileJob) -> None:
+        self.job = job
+
+    def update(self, n: int) -> None:
+        self.job.done += n
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:  # the rate: Pull works it out
+        pass
+
+
+XetGet = Callable[[Path], None]  # downloads the file whole into the path given
 
 
 @dataclass
@@ -231,8 +254,10 @@ class Downloader:
         hub: str = "huggingface",
         endpoint: str | None = None,
         token: str | None = None,
+        xet: bool = True,
     ) -> None:
         self.root = root
+        self.xet = xet  # SHOAL_HUB_XET: use hf_xet where the hub serves a file through xet
         self.hub = hub
         self.disk_headroom = disk_headroom
         self.endpoint, self.token = endpoint, token
@@ -285,10 +310,11 @@ class Downloader:
         from filelock import FileLock
 
         what = f"hub file {job.repo}/{job.path}"
+        xet: XetGet | None = None
         if self.hub == "modelscope":
             etag, get = self._modelscope(job, revision)
         else:
-            etag, get = self._huggingface(job, probe)
+            etag, get, xet = self._huggingface(job, probe)
         job.etag = etag
         blobs = cache.repo_dir(self.root, job.repo) / "blobs"
         blobs.mkdir(parents=True, exist_ok=True)
@@ -299,24 +325,46 @@ class Downloader:
                 resume = part.stat().st_size if part.exists() else 0
                 job.done = job.resumed_from = resume
                 job.started = time.monotonic()
-                if resume:
-                    log.info("resuming %s at byte %d of %s", what, resume, job.size)
-                with part.open("ab") as f, hub_errors(what):
-                    get(_Counting(f, job, self._stop), resume)
+                # A partial blob is resumed over plain HTTP: xet would start the file over.
+                if xet is None or resume or not self._by_xet(xet, job, part, what):
+                    if resume:
+                        log.info("resuming %s at byte %d of %s", what, resume, job.size)
+                    with part.open("ab") as f, hub_errors(what):
+                        get(_Counting(f, job, self._stop), resume)
                 os.replace(part, blob)
         job.done = job.size = blob.stat().st_size
         link = cache.link(self.root, job.repo, job.commit, job.path, etag)
         cache.write_ref(self.root, job.repo, revision, job.commit)
         return link
 
+    def _by_xet(self, xet: XetGet, job: FileJob, part: Path, what: str) -> bool:
+        """Download the file with hf_xet into a staging file, then move it to the partial blob (so the
+        partial blob only ever holds a prefix of the file); False, after a log line, when that failed
+        and plain HTTP should do it instead."""
+        staging = part.with_name(part.name.removesuffix(cache.INCOMPLETE) + ".shoal.xet")
+        try:
+            xet(staging)
+            got = staging.stat().st_size
+            if got != job.size:
+                raise OSError(f"it wrote {got} bytes of {job.size}")
+        except Exception as exc:  # whatever hf_xet raised: plain HTTP is the way that is left
+            log.warning("%s: the xet download failed (%s); downloading over plain HTTP", what, exc)
+            staging.unlink(missing_ok=True)
+            job.done = 0
+            return False
+        os.replace(staging, part)
+        return True
+
     def _huggingface(
         self, job: FileJob, probe: float | None = None
-    ) -> tuple[str, Callable[[_Counting, int], None]]:
-        """The file's etag, and how to GET it from an offset (huggingface_hub's own calls)."""
+    ) -> tuple[str, Callable[[_Counting, int], None], XetGet | None]:
+        """The file's etag, how to GET it from an offset (huggingface_hub's own calls), and how to
+        download it with hf_xet (None: not served through xet, hf_xet not installed, or SHOAL_HUB_XET=0)."""
         import httpx2
         from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.file_download import http_get
+        from huggingface_hub.file_download import http_get, xet_get
         from huggingface_hub.utils import build_hf_headers
+        from huggingface_hub.utils._runtime import is_xet_available
 
         url = hf_hub_url(job.repo, job.path, revision=job.commit, endpoint=self.endpoint)
         what = f"hub file {job.repo}/{job.path}"
@@ -333,14 +381,25 @@ class Downloader:
                 ) from None
         if not meta.etag:
             raise HubUnreachable(f"{what}: the hub sent no etag")
-        headers = build_hf_headers(token=self.token)
+        hub_headers = build_hf_headers(token=self.token)
+        headers = dict(hub_headers)
         if urlparse(meta.location).netloc != urlparse(url).netloc:
             headers.pop("authorization", None)  # a signed CDN URL: the token stays home
 
         def get(sink: _Counting, resume: int) -> None:
             http_get(meta.location, sink, resume_size=resume, headers=headers, expected_size=meta.size)  # type: ignore[arg-type]
 
-        return meta.etag, get
+        xet_data = meta.xet_file_data
+        if not (self.xet and xet_data is not None and is_xet_available()):
+            return meta.etag, get, None
+
+        def by_xet(target: Path) -> None:
+            # The hub's headers (its token) ask for xet's own token; xet_get keeps them from the CAS.
+            xet_get(incomplete_path=target, xet_file_data=xet_data, headers=hub_headers,
+                    expected_size=meta.size, displayed_filename=job.path,
+                    _tqdm_bar=_XetProgress(job))  # type: ignore[arg-type]  # fmt: skip
+
+        return meta.etag, get, by_xet
 
     def _modelscope(self, job: FileJob, revision: str) -> tuple[str, Callable[[_Counting, int], None]]:
         """The blob name (the listing's sha256, else one of the file's name and snapshot), and the GET."""

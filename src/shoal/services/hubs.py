@@ -65,8 +65,10 @@ class HubService:
     def __init__(self, settings: ServerSettings) -> None:
         self.roots = cache.roots(settings.model_cache.expanduser())
         self.downloads = {
-            hub: Downloader(root, settings.disk_headroom, hub) for hub, root in self.roots.items()
+            hub: Downloader(root, settings.disk_headroom, hub, xet=settings.hub_xet)
+            for hub, root in self.roots.items()
         }
+        self.xet = settings.hub_xet
         self.default_hub = settings.download_hub
         self.disk_headroom = settings.disk_headroom
         self.probe_timeout = settings.hub_probe_timeout
@@ -129,7 +131,7 @@ class HubService:
         return HubFiles(
             hub.ref.name, hub.ref.hub, hub.ref.repo, hub.commit, hub.ref.revision, sel.target, sel.files,
             constants.ENDPOINT if hf else modelscope.endpoint(), get_token() if hf else None,
-            offline(), self.disk_headroom, self.probe_timeout,
+            offline(), self.disk_headroom, self.probe_timeout, self.xet,
         )  # fmt: skip
 
     async def fetch(self, hub: HubModel, pull: Pull) -> Source:
