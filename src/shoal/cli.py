@@ -134,11 +134,11 @@ def serve(
         fake_gpus=fake_gpus,
         placement=placement,
         headroom=headroom,
-        autoload=autoload or settings.AUTOLOAD.get().lower() in ("1", "true", "yes"),
+        autoload=autoload or settings.AUTOLOAD.on(),
         api_key=api_key or None,
         ray_address=ray_address or None,
         warm_spares=warm_spares,
-        mps=mps or settings.MPS.get().lower() in ("1", "true", "yes"),
+        mps=mps or settings.MPS.on(),
         profile=profile.lower(),
         profile_margin=profile_margin,
     )

@@ -21,6 +21,17 @@ class Setting:
     def get(self) -> str:
         return os.environ.get(self.env, self.default)
 
+    def on(self) -> bool:
+        """A yes/no setting: 1, true or yes is on, 0, false or no off; anything else reads as its
+        default does."""
+        for value in (self.get(), self.default):
+            value = value.strip().lower()
+            if value in ("1", "true", "yes"):
+                return True
+            if value in ("0", "false", "no"):
+                return False
+        return False
+
 
 ENDPOINT = Setting("SHOAL_ENDPOINT", "http://127.0.0.1:9997", "URL of the Shoal server the CLI talks to")
 DATA_DIR = Setting(
@@ -158,7 +169,7 @@ class ServerSettings:
     cpu_cores_per_model: int = field(
         default_factory=lambda: int(CPU_CORES_PER_MODEL.get() or max(1, (os.cpu_count() or 1) // 2))
     )
-    autoload: bool = field(default_factory=lambda: AUTOLOAD.get().lower() in ("1", "true", "yes"))
+    autoload: bool = field(default_factory=AUTOLOAD.on)
     api_key: str | None = field(default_factory=lambda: API_KEY.get() or None)
     max_body: int = field(default_factory=lambda: parse_size(MAX_BODY.get()))
     ray_address: str | None = field(default_factory=lambda: RAY_ADDRESS.get() or None)
@@ -177,7 +188,7 @@ class ServerSettings:
     disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
     hub_probe_timeout: float = field(default_factory=lambda: float(HUB_PROBE_TIMEOUT.get()))
-    hub_xet: bool = field(default_factory=lambda: HUB_XET.get().strip().lower() not in ("0", "false", "no"))
+    hub_xet: bool = field(default_factory=HUB_XET.on)
     # bytes parked replicas may hold per node; None: its free RAM ("auto"); 0: never park
     park_memory: int | None = field(
         default_factory=lambda: (
@@ -186,6 +197,6 @@ class ServerSettings:
     )
     profile: str = field(default_factory=lambda: PROFILE.get().lower())
     profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
-    mps: bool = field(default_factory=lambda: MPS.get().lower() in ("1", "true", "yes"))
+    mps: bool = field(default_factory=MPS.on)
     warm_spares: str = field(default_factory=WARM_SPARES.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown
