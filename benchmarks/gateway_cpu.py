@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import tempfile
@@ -33,41 +32,12 @@ from typing import Any
 import httpx
 import orjson
 
-from common import free_port, machine_info, settle  # benchmarks/common.py
+from common import cpu_seconds, descendants, free_port, machine_info, settle  # benchmarks/common.py
 from overhead import EMBED_MODEL, SINGLE_SENTENCE, launched, percentile, profiled, shoal_server, wait_healthy
 from shoal.runners.client import RunnerClient
 
 IDLE_SECONDS = 5.0
 WARMUPS = 20
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of all of a process's threads so far, from the scheduler's own nanosecond count
-    (/proc/PID/task/*/schedstat): /proc/PID/stat counts in 10 ms ticks, too coarse for an idle
-    gateway's few ms per second."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (the gateway's runners and spares)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
-def cpu_of(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(pid)
-    return total
 
 
 class Load:
@@ -115,12 +85,14 @@ class Load:
         await asyncio.gather(*(client(WARMUPS // clients + 1) for _ in range(clients)))
         latencies.clear()
         per_client = max(1, requests // clients)
-        runners = children(pid)
-        cpu_before, runners_before, own_before = cpu_seconds(pid), cpu_of(runners), time.process_time()
+        runners = descendants(pid)  # its runners and spares
+        cpu_before, own_before = cpu_seconds(pid), time.process_time()
+        runners_before = sum(cpu_seconds(p) for p in runners)
         start = time.perf_counter()
         await asyncio.gather(*(client(per_client) for _ in range(clients)))
         elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_before
-        runners_cpu, own_cpu = cpu_of(runners) - runners_before, time.process_time() - own_before
+        runners_cpu = sum(cpu_seconds(p) for p in runners) - runners_before
+        own_cpu = time.process_time() - own_before
         return {
             "clients": clients,
             "requests": len(latencies),
