@@ -94,11 +94,13 @@ class FakeRunner:
 
 class FakeHost:
     fetches_hub_files = False
+    one_machine = True
 
     def __init__(self) -> None:
         self.runners: list[FakeRunner] = []
         self.broken: OSError | None = None
         self.hang: threading.Event | None = None  # set: snapshot() blocks until the event is set
+        self.hanging = threading.Event()  # set once a snapshot() call is blocked on `hang`
         self.snapshots = 0
 
     async def start(self) -> None:
@@ -110,6 +112,7 @@ class FakeHost:
     def snapshot(self) -> Snapshot:
         self.snapshots += 1
         if self.hang is not None:
+            self.hanging.set()
             self.hang.wait()  # as an NVML call or a /proc read that never returns
         if self.broken is not None:
             raise self.broken
@@ -253,6 +256,7 @@ def test_a_hung_snapshot_is_counted_once_and_a_killed_runner_is_still_restarted(
         try:
             with caplog.at_level(logging.ERROR, logger="shoal.supervisor"):
                 await w.tick(SAMPLE_EVERY, settle=False)  # the sample starts and never returns
+                assert await asyncio.to_thread(w.host.hanging.wait, 60)  # (its thread is in it)
                 assert w.host.snapshots == before + 1
                 w.host.runners[0].exit = -9  # SIGKILL, while the sample hangs
                 for _ in range(int(STEP_DEADLINE["memory"] / 0.2) + 10):
@@ -423,5 +427,28 @@ def test_ready_names_a_stale_step_and_metrics_count_its_errors(tmp_path: Path) -
             w.host.runners[0].unreadable = None
             await w.tick(0.2)
             assert (await client.get("/ready")).status_code == 200
+
+    run(go())
+
+
+def test_a_terminated_model_leaves_no_series_in_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from shoal.metrics import REGISTRY, TOKENS, RequestMetrics
+
+    async def go() -> None:
+        w = World(tmp_path)
+        await w.launch("gone-soon")
+        await w.launch("stays")
+        RequestMetrics.record("/v1/embeddings", "gone-soon", 200, 0.01)
+        TOKENS.labels("gone-soon").inc(3)
+        assert 'model="gone-soon"' in generate_latest(REGISTRY).decode()
+        await w.service.terminate("gone-soon")
+        text = generate_latest(REGISTRY).decode()
+        assert 'model="gone-soon"' not in text and 'shoal_launches_total{model="stays"}' in text
+        RequestMetrics.record("/v1/embeddings", "gone-soon", 200, 0.01)  # launched again later: counted anew
+        assert 'shoal_requests_total{model="gone-soon",route="/v1/embeddings",status="200"} 1.0' in (
+            generate_latest(REGISTRY).decode()
+        )
 
     run(go())
