@@ -427,6 +427,15 @@ def test_ready_names_a_stale_step_and_metrics_count_its_errors(tmp_path: Path) -
             w.host.runners[0].unreadable = None
             await w.tick(0.2)
             assert (await client.get("/ready")).status_code == 200
+            # memory sampling fails (and so would the scrape's own snapshot): /metrics still answers
+            w.host.broken = OSError(errno.EMFILE, "Too many open files")
+            for _ in range(7):  # 14 s: past the 11 s after which sampling is stale
+                await w.tick(SAMPLE_EVERY)
+            scraped = await client.get("/metrics")
+            assert scraped.status_code == 200 and _errors_counted(scraped.text, "memory") >= 7
+            assert "shoal_device_memory_bytes" not in scraped.text  # what needs a snapshot is left out
+            ready = await client.get("/ready")
+            assert ready.status_code == 503 and ready.json()["stale"] == ["memory_sampling"]
 
     run(go())
 

@@ -113,7 +113,7 @@ def forget_model(uid: str) -> None:
     Prometheus' rate() handles)."""
     for metric in (REQUESTS, ERRORS, LATENCY, TIME_TO_FIRST_TOKEN, TOKENS, LAUNCHES, EVICTIONS, CRASHES,
                    HUNG, PARKS, MOVES, WAKE_SECONDS):  # fmt: skip
-        names = metric._labelnames  # noqa: SLF001 - prometheus_client has no public accessor
+        names = metric._labelnames  # prometheus_client has no public accessor
         found = {
             tuple(sample.labels[n] for n in names)
             for family in metric.collect()
