@@ -217,3 +217,20 @@ def test_settings_refuse_a_bad_value_given_in_code() -> None:
     with pytest.raises(SettingError, match="SHOAL_BODY_TIMEOUT"):
         ServerSettings(data_dir=Path("/nonexistent"), body_timeout=0)
     assert ServerSettings(data_dir=Path("/nonexistent"), body_timeout=0.5).body_timeout == 0.5
+
+
+def test_a_runners_failure_names_its_replica_in_every_shape() -> None:
+    from shoal.errors import ModelUnavailable, RequestTimeout
+    from shoal.gateway.errors import response_for
+
+    gone = ModelUnavailable("model 'm' stopped answering (ConnectionResetError); it is being restarted", 2)
+    gone.replica = 1
+    late = RequestTimeout("model 'm' sent no answer within 300 s")
+    late.replica = 0
+    for path in ("/v1/chat/completions", "/api/chat"):  # OpenAI's shape and Ollama's
+        answer = response_for(path, gone)
+        assert answer.status_code == 503 and answer.headers["x-shoal-replica"] == "1"
+        assert answer.headers["retry-after"] == "2"
+        assert response_for(path, late).headers["x-shoal-replica"] == "0"
+    queued = response_for("/v1/chat/completions", ModelUnavailable("at its limit", 1))  # no replica chosen
+    assert "x-shoal-replica" not in queued.headers
