@@ -6,9 +6,12 @@ over short chat completions (some streamed), embeddings, GET /v1/models and /hea
 seconds one runner is SIGKILLed and one of the other model SIGSTOPped (pids from GET /v1/models/{uid}),
 and the time until the gateway shows each (pid changed, or state no longer "ready") is measured; a stop
 still not detected after --detect-timeout is SIGCONTed and reported as not detected. --stalled raw
-connections that sent half a request stay open all the time (replaced when the server closes one), and the
-gateway's descriptors and RSS are sampled. Failed requests are attributed to the faults they overlapped.
-One JSON document goes to stdout, progress to stderr. See benchmarks/README.md.
+connections stay open all the time from another loopback address (127.0.0.2: another host to the gateway's
+connection caps), each silent, stalled mid-head or stalled mid-body, and replaced when the server closes
+one; the gateway's descriptors and RSS are sampled. Failed requests are attributed to the faults they
+overlapped (by the x-shoal-replica header the gateway puts on a runner's failure too), and each failure on
+a faulted replica is timed from the fault to its answer, against the liveness deadline. One JSON document
+goes to stdout, progress to stderr. See benchmarks/README.md.
 
     PYTHONPATH=src .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 100] [--stalled 200]
         [--fault-every 60] [--detect-timeout 30] [--request-timeout 120] [--port 0]
@@ -37,6 +40,7 @@ import httpx
 import shoal
 from common import free_port, machine_info  # benchmarks/common.py
 from load import PROMPTS, SENTENCES, percentile, post_checked, server_process, wait_http  # benchmarks/load.py
+from shoal import settings as shoal_settings
 
 CHAT = {"model_name": "smollm2-135m-instruct", "n_gpu": None, "replica": 2, "n_parallel": 2, "n_ctx": 512}
 MODELS = {"chat": CHAT, "embed": {"model_name": "all-MiniLM-L6-v2", "n_gpu": None, "replica": 2}}
@@ -46,7 +50,14 @@ MAX_TOKENS = 8
 SAMPLE_EVERY_S = 2.0
 POLL_S = 0.1
 SLACK_S = 2.0  # a failure this long after a fault's window closed is still counted in it
-STALL_PARTS = (b"GET /health HT", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Soak: sta")
+# what each kind of stalled connection sends before it falls silent
+STALLS = {
+    "silent": b"",
+    "mid_head": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Soak: sta",
+    "mid_body": b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 100\r\n\r\n{"model": "x", "inp',
+}
+STALL_FROM = "127.0.0.2"  # not the gateway's own address: counted as another host's connections
 KILLS = [("chat", 0), ("chat", 1), ("embed", 0), ("embed", 1)]  # round k: kill KILLS[k % 4] ...
 STOPS = [("embed", 0), ("embed", 1), ("chat", 0), ("chat", 1)]  # ... and stop STOPS[k % 4]: another model
 
@@ -86,11 +97,16 @@ class Fault:
 class Stalled:
     opened: int = 0
     closed_by_server: int = 0
-    open_s: list[float] = field(default_factory=list)  # how long each closed one had been open
-    server_said: Counter[str] = field(default_factory=Counter)  # first line the server sent, if any
+    open_s: dict[str, list[float]] = field(default_factory=dict)  # kind → how long each closed one was open
+    server_said: Counter[str] = field(default_factory=Counter)  # kind: first line the server sent, if any
     open_errors: Counter[str] = field(default_factory=Counter)
     open_now: int = 0
     open_at_end: int = 0
+
+    def closed(self, kind: str, seconds: float, said: str) -> None:
+        self.closed_by_server += 1
+        self.open_s.setdefault(kind, []).append(seconds)
+        self.server_said[f"{kind}: {said}"] += 1
 
 
 def proc_sample(pid: int) -> tuple[int, int] | None:
@@ -151,6 +167,10 @@ class Soak:
         self.runner_pids: set[int] = set()
         self.t0 = time.monotonic()
         self.traffic_s = 0.0  # how long the traffic ran, once it has
+        self.liveness = {  # what the server runs with: this environment's settings, as it reads them
+            "timeout_s": float(shoal_settings.LIVENESS_TIMEOUT.get()),
+            "interval_s": float(shoal_settings.LIVENESS_INTERVAL.get()),
+        }
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -285,9 +305,10 @@ class Soak:
 
     async def stall(self, slot: int) -> None:
         host, port = self.base_url.removeprefix("http://").split(":")
+        kind = list(STALLS)[slot % len(STALLS)]
         while True:
             try:
-                reader, writer = await asyncio.open_connection(host, int(port))
+                reader, writer = await asyncio.open_connection(host, int(port), local_addr=(STALL_FROM, 0))
             except OSError as exc:
                 self.stalled.open_errors[type(exc).__name__] += 1
                 await asyncio.sleep(1)
@@ -296,19 +317,15 @@ class Soak:
             self.stalled.open_now += 1
             opened = time.monotonic()
             try:
-                writer.write(STALL_PARTS[slot % len(STALL_PARTS)])
+                writer.write(STALLS[kind])
                 await writer.drain()
                 first = await reader.readline()
-                if first:
-                    self.stalled.server_said[first.decode(errors="replace").strip()[:60]] += 1
-                    while await reader.read(4096):
-                        pass
-                self.stalled.closed_by_server += 1
-                self.stalled.open_s.append(time.monotonic() - opened)
+                said = first.decode(errors="replace").strip()[:60] if first else "(closed)"
+                while first and await reader.read(4096):
+                    pass
+                self.stalled.closed(kind, time.monotonic() - opened, said)
             except OSError as exc:  # a reset is a close by the server too
-                self.stalled.closed_by_server += 1
-                self.stalled.open_s.append(time.monotonic() - opened)
-                self.stalled.server_said[f"({type(exc).__name__})"] += 1
+                self.stalled.closed(kind, time.monotonic() - opened, f"({type(exc).__name__})")
             finally:
                 self.stalled.open_now -= 1
                 writer.close()
@@ -385,6 +402,27 @@ class Soak:
             return "fault_window_no_replica_header"
         return "on_faulted_replica" if o.replica == f.replica else "other_replica_during_fault"
 
+    def answer_times(self, failed: list[Outcome], owner: dict[int, Fault | None]) -> dict[str, Any]:
+        """Per signal: seconds from the fault (or from the request's start, if later) to the failed
+        answer, for each failure on the faulted replica, against the liveness deadline (a stopped
+        runner is killed once its pings go unanswered for SHOAL_LIVENESS_TIMEOUT; pings go out every
+        SHOAL_LIVENESS_INTERVAL)."""
+        deadline = self.liveness["timeout_s"] + self.liveness["interval_s"]
+        out: dict[str, Any] = {"liveness_deadline_s": deadline, **self.liveness}
+        for sig in ("SIGKILL", "SIGSTOP"):
+            waits = []
+            for o in failed:
+                f = owner[id(o)]
+                if f is not None and f.signal == sig:
+                    waits.append(o.end - max(o.start, f.at_s))
+            out[sig] = {
+                "failed": len(waits),
+                "max_s": round(max(waits), 2) if waits else None,
+                "p50_s": percentile(waits, 50),
+                "over_deadline": sum(w > deadline for w in waits),
+            }
+        return out
+
     def report(self) -> dict[str, Any]:
         by_endpoint: dict[str, Any] = {}
         for endpoint in MIX:
@@ -409,6 +447,7 @@ class Soak:
             attribution.setdefault(where, Counter())[o.error or ""] += 1
             latency.setdefault(where, []).append(o.end - o.start)
         samples = sorted(failed, key=lambda o: (owner[id(o)] is not None, o.start))[:20]
+        on_faulted = [o for o in failed if self.attribute(o, owner[id(o)]) == "on_faulted_replica"]
         fds = [s[1] for s in self.samples]
         rss = [round(s[2] / 1024, 1) for s in self.samples]
         st = self.stalled
@@ -422,6 +461,7 @@ class Soak:
                 "by_attribution": {k: dict(v) for k, v in attribution.items()},
                 "max_seconds_by_attribution": {k: round(max(v), 2) for k, v in latency.items()},
                 "samples": [{**asdict(o), "attribution": self.attribute(o, owner[id(o)])} for o in samples],
+                "on_faulted_replica_answered_after_fault": self.answer_times(on_faulted, owner),
             },
             "faults": [{**asdict(f), "affected": summary(affected[id(f)])} for f in self.faults],
             "faults_detected": f"{sum(f.detected_s is not None for f in self.faults)}/"
@@ -434,7 +474,12 @@ class Soak:
                 "open_errors": dict(st.open_errors),
                 "open_at_end": st.open_at_end,
                 "target": self.args.stalled,
-                "open_s_when_closed": {f"p{q}": percentile(st.open_s, q) for q in (0, 50, 100)},
+                "from": STALL_FROM,
+                "kinds": list(STALLS),
+                "open_s_when_closed": {
+                    kind: {f"p{q}": percentile(st.open_s.get(kind, []), q) for q in (0, 50, 100)}
+                    for kind in STALLS
+                },
             },
             "gateway": {
                 "pid": self.gateway_pid,

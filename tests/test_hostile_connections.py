@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from conftest import CHAT_MODEL, ShoalServer
+from shoal.gateway.server import ConnectionLimits, local_reserve
 
 HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT = 2, 2, 4
 MAX_CONNECTIONS, PER_CLIENT = 40, 8
@@ -272,8 +273,13 @@ def test_the_total_cap_refuses_rather_than_running_out(hostile: ShoalServer) -> 
                 sock.close()
                 break
             held.append(sock)
-        assert refused is not None and f"{MAX_CONNECTIONS} connections open" in refused["message"]
-        assert len(held) <= MAX_CONNECTIONS
+        assert refused is not None and f"cap of {MAX_CONNECTIONS} connections" in refused["message"]
+        reserve = local_reserve(MAX_CONNECTIONS)
+        assert reserve > 0 and len(held) == MAX_CONNECTIONS - reserve
+        # the host itself (127.0.0.1 to 127.0.0.1) still gets in, on the reserve: /health, /ready
+        # and /metrics answer while other hosts fill the total
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(hostile.url + path, timeout=10).status_code == 200, path
     finally:
         for sock in held:
             sock.close()
@@ -382,6 +388,22 @@ def test_unknown_names_do_not_grow_metrics(hostile: ShoalServer) -> None:
     assert any('"model_requested": "nulmark\\u0000' in line for line in lines)
 
 
+def test_the_last_connections_are_kept_for_the_host_itself() -> None:
+    limits = ConnectionLimits(total=40, per_client=8, header_timeout=1)
+    assert limits.reserve == local_reserve(40) == 5 and local_reserve(10_000) == 16 and local_reserve(7) == 0
+    for n in range(35):  # other hosts fill all but the reserve
+        assert limits.admit(f"10.0.{n // 7}.1") is None
+    assert limits.admit("10.0.9.1") == "total"
+    for _ in range(5):  # the host itself may use the reserve, within its own per-client cap
+        assert limits.admit("127.0.0.1", local=True) is None
+    assert limits.admit("127.0.0.1", local=True) == "total" and limits.open == 40
+    limits.release("10.0.0.1")
+    assert limits.admit("10.0.9.1") is None  # given back: another host gets in again
+    limits.release("127.0.0.1", local=True)
+    assert limits.admit("10.0.9.1") == "total"  # a slot of the reserve: still not for other hosts
+    assert limits.admit("127.0.0.1", local=True) is None
+
+
 def test_caps_leave_a_reserve_of_descriptors() -> None:
     from shoal.gateway.server import connection_caps
     from shoal.settings import ServerSettings
@@ -461,7 +483,7 @@ def in_process(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture)
     import uvicorn
 
     from conftest import free_port
-    from shoal.gateway.server import ConnectionLimits, protocol_class
+    from shoal.gateway.server import protocol_class
 
     port = free_port()
     limits = ConnectionLimits(total=10, per_client=2, header_timeout=1)
@@ -581,7 +603,7 @@ def test_a_flood_under_a_low_descriptor_limit_leaves_supervision_working(tmp_pat
     srv.start()
     held: list[socket.socket] = []
     try:
-        assert "connections: at most 512 (128 per client)" in srv.log_path.read_text()
+        assert "connections: at most 512 (128 per client; the last 16 only" in srv.log_path.read_text()
         body = {"model_name": CHAT_MODEL, "model_uid": "flooded", "n_parallel": 1, "n_ctx": 512}
         assert srv.http.post("/v1/models", json=body).status_code == 200
         [pid] = pids_of(srv, "flooded")
@@ -598,20 +620,25 @@ def test_a_flood_under_a_low_descriptor_limit_leaves_supervision_working(tmp_pat
         wait_until_ready(srv, "flooded", timeout=120)
         chat = {"model": "flooded", "messages": MSG, "max_tokens": 2}
         assert srv.http.post("/v1/chat/completions", json=chat).status_code == 200
-        srv.http.close()  # from here the server may refuse 127.0.0.1 too
+        srv.http.close()  # its kept-alive connection would hold one of the host's reserved slots
         peak = 0
         for n in range(1500):  # many clients: the total cap refuses, the descriptors last
             held.append(connect(srv, f"127.0.2.{n // 100 + 1}"))
             if n % 100 == 0:
                 peak = max(peak, open_files(srv.proc.pid))
         held, refused = answered_or_not(held)
-        assert len(held) <= 512 and peak < 1024
+        assert len(held) == 512 - local_reserve(512) and peak < 1024
         assert srv.proc.poll() is None
-        probe = connect(srv)
-        probe.sendall(request("GET", "/health"))
-        status, headers, _ = read_response(probe)  # a clean answer, not a reset
+        outsider = connect(srv, "127.0.3.1")
+        outsider.sendall(request("GET", "/health"))
+        status, headers, _ = read_response(outsider)  # another host: a clean 503, not a reset
         assert status == 503 and headers["retry-after"] == "1"
-        probe.close()
+        outsider.close()
+        for path in ("/health", "/ready"):  # the host itself: on the reserve
+            probe = connect(srv)
+            probe.sendall(request("GET", path))
+            assert read_response(probe)[0] == 200, path
+            probe.close()
     finally:
         for sock in held:
             sock.close()

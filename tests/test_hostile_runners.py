@@ -41,7 +41,8 @@ def test_a_stopped_runner_is_killed_restarted_and_its_requests_answered(tmp_path
                 for line in r.iter_lines():
                     lines.append(line)
                     started.set()
-                streamed.update(status=r.status_code, lines=lines, ended=time.monotonic())
+                replica = r.headers["x-shoal-replica"]
+                streamed.update(status=r.status_code, lines=lines, ended=time.monotonic(), replica=replica)
 
         reader = threading.Thread(target=stream)
         reader.start()
@@ -54,10 +55,12 @@ def test_a_stopped_runner_is_killed_restarted_and_its_requests_answered(tmp_path
         # no first byte within SHOAL_FIRST_BYTE_TIMEOUT (or the runner is already killed): 504 or 503
         assert late.status_code in (503, 504), late.text
         assert late.json()["error"]["message"]
+        assert late.headers["x-shoal-replica"] == "0"  # which replica failed it
         reader.join(60)
         assert not reader.is_alive(), "the stream in flight on the stopped runner hung"
         errors = [line for line in streamed["lines"] if '"error"' in line]  # type: ignore[union-attr]
         assert errors, "the stream ended without saying why"
+        assert streamed["replica"] == "0"
         assert streamed["ended"] - stopped_at < 30  # type: ignore[operator]  # bounded, not 600 s
         deadline = time.monotonic() + 120
         while pids_of(srv, "sleepy") == [pid]:  # until the liveness pings find it hung

@@ -44,7 +44,7 @@ def test_why_mps_cannot_run() -> None:
 
 
 def test_off_without_a_reason_to_run_gives_no_env(tmp_path: Path) -> None:
-    control = MpsControl(tmp_path, fake=True, ray=False)
+    control = MpsControl(tmp_path, fake=True, cluster=False)
     status = control.start()
     assert not status.enabled and "fake GPUs" in status.reason
     assert control.env(10**9, 1, 50) == {}
@@ -57,7 +57,7 @@ def _here() -> str | None:
 
 @pytest.mark.skipif(_here() is not None, reason=f"CUDA MPS cannot run here: {_here()}")
 def test_the_daemon_starts_and_stops_where_mps_exists(tmp_path: Path) -> None:
-    control = MpsControl(tmp_path, fake=False, ray=False)
+    control = MpsControl(tmp_path, fake=False, cluster=False)
     status = control.start()
     try:
         assert status.enabled, status.reason

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from shoal.scheduler import Demand, DeviceState
 from shoal.services.ledger import Reservation
 from shoal.services.models import ModelService
 from shoal.services.replicas import Replica, ReplicaState, move
-from shoal.services.supervisor import SAMPLE_EVERY
+from shoal.services.supervisor import SAMPLE_EVERY, STEP_DEADLINE
 from shoal.settings import ServerSettings
 from shoal.state import StateStore
 
@@ -49,6 +50,7 @@ class FakeRunner:
         self.answers = True  # False: pings fail at once; None: pings never come back (hung)
         self.killed = False
         self.stopped = False
+        self.unreadable: OSError | None = None  # set: asking whether it exited raises this
         self._never = asyncio.Event()
 
     @property
@@ -60,6 +62,8 @@ class FakeRunner:
         return False
 
     def exited(self) -> int | None:
+        if self.unreadable is not None:
+            raise self.unreadable
         return self.exit
 
     def failure_reason(self) -> str:
@@ -90,10 +94,14 @@ class FakeRunner:
 
 class FakeHost:
     fetches_hub_files = False
+    one_machine = True
 
     def __init__(self) -> None:
         self.runners: list[FakeRunner] = []
         self.broken: OSError | None = None
+        self.hang: threading.Event | None = None  # set: snapshot() blocks until the event is set
+        self.hanging = threading.Event()  # set once a snapshot() call is blocked on `hang`
+        self.snapshots = 0
 
     async def start(self) -> None:
         pass
@@ -102,6 +110,10 @@ class FakeHost:
         pass
 
     def snapshot(self) -> Snapshot:
+        self.snapshots += 1
+        if self.hang is not None:
+            self.hanging.set()
+            self.hang.wait()  # as an NVML call or a /proc read that never returns
         if self.broken is not None:
             raise self.broken
         cpu = Device("cpu", "cpu", 0, "cpu", 16 * GiB, 1 * GiB, cores=4)
@@ -143,9 +155,14 @@ class World:
         model = await self.service.launch(LaunchRequest(model_name=MODEL, model_uid=uid, **options))
         return model.replicas[0]
 
-    async def tick(self, advance: float = 0.0) -> None:
+    async def tick(self, advance: float = 0.0, settle: bool = True) -> None:
+        """One supervisor tick at clock() + advance; `settle`: wait for the steps it started (memory
+        sampling runs in a thread) to end, as the loop's next tick would find them ended."""
         self.clock.advance(advance)
         await self.service.supervisor.tick()
+        running = list(self.service.supervisor.running.values())
+        if settle and running:
+            await asyncio.wait(running)
         for _ in range(20):  # let the tasks the tick started (pings, restarts) run to their end
             await asyncio.sleep(0)
 
@@ -225,6 +242,65 @@ def test_a_failing_step_is_logged_once_and_supervision_goes_on(
         await w.tick(SAMPLE_EVERY)
         health = w.service.supervisor.health()
         assert not health["memory_sampling"]["stale"] and health["memory_sampling"]["failing"] is None
+
+    run(go())
+
+
+def test_a_hung_snapshot_is_counted_once_and_a_killed_runner_is_still_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        w = World(tmp_path)
+        replica = await w.launch()
+        w.host.hang, before = threading.Event(), w.host.snapshots
+        try:
+            with caplog.at_level(logging.ERROR, logger="shoal.supervisor"):
+                await w.tick(SAMPLE_EVERY, settle=False)  # the sample starts and never returns
+                assert await asyncio.to_thread(w.host.hanging.wait, 60)  # (its thread is in it)
+                assert w.host.snapshots == before + 1
+                w.host.runners[0].exit = -9  # SIGKILL, while the sample hangs
+                for _ in range(int(STEP_DEADLINE["memory"] / 0.2) + 10):
+                    await w.tick(0.2, settle=False)
+                assert replica.state is ReplicaState.READY and len(w.host.runners) == 2
+                assert w.host.snapshots == before + 1  # no second sample piled up behind the hung one
+            hung = [r for r in caplog.records if "memory" in r.getMessage() and "hung" in r.getMessage()]
+            assert len(hung) == 1, [r.getMessage() for r in caplog.records]
+            health = w.service.supervisor.health()
+            assert health["memory_sampling"]["stale"] and "hung" in health["memory_sampling"]["failing"]
+            assert not health["supervision"]["stale"] and health["errors"] == 1
+        finally:
+            w.host.hang.set()
+        w.host.hang = None
+        await w.tick(0.2)  # the hung call returned: the next sample starts and succeeds
+        await w.tick(SAMPLE_EVERY)
+        assert w.host.snapshots > before + 1
+        assert not w.service.supervisor.health()["memory_sampling"]["stale"]
+
+    run(go())
+
+
+def test_a_failing_runners_step_is_stale_while_memory_sampling_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        w = World(tmp_path)
+        replica = await w.launch()
+        w.host.runners[0].unreadable = OSError(errno.EMFILE, "Too many open files")
+        with caplog.at_level(logging.WARNING, logger="shoal.supervisor"):
+            for _ in range(10):
+                await w.tick(SAMPLE_EVERY)
+            failures = [r for r in caplog.records if "'runners' failed" in r.getMessage()]
+            assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
+            health = w.service.supervisor.health()
+            assert health["supervision"]["stale"]
+            assert "Too many open files" in health["supervision"]["failing"]
+            assert not health["memory_sampling"]["stale"] and health["errors"] >= 10
+            w.host.runners[0].unreadable = None
+            w.host.runners[0].exit = -9
+            await w.tick(0.2)
+            assert replica.state is ReplicaState.RESTARTING  # checks work again
+        assert any("'runners' works again" in r.getMessage() for r in caplog.records)
+        assert not w.service.supervisor.health()["supervision"]["stale"]
 
     run(go())
 
@@ -312,3 +388,76 @@ def test_a_spike_given_back_does_not_keep_the_room() -> None:
     assert not r.record(7 * GiB)
     r.record(GiB)  # the runner gave it back
     assert r.reserved == 2 * GiB and not r.over and r.peak == 7 * GiB
+
+
+def _errors_counted(metrics_text: str, step: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(f'shoal_supervisor_errors_total{{step="{step}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_ready_names_a_stale_step_and_metrics_count_its_errors(tmp_path: Path) -> None:
+    """The gateway's own /ready and /metrics routes (build_app, served in process over ASGI) over
+    a service whose runner checks fail."""
+    import httpx
+
+    from shoal.gateway.app import build_app
+
+    async def go() -> None:
+        w = World(tmp_path)
+        await w.launch()
+        app = build_app(ServerSettings(data_dir=tmp_path))
+        app.state.models = w.service  # what its lifespan would set, over the fake Host
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as client:
+            await w.tick(SAMPLE_EVERY)
+            assert (await client.get("/ready")).status_code == 200
+            before = _errors_counted((await client.get("/metrics")).text, "runners")
+            w.host.runners[0].unreadable = OSError(errno.EMFILE, "Too many open files")
+            for _ in range(30):  # 6 s of ticks: past the 5 s after which supervision is stale
+                await w.tick(0.2)
+            ready = await client.get("/ready")
+            assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
+            body = ready.json()
+            assert body["stale"] == ["supervision"]
+            assert "Too many open files" in body["supervisor"]["supervision"]["failing"]
+            after = _errors_counted((await client.get("/metrics")).text, "runners")
+            assert after == before + 30
+            w.host.runners[0].unreadable = None
+            await w.tick(0.2)
+            assert (await client.get("/ready")).status_code == 200
+            # memory sampling fails (and so would the scrape's own snapshot): /metrics still answers
+            w.host.broken = OSError(errno.EMFILE, "Too many open files")
+            for _ in range(7):  # 14 s: past the 11 s after which sampling is stale
+                await w.tick(SAMPLE_EVERY)
+            scraped = await client.get("/metrics")
+            assert scraped.status_code == 200 and _errors_counted(scraped.text, "memory") >= 7
+            assert "shoal_device_memory_bytes" not in scraped.text  # what needs a snapshot is left out
+            ready = await client.get("/ready")
+            assert ready.status_code == 503 and ready.json()["stale"] == ["memory_sampling"]
+
+    run(go())
+
+
+def test_a_terminated_model_leaves_no_series_in_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from shoal.metrics import REGISTRY, TOKENS, RequestMetrics
+
+    async def go() -> None:
+        w = World(tmp_path)
+        await w.launch("gone-soon")
+        await w.launch("stays")
+        RequestMetrics.record("/v1/embeddings", "gone-soon", 200, 0.01)
+        TOKENS.labels("gone-soon").inc(3)
+        assert 'model="gone-soon"' in generate_latest(REGISTRY).decode()
+        await w.service.terminate("gone-soon")
+        text = generate_latest(REGISTRY).decode()
+        assert 'model="gone-soon"' not in text and 'shoal_launches_total{model="stays"}' in text
+        RequestMetrics.record("/v1/embeddings", "gone-soon", 200, 0.01)  # launched again later: counted anew
+        assert 'shoal_requests_total{model="gone-soon",route="/v1/embeddings",status="200"} 1.0' in (
+            generate_latest(REGISTRY).decode()
+        )
+
+    run(go())

@@ -149,3 +149,88 @@ def test_dependencies_point_one_way() -> None:
                 )
                 found += [f"{path.relative_to(src)} imports {n}" for n in names if n.startswith(banned)]
     assert not found, found
+
+
+def _serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`shoal serve` in its own process with `env` over the environment (the settings' values)."""
+    import os
+
+    code = "import sys; from shoal.cli import app; sys.argv = ['shoal', 'serve', *sys.argv[1:]]; app()"
+    full = {**os.environ, "COLUMNS": "200", **env}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full, timeout=60
+    )
+
+
+def test_every_setting_is_in_the_readme_and_in_serve_help() -> None:
+    from shoal import settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = _serve({}, "--help")
+    assert shown.returncode == 0, shown.stderr
+    help_text = " ".join(shown.stdout.split())
+    for setting in settings.ALL:
+        assert f"`{setting.env}`" in readme, setting.env
+        assert setting.env in help_text, setting.env
+    # each with its default, as settings.py has it
+    assert "SHOAL_LIVENESS_TIMEOUT (15)" in help_text and "SHOAL_MAX_CONNECTIONS (auto)" in help_text
+
+
+BAD_SETTINGS = [
+    ("SHOAL_LIVENESS_TIMEOUT", "abc", "is not a number"),
+    ("SHOAL_LIVENESS_INTERVAL", "0", "greater than 0"),
+    ("SHOAL_HEADER_TIMEOUT", "-1", "greater than 0"),
+    ("SHOAL_FIRST_BYTE_TIMEOUT", "nan", "greater than 0"),
+    ("SHOAL_IDLE_TIMEOUT", "inf", "greater than 0"),
+    ("SHOAL_MAX_CONNECTIONS", "0", "at least 1"),
+    ("SHOAL_MAX_CONNECTIONS_PER_CLIENT", "many", "is not a whole number"),
+    ("SHOAL_MAX_BODY", "lots", "is not a size"),
+]
+
+
+@pytest.mark.parametrize(("env", "value", "says"), BAD_SETTINGS[:2])
+def test_a_bad_number_setting_is_one_clear_line_at_start(
+    env: str, value: str, says: str, tmp_path: Path
+) -> None:
+    result = _serve({env: value}, "--data-dir", str(tmp_path), "--port", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {env}") and says in line, line
+
+
+@pytest.mark.parametrize(("env", "value", "says"), BAD_SETTINGS)
+def test_each_bad_number_setting_is_named(
+    env: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shoal.settings import ServerSettings, SettingError
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingError) as raised:
+        ServerSettings()
+    assert str(raised.value).startswith(env) and says in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_settings_refuse_a_bad_value_given_in_code() -> None:
+    from shoal.settings import ServerSettings, SettingError
+
+    with pytest.raises(SettingError, match="SHOAL_BODY_TIMEOUT"):
+        ServerSettings(data_dir=Path("/nonexistent"), body_timeout=0)
+    assert ServerSettings(data_dir=Path("/nonexistent"), body_timeout=0.5).body_timeout == 0.5
+
+
+def test_a_runners_failure_names_its_replica_in_every_shape() -> None:
+    from shoal.errors import ModelUnavailable, RequestTimeout
+    from shoal.gateway.errors import response_for
+
+    gone = ModelUnavailable("model 'm' stopped answering (ConnectionResetError); it is being restarted", 2)
+    gone.replica = 1
+    late = RequestTimeout("model 'm' sent no answer within 300 s")
+    late.replica = 0
+    for path in ("/v1/chat/completions", "/api/chat"):  # OpenAI's shape and Ollama's
+        answer = response_for(path, gone)
+        assert answer.status_code == 503 and answer.headers["x-shoal-replica"] == "1"
+        assert answer.headers["retry-after"] == "2"
+        assert response_for(path, late).headers["x-shoal-replica"] == "0"
+    queued = response_for("/v1/chat/completions", ModelUnavailable("at its limit", 1))  # no replica chosen
+    assert "x-shoal-replica" not in queued.headers

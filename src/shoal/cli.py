@@ -51,7 +51,21 @@ def _session(endpoint: str) -> Iterator[Client]:
             raise _fail(exc) from exc
 
 
-@app.command()
+def _settings_epilog() -> str:
+    """Every environment setting with its default, from settings.ALL (typer joins lines that one
+    newline parts: each entry is its own paragraph)."""
+    entries = [f"{s.env} ({s.default or 'unset'}): {s.help}" for s in settings.ALL]
+    return "\n\n".join(
+        [
+            "Environment settings, each with its default (a flag above reads its setting and wins "
+            "over it). Numbers are checked at start: a value that is not one, or out of bounds (a "
+            "timeout of 0 or less), ends the server with one line naming the setting.",
+            *entries,
+        ]
+    )
+
+
+@app.command(epilog=_settings_epilog())
 def serve(
     host: Annotated[
         str, typer.Option(envvar=settings.HOST.env, help=settings.HOST.help)
@@ -102,7 +116,7 @@ def serve(
 
     from shoal.gateway import server
     from shoal.gateway.app import build_app
-    from shoal.settings import ServerSettings
+    from shoal.settings import ServerSettings, SettingError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
@@ -118,6 +132,25 @@ def serve(
         raise typer.BadParameter("profile must be gpu, all or off")
     if not 0 <= profile_margin <= 1:
         raise typer.BadParameter("profile-margin must be between 0 and 1")
+    try:
+        server_settings = ServerSettings(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            fake_gpus=fake_gpus,
+            placement=placement,
+            headroom=headroom,
+            autoload=autoload or settings.AUTOLOAD.on(),
+            api_key=api_key or None,
+            ray_address=ray_address or None,
+            warm_spares=warm_spares,
+            mps=mps or settings.MPS.on(),
+            profile=profile.lower(),
+            profile_margin=profile_margin,
+        )
+    except SettingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     from shoal.state import StateStore
 
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -127,21 +160,6 @@ def serve(
             "with `shoal keys create`), or --insecure to serve without one"
         )
         raise typer.Exit(2)
-    server_settings = ServerSettings(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        fake_gpus=fake_gpus,
-        placement=placement,
-        headroom=headroom,
-        autoload=autoload or settings.AUTOLOAD.on(),
-        api_key=api_key or None,
-        ray_address=ray_address or None,
-        warm_spares=warm_spares,
-        mps=mps or settings.MPS.on(),
-        profile=profile.lower(),
-        profile_margin=profile_margin,
-    )
     server.serve(build_app(server_settings, launch or []), server_settings, log_level)
 
 

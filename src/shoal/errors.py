@@ -24,6 +24,7 @@ class ShoalError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    replica: int | None = None  # the replica whose runner failed this request: x-shoal-replica
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -105,3 +105,22 @@ class RequestMetrics:
         found.latency.observe(seconds)
         if found.errors is not None:
             found.errors.inc()
+
+
+def forget_model(uid: str) -> None:
+    """Remove every series labelled with model `uid` (a terminated model), so that the label sets
+    stay those of models that exist. Launched again, its counters start anew (a counter reset, which
+    Prometheus' rate() handles)."""
+    for metric in (REQUESTS, ERRORS, LATENCY, TIME_TO_FIRST_TOKEN, TOKENS, LAUNCHES, EVICTIONS, CRASHES,
+                   HUNG, PARKS, MOVES, WAKE_SECONDS):  # fmt: skip
+        names = metric._labelnames  # prometheus_client has no public accessor
+        found = {
+            tuple(sample.labels[n] for n in names)
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get("model") == uid
+        }
+        for labels in found:
+            metric.remove(*labels)
+    for key in [k for k in RequestMetrics._known if k[1] == uid]:
+        del RequestMetrics._known[key]

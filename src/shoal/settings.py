@@ -1,15 +1,26 @@
 """Every environment variable Shoal reads, in one place, each with a line of help.
 
-The CLI builds its defaults from here; nothing else calls os.environ for settings.
+The CLI builds its defaults from here (and `shoal serve --help` lists them all, from ALL); nothing
+else calls os.environ for settings. ServerSettings checks its numbers when it is built: a value that
+does not parse or is out of bounds raises SettingError, whose one-line message names the setting.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from shoal.units import parse_size
+
+T = TypeVar("T")
+
+
+class SettingError(ValueError):
+    """A setting's value Shoal cannot run with; the message names the setting, on one line."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,8 @@ WARM_SPARES = Setting(
 MAX_CONNECTIONS = Setting(
     "SHOAL_MAX_CONNECTIONS",
     "auto",
-    "open client connections in all, past it 503 (auto: 10000, or fewer to stay under the descriptor limit)",
+    "open client connections in all, past it 503 (auto: 10000, or fewer to stay under the descriptor limit); "
+    "the last 16 (an eighth, if fewer) only for clients on the host itself",
 )
 MAX_CONNECTIONS_PER_CLIENT = Setting(
     "SHOAL_MAX_CONNECTIONS_PER_CLIENT",
@@ -148,8 +160,48 @@ ALL: tuple[Setting, ...] = (
 )  # fmt: skip
 
 
-def _auto_int(value: str) -> int | None:
-    return None if value.strip().lower() in ("", "auto") else int(value)
+def _read(setting: Setting, parse: Callable[[str], T], what: str) -> T:
+    """The setting's value parsed, or a SettingError that names it."""
+    value = setting.get()
+    try:
+        return parse(value)
+    except (ValueError, OverflowError):
+        raise SettingError(f"{setting.env}={value!r} is not {what}") from None
+
+
+def _seconds(setting: Setting) -> Callable[[], float]:
+    return lambda: _read(setting, float, "a number of seconds")
+
+
+def _auto_int(setting: Setting) -> Callable[[], int | None]:
+    def parse(value: str) -> int | None:
+        return None if value.strip().lower() in ("", "auto") else int(value)
+
+    return lambda: _read(setting, parse, "a whole number or auto")
+
+
+# ServerSettings fields that must be a finite number of seconds over 0, and their settings
+POSITIVE_SECONDS = {
+    "launch_timeout": LAUNCH_TIMEOUT,
+    "request_timeout": REQUEST_TIMEOUT,
+    "liveness_interval": LIVENESS_INTERVAL,
+    "liveness_timeout": LIVENESS_TIMEOUT,
+    "first_byte_timeout": FIRST_BYTE_TIMEOUT,
+    "header_timeout": HEADER_TIMEOUT,
+    "body_timeout": BODY_TIMEOUT,
+    "idle_timeout": IDLE_TIMEOUT,
+    "hub_probe_timeout": HUB_PROBE_TIMEOUT,
+}
+# whole-number fields: (setting, least value allowed); None ("auto") is always allowed
+AT_LEAST = {
+    "max_restarts": (MAX_RESTARTS, 0),
+    "cpu_cores_per_model": (CPU_CORES_PER_MODEL, 1),
+    "max_body": (MAX_BODY, 1),
+    "max_connections": (MAX_CONNECTIONS, 1),
+    "max_connections_per_client": (MAX_CONNECTIONS_PER_CLIENT, 0),
+}
+# fractions: (setting, whether 1 itself is allowed)
+FRACTIONS = {"headroom": (HEADROOM, False), "profile_margin": (PROFILE_MARGIN, True)}
 
 
 @dataclass(frozen=True)
@@ -157,46 +209,67 @@ class ServerSettings:
     """What one gateway process runs with; built by the CLI or by tests."""
 
     host: str = field(default_factory=HOST.get)
-    port: int = field(default_factory=lambda: int(PORT.get()))
+    port: int = field(default_factory=lambda: _read(PORT, int, "a port number"))
     data_dir: Path = field(default_factory=lambda: Path(DATA_DIR.get()))
-    launch_timeout: float = field(default_factory=lambda: float(LAUNCH_TIMEOUT.get()))
-    request_timeout: float = field(default_factory=lambda: float(REQUEST_TIMEOUT.get()))
-    max_restarts: int = field(default_factory=lambda: int(MAX_RESTARTS.get()))
+    launch_timeout: float = field(default_factory=_seconds(LAUNCH_TIMEOUT))
+    request_timeout: float = field(default_factory=_seconds(REQUEST_TIMEOUT))
+    max_restarts: int = field(default_factory=lambda: _read(MAX_RESTARTS, int, "a whole number"))
     fake_gpus: str = field(default_factory=FAKE_GPUS.get)
-    headroom: float = field(default_factory=lambda: float(HEADROOM.get()))
+    headroom: float = field(default_factory=lambda: _read(HEADROOM, float, "a fraction"))
     placement: str = field(default_factory=PLACEMENT.get)
-    keep_alive: float = field(default_factory=lambda: float(KEEP_ALIVE.get()))
+    keep_alive: float = field(default_factory=lambda: _read(KEEP_ALIVE, float, "a number of seconds"))
     cpu_cores_per_model: int = field(
-        default_factory=lambda: int(CPU_CORES_PER_MODEL.get() or max(1, (os.cpu_count() or 1) // 2))
+        default_factory=lambda: _read(
+            CPU_CORES_PER_MODEL, lambda v: int(v or max(1, (os.cpu_count() or 1) // 2)), "a whole number"
+        )
     )
     autoload: bool = field(default_factory=AUTOLOAD.on)
     api_key: str | None = field(default_factory=lambda: API_KEY.get() or None)
-    max_body: int = field(default_factory=lambda: parse_size(MAX_BODY.get()))
+    max_body: int = field(default_factory=lambda: _read(MAX_BODY, parse_size, "a size (e.g. 128MiB)"))
     ray_address: str | None = field(default_factory=lambda: RAY_ADDRESS.get() or None)
-    liveness_interval: float = field(default_factory=lambda: float(LIVENESS_INTERVAL.get()))
-    liveness_timeout: float = field(default_factory=lambda: float(LIVENESS_TIMEOUT.get()))
-    first_byte_timeout: float = field(default_factory=lambda: float(FIRST_BYTE_TIMEOUT.get()))
-    header_timeout: float = field(default_factory=lambda: float(HEADER_TIMEOUT.get()))
-    body_timeout: float = field(default_factory=lambda: float(BODY_TIMEOUT.get()))
-    idle_timeout: float = field(default_factory=lambda: float(IDLE_TIMEOUT.get()))
+    liveness_interval: float = field(default_factory=_seconds(LIVENESS_INTERVAL))
+    liveness_timeout: float = field(default_factory=_seconds(LIVENESS_TIMEOUT))
+    first_byte_timeout: float = field(default_factory=_seconds(FIRST_BYTE_TIMEOUT))
+    header_timeout: float = field(default_factory=_seconds(HEADER_TIMEOUT))
+    body_timeout: float = field(default_factory=_seconds(BODY_TIMEOUT))
+    idle_timeout: float = field(default_factory=_seconds(IDLE_TIMEOUT))
     # None: "auto", worked out from the descriptor limit when the server starts (gateway/server.py)
-    max_connections: int | None = field(default_factory=lambda: _auto_int(MAX_CONNECTIONS.get()))
-    max_connections_per_client: int | None = field(
-        default_factory=lambda: _auto_int(MAX_CONNECTIONS_PER_CLIENT.get())
-    )
+    max_connections: int | None = field(default_factory=_auto_int(MAX_CONNECTIONS))
+    max_connections_per_client: int | None = field(default_factory=_auto_int(MAX_CONNECTIONS_PER_CLIENT))
     model_cache: Path = field(default_factory=lambda: Path(MODEL_CACHE.get()))
-    disk_headroom: int = field(default_factory=lambda: parse_size(DISK_HEADROOM.get()))
+    disk_headroom: int = field(default_factory=lambda: _read(DISK_HEADROOM, parse_size, "a size (e.g. 1GiB)"))
     download_hub: str = field(default_factory=DOWNLOAD_HUB.get)
-    hub_probe_timeout: float = field(default_factory=lambda: float(HUB_PROBE_TIMEOUT.get()))
+    hub_probe_timeout: float = field(default_factory=_seconds(HUB_PROBE_TIMEOUT))
     hub_xet: bool = field(default_factory=HUB_XET.on)
     # bytes parked replicas may hold per node; None: its free RAM ("auto"); 0: never park
     park_memory: int | None = field(
-        default_factory=lambda: (
-            None if PARK_MEMORY.get().strip().lower() in ("", "auto") else parse_size(PARK_MEMORY.get())
+        default_factory=lambda: _read(
+            PARK_MEMORY,
+            lambda v: None if v.strip().lower() in ("", "auto") else parse_size(v),
+            "a size or auto",
         )
     )
     profile: str = field(default_factory=lambda: PROFILE.get().lower())
-    profile_margin: float = field(default_factory=lambda: float(PROFILE_MARGIN.get()))
+    profile_margin: float = field(default_factory=lambda: _read(PROFILE_MARGIN, float, "a fraction"))
     mps: bool = field(default_factory=MPS.on)
     warm_spares: str = field(default_factory=WARM_SPARES.get)
     grace: float = 10.0  # seconds in-flight requests get to finish at shutdown
+
+    def __post_init__(self) -> None:
+        """The numbers are in bounds (SettingError naming the setting if not)."""
+        for name, setting in POSITIVE_SECONDS.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SettingError(f"{setting.env} must be a number of seconds greater than 0, not {value}")
+        for name, (setting, least) in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise SettingError(f"{setting.env} must be at least {least}, not {value}")
+        for name, (setting, one) in FRACTIONS.items():
+            value = getattr(self, name)
+            if not (0 <= value <= 1 if one else 0 <= value < 1):
+                raise SettingError(
+                    f"{setting.env} must be a fraction from 0 to {'1' if one else 'under 1'}, not {value}"
+                )
+        if not 0 <= self.port <= 65535:
+            raise SettingError(f"{PORT.env} must be a port number (0 to 65535), not {self.port}")

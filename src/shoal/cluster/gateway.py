@@ -241,6 +241,7 @@ class RayHost:
     """The gateway's view of the Ray cluster: nodes, their agents and their devices."""
 
     fetches_hub_files = True  # each node gets a hub model's files itself (fetch_hub)
+    one_machine = False
 
     def __init__(self, address: str, on_change: Callable[[], None] | None = None) -> None:
         self.address = address

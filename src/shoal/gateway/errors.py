@@ -57,7 +57,9 @@ def response_for(path: str, exc: Exception) -> JSONResponse:
     """The answer to a ShoalError, a RequestValidationError or an HTTPException raised while
     serving `path` (anything else is re-raised, for middleware.UnexpectedErrors)."""
     if isinstance(exc, ShoalError):
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else {}
+        if exc.replica is not None:
+            headers["x-shoal-replica"] = str(exc.replica)
         details = exc.details if isinstance(exc, InsufficientMemory) else None
         return _shaped(path, exc.status, exc.message, exc.type, exc.code, headers, details)
     if isinstance(exc, RequestValidationError):

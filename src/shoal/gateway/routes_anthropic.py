@@ -55,7 +55,9 @@ class AnthropicRoute(APIRoute):
             try:
                 return await handler(request)
             except ShoalError as exc:
-                retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else None
+                retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ModelUnavailable) else {}
+                if exc.replica is not None:
+                    retry["x-shoal-replica"] = str(exc.replica)
                 return error_response(exc.status, exc.message, retry)
             except RequestValidationError as exc:
                 return error_response(400, _describe_validation(exc))

@@ -12,6 +12,11 @@
   OpenAI error shape and closed, so a flood costs a moment's descriptor, never the process's last
   one. The total stays under RLIMIT_NOFILE with a reserve for runner sockets, /proc reads, SQLite
   and logs; the soft limit is raised to the hard one at start.
+- **Room for the host itself.** The last `local_reserve` connections under the total are only for
+  connections from the host itself (source address = the address connected to: 127.0.0.1 to
+  127.0.0.1, or the host's own address to itself), so /health, /ready, /metrics and the CLI on the
+  host still get in while other hosts fill the total. Other loopback addresses (127.0.0.2...) count
+  as other hosts: the tests use them to stand in for remote clients.
 
 Both of uvicorn's HTTP/1.1 protocols are covered (httptools, which uvicorn[standard] picks, and h11
 where httptools is missing): a subclass of each counts its connection and arms the header timer;
@@ -43,6 +48,7 @@ log = logging.getLogger("shoal.gateway")
 
 MAX_CONNECTIONS_AUTO = 10_000  # the auto total where descriptors allow; each costs memory too
 RESERVED_DESCRIPTORS = 512  # at least this many (or an eighth of the limit) are never connections
+LOCAL_RESERVE = 16  # at most this many (an eighth of the total if less) only for the host itself
 RETRY_AFTER = 1  # seconds, in the 503 of a refused connection
 LINGER = 1.0  # seconds a refused connection is kept to read its request, so the close is no reset
 MAX_LINGERING = 64  # refused connections lingering at once; past it one is closed right away
@@ -96,6 +102,11 @@ def raw_error(status: int, reason: str, message: str, type_: str, code: str, hea
     return head.encode() + body
 
 
+def local_reserve(total: int) -> int:
+    """How many of `total` connections only the host itself may use."""
+    return min(LOCAL_RESERVE, total // 8)
+
+
 @dataclass
 class ConnectionLimits:
     """What all connections of one server share: the caps, the header timeout and the counts."""
@@ -103,20 +114,28 @@ class ConnectionLimits:
     total: int
     per_client: int
     header_timeout: float
+    reserve: int = -1  # kept for connections from the host itself; -1: local_reserve(total)
     open: int = 0
+    remote: int = 0  # of them, from other hosts: at most total - reserve
     by_client: dict[str, int] = field(default_factory=dict)
     lingering: int = 0
     _refused: int = 0  # since the last warning
     _warned: float = float("-inf")
 
-    def admit(self, client: str) -> str | None:
-        """Count the connection in and return None, or return why not: "total" or "per_client"."""
-        if self.open >= self.total:
+    def __post_init__(self) -> None:
+        if self.reserve < 0:
+            self.reserve = local_reserve(self.total)
+
+    def admit(self, client: str, local: bool = False) -> str | None:
+        """Count the connection in and return None, or return why not: "total" or "per_client".
+        `local`: it comes from the host itself, which may also use the reserve."""
+        if self.open >= self.total or (not local and self.remote >= self.total - self.reserve):
             reason = "total"
         elif self.by_client.get(client, 0) >= self.per_client:
             reason = "per_client"
         else:
             self.open += 1
+            self.remote += not local
             self.by_client[client] = self.by_client.get(client, 0) + 1
             metrics.OPEN_CONNECTIONS.inc()
             return None
@@ -124,7 +143,11 @@ class ConnectionLimits:
         self._refused += 1
         now = time.monotonic()
         if now - self._warned >= REFUSAL_LOG_EVERY:
-            cap = f"{self.total} in all" if reason == "total" else f"{self.per_client} per client"
+            cap = (
+                f"{self.total} in all ({self.reserve} only for the host itself)"
+                if reason == "total"
+                else f"{self.per_client} per client"
+            )
             log.warning(
                 "refused %d connection(s) at the cap of %s since the last such warning (the last "
                 "from %s); warned at most every %g s, all counted in shoal_connections_refused_total; "
@@ -137,8 +160,9 @@ class ConnectionLimits:
             self._refused, self._warned = 0, now
         return reason
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, local: bool = False) -> None:
         self.open -= 1
+        self.remote -= not local
         metrics.OPEN_CONNECTIONS.dec()
         left = self.by_client.get(client, 1) - 1
         if left > 0:
@@ -156,6 +180,7 @@ class _Guard:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.client = ""
+        self.local = False  # from the host itself
         self.refused = False
         self.admitted = False
         self.lingering = False
@@ -167,7 +192,10 @@ class _Guard:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "")
-        reason = self.limits.admit(self.client)
+        own = transport.get_extra_info("sockname")
+        # From the host itself: the kernel refuses a packet from outside that claims a local source.
+        self.local = isinstance(own, tuple) and bool(own) and str(own[0]) == self.client
+        reason = self.limits.admit(self.client, self.local)
         if reason is None:
             self.admitted = True
             self.arm(partial=False)
@@ -176,7 +204,9 @@ class _Guard:
         message = (
             f"too many connections from {self.client} (at most {self.limits.per_client})"
             if reason == "per_client"
-            else f"the server has {self.limits.total} connections open, its most"
+            else f"the server is at its cap of {self.limits.total} connections "
+            f"({self.limits.total - self.limits.reserve} for other hosts, {self.limits.reserve} kept for "
+            "clients on the host itself)"
         )
         transport.write(
             raw_error(
@@ -232,7 +262,7 @@ class _Guard:
             self.timer = None
         if self.admitted:
             self.admitted = False
-            self.limits.release(self.client)
+            self.limits.release(self.client, self.local)
         if self.lingering:
             self.lingering = False
             self.limits.lingering -= 1
@@ -355,9 +385,11 @@ def serve(app: ASGIApp, settings: ServerSettings, log_level: str = "info") -> No
     total, per_client = connection_caps(settings, descriptors)
     limits = ConnectionLimits(total, per_client, settings.header_timeout)
     log.info(
-        "connections: at most %d (%d per client); timeouts: head %gs, body %gs, idle %gs; %d open files",
+        "connections: at most %d (%d per client; the last %d only from the host itself); "
+        "timeouts: head %gs, body %gs, idle %gs; %d open files",
         total,
         per_client,
+        limits.reserve,
         settings.header_timeout,
         settings.body_timeout,
         settings.idle_timeout,

@@ -61,6 +61,9 @@ class Host(Protocol):
     # True where each node gets a hub model's files itself when a replica starts there (Ray): the
     # gateway then does not download them up front (`runner(..., hub=)` says what to fetch)
     fetches_hub_files: bool
+    # True where every runner runs on this machine (local); False on a cluster (Ray), where the
+    # CUDA MPS daemon the gateway runs would reach no runner on another node
+    one_machine: bool
 
     async def start(self) -> None:
         """Join the cluster (Ray); nothing on one machine."""

@@ -34,6 +34,7 @@ def local_names() -> frozenset[str]:
 
 class LocalHost:
     fetches_hub_files = False  # the gateway downloads into its cache, which its runners read
+    one_machine = True
 
     def __init__(self, fake_gpus: str, logs: Path, spare_families: tuple[str, ...] = ()) -> None:
         self.fake_gpus = fake_gpus

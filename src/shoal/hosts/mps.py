@@ -115,10 +115,10 @@ def gpu_facts() -> list[GpuFacts]:
 class MpsControl:
     """The MPS control daemon of this server: started at `start`, told to quit at `stop`."""
 
-    def __init__(self, data_dir: Path, fake: bool, ray: bool) -> None:
+    def __init__(self, data_dir: Path, fake: bool, cluster: bool) -> None:
         self.pipe_dir = data_dir / "mps" / "pipe"
         self.log_dir = data_dir / "mps" / "log"
-        self.fake, self.ray = fake, ray
+        self.fake, self.cluster = fake, cluster  # cluster: the Host runs runners on other machines
         self.status = OFF
         self._started = False
 
@@ -151,7 +151,7 @@ class MpsControl:
 
     def start(self) -> MpsStatus:
         """Start the daemon (blocking: call it off the event loop); the status says why not."""
-        reason = why_not(self.fake, self.ray, shutil.which(CONTROL), [] if self.fake else gpu_facts())
+        reason = why_not(self.fake, self.cluster, shutil.which(CONTROL), [] if self.fake else gpu_facts())
         if reason is None:
             reason = self._start_daemon()
         if reason is not None:

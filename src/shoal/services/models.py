@@ -113,7 +113,7 @@ class ModelService:
         self._freed = asyncio.Event()  # set whenever memory is given back (for queued launches)
         # Measured profiles (services/profiles.py) and CUDA MPS (hosts/mps.py):
         self.profiles = ProfileBook(store, settings.profile, settings.profile_margin)
-        self.mps = MpsControl(settings.data_dir, bool(settings.fake_gpus), bool(settings.ray_address))
+        self.mps = MpsControl(settings.data_dir, bool(settings.fake_gpus), cluster=not host.one_machine)
         metrics.PARKED_REPLICAS.set_function(self._parked_count)
 
     def _parked_count(self) -> int:
@@ -436,6 +436,7 @@ class ModelService:
         del self._models[uid]
         self.store.delete_model(uid)
         await self._stop_model(model)
+        metrics.forget_model(uid)
 
     async def _stop_model(self, model: RunningModel) -> None:
         replicas = [r for r in model.replicas if r.state is not ReplicaState.STOPPING]

@@ -2,8 +2,9 @@
 included.
 
 Bodies pass through as bytes. A runner that dies mid-request turns into a 503 (or, once a stream has
-started, an in-band SSE error event); one that sends no byte within the first-byte deadline into a
-504; never a hang. The replica is leased for as long as its answer is being read.
+started, an in-band SSE error event, after the stream's own x-shoal-replica header); one that sends
+no byte within the first-byte deadline into a 504; never a hang. Both carry x-shoal-replica. The
+replica is leased for as long as its answer is being read.
 """
 
 from __future__ import annotations
@@ -35,10 +36,16 @@ JSON_HEADERS = {"content-type": "application/json"}
 def _failure(
     service: ModelService, uid: str, replica: Replica, exc: BaseException, wait: float
 ) -> ShoalError:
+    """The 504 or 503 for a runner that failed this request, naming its replica (the answer's
+    x-shoal-replica header, as on a success), so a client can tell which one failed."""
+    error: ShoalError
     if isinstance(exc, TimeoutError):
-        return RequestTimeout(f"model {uid!r} sent no answer within {wait:.0f} s")
-    service.notice_unreachable(uid, replica)
-    return ModelUnavailable(gone_message(uid, replica, type(exc).__name__), retry_after=2)
+        error = RequestTimeout(f"model {uid!r} sent no answer within {wait:.0f} s")
+    else:
+        service.notice_unreachable(uid, replica)
+        error = ModelUnavailable(gone_message(uid, replica, type(exc).__name__), retry_after=2)
+    error.replica = replica.index
+    return error
 
 
 def _sse_error(error: ShoalError) -> bytes:

@@ -1,15 +1,19 @@
 """One supervisor loop for the life of the gateway: notice dead and hung runners, restart them with a
 capped backoff, and sample each runner's real memory use into the ledger.
 
-Every step of a tick is guarded: an exception is logged once per cause (with its traceback), counted
-in /metrics, and the loop goes on; `health()` says when each step last succeeded, so /ready and
-GET /v1/cluster/devices can say when supervision or sampling is stale. Time comes from an injected
-clock and restarts are due times checked on each tick, so unit tests drive `tick()` with no sleeps.
+Every step of a tick is guarded: it runs as its own task, so a step that hangs (an NVML call or a
+/proc read that never returns) holds up no other; an exception is logged once per cause (with its
+traceback), counted in /metrics, and the loop goes on. A step still running past its deadline is
+logged and counted once as failed ("hung"), and not started again until it ends, so hung calls do
+not pile up. `health()` says when each step last succeeded, so /ready and GET /v1/cluster/devices
+can say when supervision or sampling is stale. Time comes from an injected clock and restarts are
+due times checked on each tick, so unit tests drive `tick()` with no sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
@@ -26,6 +30,7 @@ SAMPLE_EVERY = 2.0  # seconds between samples of each runner's memory use
 FAST_CRASH = 60.0  # a replica that dies sooner than this after becoming ready counts as a fast crash
 MAX_BACKOFF = 30.0
 STALE_AFTER = {"runners": 5.0, "memory": 3 * SAMPLE_EVERY + 5.0}  # seconds without a success
+STEP_DEADLINE = {"runners": 5.0, "memory": 10.0}  # seconds a step may run before it counts as hung
 
 
 class Launcher(Protocol):
@@ -58,6 +63,8 @@ class Supervisor:
         self._failing: dict[str, str] = {}  # step → the cause it is failing with now (logged once)
         self._last_sample = float("-inf")
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.running: dict[str, asyncio.Task[None]] = {}  # step → its task while it runs
+        self._started: dict[str, float] = {}  # step → clock() when its running task started
 
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -66,29 +73,45 @@ class Supervisor:
             await asyncio.sleep(TICK)
 
     async def tick(self) -> None:
-        """One pass; never raises (but for cancellation)."""
+        """One pass: start each step that is due and not still running; never raises (but for
+        cancellation). The steps end in their own time; their outcome is recorded as they do."""
         now = self.clock()
-        await self._guarded("runners", self.check_runners, now)
-        if now - self._last_sample >= SAMPLE_EVERY:
+        self._start("runners", self.check_runners, now)
+        if now - self._last_sample >= SAMPLE_EVERY and self._start("memory", self.sample_memory, now):
             self._last_sample = now
-            await self._guarded("memory", self.sample_memory, now)
+        await asyncio.sleep(0)  # a step that does not block ends within this pass
 
-    async def _guarded(self, step: str, fn: Callable[[float], Coroutine[Any, Any, None]], now: float) -> None:
-        try:
-            await fn(now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.errors += 1
-            metrics.SUPERVISOR_ERRORS.labels(step).inc()
-            cause = f"{type(exc).__name__}: {exc}"
-            if self._failing.get(step) != cause:  # once per cause, not five times a second
-                self._failing[step] = cause
-                log.error("supervisor step %r failed (it goes on): %s", step, cause, exc_info=exc)
+    def _start(self, step: str, fn: Callable[[float], Coroutine[Any, Any, None]], now: float) -> bool:
+        """Start `step` as a task unless it still runs (then: is it past its deadline?)."""
+        if step in self.running:
+            took = now - self._started[step]
+            if took > STEP_DEADLINE[step] and not self._failing.get(step, "").startswith("hung"):
+                self._failed(step, f"hung: still running after {took:.0f} s; not started again until it ends")
+            return False
+        task = asyncio.create_task(fn(now), name=f"supervisor {step}")
+        self.running[step], self._started[step] = task, now
+        task.add_done_callback(functools.partial(self._ended, step, now))
+        return True
+
+    def _ended(self, step: str, started: float, task: asyncio.Task[None]) -> None:
+        if self.running.get(step) is task:
+            del self.running[step]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failed(step, f"{type(exc).__name__}: {exc}", exc)
             return
         if step in self._failing:
             log.warning("supervisor step %r works again after: %s", step, self._failing.pop(step))
-        self.last_ok[step] = now
+        self.last_ok[step] = max(self.last_ok.get(step, started), started)
+
+    def _failed(self, step: str, cause: str, exc: BaseException | None = None) -> None:
+        self.errors += 1
+        metrics.SUPERVISOR_ERRORS.labels(step).inc()
+        if self._failing.get(step) != cause:  # once per cause, not five times a second
+            self._failing[step] = cause
+            log.error("supervisor step %r failed (it goes on): %s", step, cause, exc_info=exc)
 
     def health(self) -> dict[str, Any]:
         """Seconds since each step last succeeded, and whether that is too long ago."""
@@ -203,6 +226,6 @@ class Supervisor:
             log.error("supervisor task failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self.running.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self.running.values(), return_exceptions=True)
