@@ -461,3 +461,76 @@ def test_a_terminated_model_leaves_no_series_in_metrics(tmp_path: Path) -> None:
         )
 
     run(go())
+
+
+def test_callers_share_a_hung_snapshot_and_give_up_at_its_deadline() -> None:
+    """One thread at most is stuck in a hung NVML or /proc read; every caller gets a 503 once it has
+    run for the deadline, and the first call after it returned reads afresh."""
+    from shoal.errors import DevicesUnavailable
+    from shoal.services.snapshots import SnapshotReader
+
+    host = FakeHost()
+    reader = SnapshotReader(host, timeout=0.3)
+    assert reader.now().devices[0].id == "cpu" and host.snapshots == 1
+    host.hang = threading.Event()
+
+    async def three_reads() -> list[BaseException | Snapshot]:
+        return await asyncio.gather(*(reader.read() for _ in range(3)), return_exceptions=True)
+
+    try:
+        answers = asyncio.run(three_reads())
+        assert all(isinstance(a, DevicesUnavailable) and a.status == 503 for a in answers), answers
+        with pytest.raises(DevicesUnavailable, match="has not returned"):
+            reader.now()  # past its deadline already: at once, not another 0.3 s
+        assert host.snapshots == 2  # the three reads and the sync one shared the hung call
+    finally:
+        host.hang.set()
+    host.hang = None
+    for _ in range(100):  # until the hung call's thread has returned
+        if reader._inflight is not None and reader._inflight.done():
+            break
+        threading.Event().wait(0.05)
+    assert reader.now().devices and host.snapshots == 3
+    host.broken = OSError(errno.EMFILE, "Too many open files")
+    with pytest.raises(OSError, match="Too many open files"):
+        asyncio.run(reader.read())  # a snapshot that fails is the caller's to handle, as before
+
+
+def test_a_hung_snapshot_makes_launches_and_the_device_report_a_503(tmp_path: Path) -> None:
+    """Not a hang: a launch (under the placement lock) and GET /v1/cluster/devices answer 503 with
+    Retry-After; /metrics leaves the memory gauges out and answers; after the snapshot returns, all do."""
+    import httpx
+
+    from shoal.gateway.app import build_app
+
+    async def go() -> None:
+        w = World(tmp_path)
+        await w.launch()
+        w.service.snapshots.timeout = 0.3
+        app = build_app(ServerSettings(data_dir=tmp_path))
+        app.state.models = w.service
+        transport = httpx.ASGITransport(app=app)
+        w.host.hang = threading.Event()
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as client:
+                devices = await client.get("/v1/cluster/devices")
+                assert devices.status_code == 503 and devices.headers["retry-after"] == "5"
+                assert devices.json()["error"]["code"] == "devices_unavailable"
+                body = {"model_name": MODEL, "model_uid": "second"}
+                launch = await client.post("/v1/models", json=body)
+                assert launch.status_code == 503, launch.text
+                scraped = await client.get("/metrics")
+                assert scraped.status_code == 200 and "shoal_device_memory_bytes" not in scraped.text
+                w.host.hang.set()
+                w.host.hang = None
+                await asyncio.to_thread(w.host.hanging.wait, 5)
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    if (await client.get("/v1/cluster/devices")).status_code == 200:
+                        break
+                assert (await client.get("/v1/cluster/devices")).status_code == 200
+        finally:
+            if w.host.hang is not None:
+                w.host.hang.set()
+
+    run(go())

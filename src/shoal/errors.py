@@ -8,6 +8,7 @@ ShoalError                      500  (never raised for anything a client sent)
 ├── HubUnreachable              502  the hub (HF_ENDPOINT) did not answer, and the cache cannot stand in
 ├── Conflict                    409  a uid already in use
 ├── ModelUnavailable            503  loading, restarting, or its runner died (Retry-After)
+│   └── DevicesUnavailable      503  the device snapshot (NVML, /proc) hangs: no placement now
 ├── InsufficientMemory          507  no device can hold the model now (the numbers in details)
 ├── InsufficientDisk            507  the download does not fit on the cache's disk (the numbers)
 ├── RequestTimeout              504  the runner sent no byte within the deadline
@@ -56,6 +57,10 @@ class ModelUnavailable(ShoalError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DevicesUnavailable(ModelUnavailable):
+    code = "devices_unavailable"
 
 
 class InsufficientMemory(ShoalError):

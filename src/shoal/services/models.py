@@ -63,6 +63,7 @@ from shoal.services.plan import LaunchPlan, keep_alive_seconds, plan_launch
 from shoal.services.profiles import ProfileBook, model_identity, wants_profile_run
 from shoal.services.replicas import Replica, ReplicaState, RunningModel, move
 from shoal.services.router import Router
+from shoal.services.snapshots import SnapshotReader
 from shoal.services.supervisor import Supervisor
 from shoal.settings import ServerSettings
 from shoal.state import StateStore
@@ -95,6 +96,7 @@ class ModelService:
         self.store = store
         self.settings = settings
         self.host = host
+        self.snapshots = SnapshotReader(host)  # bounded: NVML or /proc may hang
         self.clock = clock
         self.policy = Policy(settings.placement, settings.headroom, settings.park_memory)  # type: ignore[arg-type]
         self._models: dict[str, RunningModel] = {}
@@ -211,7 +213,7 @@ class ModelService:
         source: Source,
         hub: HubModel | None = None,
     ) -> LaunchPlan:
-        snapshot = await asyncio.to_thread(self.host.snapshot)
+        snapshot = await self.snapshots.read()
         options = (
             request.engine_options()
             if isinstance(request, LaunchRequest)
@@ -452,7 +454,7 @@ class ModelService:
 
     # ---- placement ---------------------------------------------------------------------------
     async def _decide(self, model: RunningModel, replica: Replica) -> tuple[Decision, Snapshot]:
-        snapshot = await asyncio.to_thread(self.host.snapshot)
+        snapshot = await self.snapshots.read()
         models = self.running()
         states = ledger.device_states(snapshot, ledger.shoal_use(models, snapshot))
         others = frozenset(
@@ -575,7 +577,7 @@ class ModelService:
         deadline = time.monotonic() + MEMORY_BACK_TIMEOUT
         while time.monotonic() < deadline:
             await self.host.refresh()  # fresh, not the last poll's view
-            usage = await asyncio.to_thread(self.host.snapshot)
+            usage = await self.snapshots.read()
             if not any((node_of(device), pid) in stopped for device, pid in usage.gpu_usage):
                 return
             await asyncio.sleep(0.2)
@@ -672,7 +674,7 @@ class ModelService:
 
     def devices_now(self) -> list[dict[str, Any]]:
         """Each device with each replica's share (reads NVML: call it off the event loop)."""
-        snapshot = self.host.snapshot()
+        snapshot = self.snapshots.now()
         models = self.running()
         states = ledger.device_states(snapshot, ledger.shoal_use(models, snapshot))
         per_replica = {
@@ -783,7 +785,7 @@ class ModelService:
         if not await self._profile_ran(runner):  # e.g. out of memory under the formula's cap
             log.warning("model %s replica %d: its profile run failed; no profile", model.uid, replica.index)
             return
-        snapshot = await asyncio.to_thread(self.host.snapshot)
+        snapshot = await self.snapshots.read()
         measured = self.profiles.measured_device(snapshot, r.devices, runner.pid)
         if measured is None:
             log.warning("model %s replica %d: its profile peak could not be read", model.uid, replica.index)
