@@ -38,5 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME /data
 EXPOSE 9997
 # The models launched at the first start; on a restart the ones in /data's state come back instead.
+# The demo models of `make serve`: chat, embeddings, rerank, speech to text, text to speech, OCR.
 CMD ["shoal", "serve", "--launch", "smollm2-135m-instruct", "--launch", "all-MiniLM-L6-v2", \
-     "--launch", "minilm-rerank"]
+     "--launch", "minilm-rerank", "--launch", "whisper-tiny.en", "--launch", "piper-en-us-joe", \
+     "--launch", "rapidocr"]
