@@ -447,7 +447,9 @@ def test_a_lossy_link(gateway: Gateway, on_worker: dict[str, Any]) -> None:
 def runner_port(cluster: netns.NetnsCluster, pid: int) -> int:
     listening = subprocess.run(["ip", "netns", "exec", cluster.worker_ns, "ss", "-tlnpH"],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
-    (port,) = {int(m[1]) for m in re.finditer(rf":(\d+)\s.*pid={pid},", listening)}
+    # the port the gateway reaches it at, on the worker's address (its engine may listen on loopback too)
+    address = re.escape(cluster.worker_ip)
+    (port,) = {int(m[1]) for m in re.finditer(rf"{address}:(\d+)\s.*pid={pid},", listening)}
     return port
 
 
