@@ -100,7 +100,8 @@ async def copy_through_object_store(
     )
     manifest = cluster_files.manifest(source)
     started = time.perf_counter()
-    copied = await asyncio.to_thread(ray_cluster._copy, node, manifest)
+    progress = cluster_files.CopyProgress(node.name, str(source), source.stat().st_size)
+    copied = await asyncio.to_thread(ray_cluster._copy, node, manifest, progress)
     os.sync()
     through_ray = time.perf_counter() - started
     assert Path(copied).stat().st_size == source.stat().st_size

@@ -433,7 +433,7 @@ def test_a_lossy_link(gateway: Gateway, on_worker: dict[str, Any]) -> None:
     try:
         # longer than it takes to declare a silent node cut off (5 s) and several liveness pings (2 s)
         until = time.monotonic() + 7
-        statuses = []
+        statuses: list[int] = []
         while time.monotonic() < until or len(statuses) < 5:
             statuses.append(gateway.chat("linked").status_code)
         dropped = cluster.dropped(cluster.worker_ns)
