@@ -9,7 +9,11 @@ check is set slow here (a minute), so it is Shoal that notices: requests get 503
 replicas are placed on the head, and when the link is back the runners left on the worker are
 stopped and the worker takes models again. Hub models (tests/hubserver.py on the bridge's address,
 the gateway's HF_ENDPOINT): the worker downloads one into its own cache itself, a second launch
-there reads that cache, and a worker whose route to the hub is cut gets the gateway's copy.
+there reads that cache, and a worker whose route to the hub is cut gets the gateway's copy. Last,
+loss and latency on the link (tests/netns.py; they stand in for `tc netem`, which this kernel lacks,
+and need nftables' `nft`): 5 % of the worker's packets dropped while a model there serves, then its
+runner reached through a relay that delays each chunk, a stream, and a 504 past the first-byte
+deadline.
 
 Needs root and `ip` (skipped otherwise). Ray's `ray stop` is never used: it would stop every Ray node
 on the host; everything here is SIGKILLed by namespace (`ip netns pids`) on the way out.
