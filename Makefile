@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The browser test drives Debian's Chromium (no `playwright install`, which downloads).
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+	# nft puts loss and latency on the namespace tests' links (this kernel has no netem).
+	command -v nft >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: it is a local CPU build; anything looser pulls CUDA wheels.
 	$(PIP) install -q torch==2.13.0

@@ -14,7 +14,9 @@
    hides the gateway's folder; then a partition (the worker's veth down) while a chat model serves
    there: time until the gateway calls the node unreachable, until the model answers again from the
    head, what requests got meanwhile; then the link back up: time until the runner left on the
-   worker is stopped and the worker takes models again. Ray's health check at its defaults.
+   worker is stopped and the worker takes models again. Then the same cut while a replica is still
+   starting on the worker (its runner made 5 s slow to start there, not on the head): time until
+   it is ready on the head. Ray's health check at its defaults.
 
 The phases run one after another, never at once. Prints one JSON document to stdout.
 
@@ -98,7 +100,8 @@ async def copy_through_object_store(
     )
     manifest = cluster_files.manifest(source)
     started = time.perf_counter()
-    copied = await asyncio.to_thread(ray_cluster._copy, node, manifest)
+    progress = cluster_files.CopyProgress(node.name, str(source), source.stat().st_size)
+    copied = await asyncio.to_thread(ray_cluster._copy, node, manifest, progress)
     os.sync()
     through_ray = time.perf_counter() - started
     assert Path(copied).stat().st_size == source.stat().st_size
@@ -206,6 +209,10 @@ async def netns_phase(args: argparse.Namespace) -> dict[str, Any]:
             described = (await client.get("/v1/models/mover")).json()["replicas"][0]
             assert described["node"] == worker, described
             report["partition"] = await partition(client, cluster, head, worker, described["pid"])
+
+            # 4. a cut while a replica starts on the worker (the head empty again: binpack picks the worker)
+            await client.delete("/v1/models/mover")
+            report["partition_while_starting"] = await partition_while_starting(client, cluster, head, worker)
     finally:
         if gateway is not None and gateway.poll() is None:
             gateway.send_signal(2)
@@ -299,6 +306,51 @@ async def partition(
         "link_up_at_s": round(up, 3),
         "stale_runner_stopped_after_link_up_s": None if stopped is None else round(stopped - up, 3),
         "worker_usable_after_link_up_s": None if rejoined is None else round(rejoined - up, 3),
+    }
+
+
+async def partition_while_starting(
+    client: httpx.AsyncClient, cluster: Any, head: str, worker: str
+) -> dict[str, Any]:
+    import netns  # tests/netns.py
+
+    slow = cluster.tmp / "slow"
+    slow.mkdir(exist_ok=True)
+    (slow / "sitecustomize.py").write_text(netns.only_where(cluster.worker_ip, "time.sleep(5)"))
+    body = {"model_name": CHAT_MODEL, "model_uid": "early", "gpu_memory": "6GiB", "queue_timeout": 90,
+            "envs": {"PYTHONPATH": str(slow)}, **CHAT_SMALL}  # fmt: skip
+    launch = asyncio.create_task(client.post("/v1/models", json=body))
+    while True:
+        described = await client.get("/v1/models/early")
+        replicas = described.json().get("replicas", []) if described.status_code == 200 else []
+        if replicas and replicas[0]["state"] == "starting" and replicas[0]["pid"]:
+            break
+        await asyncio.sleep(0.05)
+    starting = replicas[0]
+    assert starting["node"] == worker, starting
+    log("netns: partition while a replica starts on the worker")
+    cut = time.monotonic()
+    cluster.link(cluster.worker_ns, up=False)
+    unreachable = None
+    while not launch.done():
+        if unreachable is None and any(
+            w["node"] == worker and not w["reachable"] for w in (await client.get("/v1/workers")).json()
+        ):
+            unreachable = round(time.monotonic() - cut, 3)
+        await asyncio.sleep(0.05)
+    launched_after = round(time.monotonic() - cut, 3)
+    (await launch).raise_for_status()
+    (replica,) = (await client.get("/v1/models/early")).json()["replicas"]
+    assert replica["node"] == head and replica["state"] == "ready", replica
+    cluster.link(cluster.worker_ns, up=True)
+    up = time.monotonic()
+    while pid_alive(starting["pid"]) and time.monotonic() - up < 120:
+        await asyncio.sleep(0.05)
+    await client.delete("/v1/models/early")
+    return {
+        "unreachable_after_s": unreachable,
+        "ready_on_head_after_cut_s": launched_after,
+        "stale_runner_stopped_after_link_up_s": round(time.monotonic() - up, 3),
     }
 
 

