@@ -53,8 +53,9 @@ class Goals:
         """An estimate against NVML's per-pid use: within 25% for a first launch, 10% once profiled."""
         limit = FIRST_LAUNCH_ERROR if first else PROFILED_ERROR
         what = f"{'first launch' if first else 'launched before'} ({source})"
+        name = f"{name} estimate {'first' if first else 'again'}"
         if not self.real_gpu:
-            self.skip(f"{name} estimate", f"fake GPU, no NVML ({what}, {estimate / GiB:.2f} GiB)")
+            self.skip(name, f"fake GPU, no NVML ({what}, {estimate / GiB:.2f} GiB)")
             return
         err = error(estimate, used)
         detail = (
@@ -62,9 +63,9 @@ class Goals:
             f"(goal within {limit * 100:.0f}%)"
         )
         if err is None:
-            self.warn(f"{name} estimate", detail + "; NVML reported nothing for its pid")
+            self.warn(name, detail + "; NVML reported nothing for its pid")
         else:
-            self.check(f"{name} estimate", abs(err) <= limit, detail)
+            self.check(name, abs(err) <= limit, detail)
 
     def wake(self, name: str, seconds: float | None, embedding: bool) -> None:
         limit = WAKE_EMBEDDING_SECONDS if embedding else WAKE_LLM_SECONDS
