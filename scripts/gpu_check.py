@@ -426,7 +426,7 @@ def main() -> int:
             checked = placement(http, failures, goals, root / "data", args.mps)
         park = {
             "park_and_wake": gpu_check_park.park_and_wake(http, log, nvml_by_pid, failures, goals),
-            "move": gpu_check_park.defragment(http, log, failures, goals),
+            "move": gpu_check_park.defragment(http, log, nvml_by_pid, failures, goals),
         }
         gpu_check_park.clear(http)
         checked["vllm_tools"] = vllm_tools_round(http, goals)
@@ -630,6 +630,10 @@ def placement(
         uid: http.get(f"/v1/models/{uid}").json()["status"] for uid in ("llm-a", "emb", "llm-b", "late")
     }
     log(f"late launch: {r.status_code}; statuses now {statuses}")
+    if r.status_code == 200:  # placed by the formula corrected by the profiles stored so far
+        late = gpu_check_park.estimate_goal(
+            http, goals, nvml_by_pid, "late", {"context_length": 512, "max_batch_size": 1}
+        )
     # llm-a (transformers) parks where host RAM allows: its process stays, its GPU memory goes
     evicted = [uid for uid in old_pids if statuses.get(uid) in ("evicted", "parked")]
     still = nvml_by_pid()
@@ -637,7 +641,7 @@ def placement(
     if r.status_code != 200 or statuses.get("llm-a") not in ("evicted", "parked"):
         failures.append(f"eviction: late={r.status_code} statuses={statuses}")
     return {"report": report, "profiles": profiled, "runner_mps_env": runner_env, "mps": checked_mps,
-            "overcap": overcap}  # fmt: skip
+            "overcap": overcap, "late": late if r.status_code == 200 else None}  # fmt: skip
 
 
 if __name__ == "__main__":

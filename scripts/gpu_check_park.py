@@ -189,7 +189,11 @@ def park_and_wake(
 
 
 def defragment(
-    http: httpx.Client, log: Callable[[str], None], failures: list[str], goals: Goals
+    http: httpx.Client,
+    log: Callable[[str], None],
+    nvml: Callable[[], dict[int, int]],
+    failures: list[str],
+    goals: Goals,
 ) -> dict[str, Any]:
     gpus = [d for d in http.get("/v1/cluster/devices").json() if d["kind"] == "gpu"]
     if len(gpus) < 2:
@@ -197,6 +201,7 @@ def defragment(
         return {"skipped": "one GPU"}
     clear(http)
     r = http.post("/v1/models", json={"model_name": "gc-emb", "model_uid": "mv-small", "keep_alive": 300})
+    estimate = estimate_goal(http, goals, nvml, "mv-small", {"model_name": "gc-emb"})
     small = _replica(http, "mv-small")
     here = small["device"]
     other = next(d for d in gpus if d["id"] != here)
@@ -246,4 +251,5 @@ def defragment(
         f"request after the move {status}",
     )
     clear(http)
-    return {"from": here, "to": moved["device"], "launch_seconds": launched, "request_status": status}
+    return {"from": here, "to": moved["device"], "launch_seconds": launched, "request_status": status,
+            "estimate": estimate}  # fmt: skip
