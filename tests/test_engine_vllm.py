@@ -334,10 +334,9 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def test_park_and_wake_reach_vllms_sleep_routes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The vLLM server is started with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 in its own
-    environment (not the runner's); park() asks /sleep?level=1 and wake() /wake_up of the server the
-    runner started, over loopback HTTP; a refusal there is an error that says what vLLM answered."""
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """STANDIN installed as `vllm` for load()'s check and for the child; returns its record file."""
     package = tmp_path / "standin" / "vllm" / "entrypoints" / "openai"
     package.mkdir(parents=True)
     for folder in (package, package.parent, package.parent.parent):
@@ -351,22 +350,50 @@ def test_park_and_wake_reach_vllms_sleep_routes(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("VLLM_STANDIN_RECORD", str(record))
     monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
     monkeypatch.setattr(vllm_module, "START_LOCK", tmp_path / "start.lock")
+    return record
+
+
+def test_park_and_wake_reach_vllms_sleep_routes(standin: Path) -> None:
+    """The vLLM server is started with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 in its own
+    environment (not the runner's); park() asks /sleep?level=1 and wake() /wake_up of the server the
+    runner started, over loopback HTTP; a refusal there is an error that says what vLLM answered."""
     engine = _engine("cuda", memory_fraction=0.5, start_timeout=60)
     engine.load()
     try:
         assert "VLLM_SERVER_DEV_MODE" not in os.environ  # set for vLLM's process only
-        started = json.loads(record.read_text().splitlines()[0])
+        started = json.loads(standin.read_text().splitlines()[0])
         assert started["argv"][-1] == "--enable-sleep-mode" and started["dev_mode"] == "1"
         assert started["argv"][started["argv"].index("--port") + 1] == str(engine.port)
         engine.park()
         engine.wake()
-        posts = [json.loads(line) for line in record.read_text().splitlines()[1:]]
+        posts = [json.loads(line) for line in standin.read_text().splitlines()[1:]]
         assert posts == [{"post": "/sleep", "query": {"level": "1"}}, {"post": "/wake_up", "query": {}}]
         with pytest.raises(RuntimeError, match="vLLM /sleep answered 400: .*level must be 1 or 2"):
             engine._control("/sleep", {"level": "3"})
     finally:
         engine.close()
     assert engine._proc is None
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="here CUDA can report its total: the probe would answer"
+)
+def test_under_an_mps_cap_a_total_cuda_cannot_report_leaves_the_share_as_given(
+    monkeypatch: pytest.MonkeyPatch, standin: Path
+) -> None:
+    """Under CUDA_MPS_PINNED_DEVICE_MEM_LIMIT the runner asks CUDA, in a child, for the total vLLM
+    will see, to take the reservation's share of it (cap_fraction); where that child cannot say
+    (no GPU here), vLLM still starts, on the share of NVML's total it was given."""
+    monkeypatch.setenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "0=1024M")
+    options = {"memory_fraction": 0.25, "start_timeout": 60}
+    config = EngineConfig(Path("/nonexistent/model"), "m1", "pytorch", 4096, "cuda", None, options, 2**30)
+    engine = VllmEngine(config)
+    engine.load()
+    try:
+        argv = json.loads(standin.read_text().splitlines()[0])["argv"]
+        assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.2500"
+    finally:
+        engine.close()
 
 
 def test_engine_is_named_vllm() -> None:
