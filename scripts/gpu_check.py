@@ -180,7 +180,9 @@ def read_environ(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
-def runner_mps_env(http: httpx.Client, data_dir: Path, mps_on: bool, goals: Goals) -> list[dict[str, Any]]:
+def runner_mps_env(
+    http: httpx.Client, data_dir: Path, mps_on: bool, goals: Goals, section: str = "placement"
+) -> list[dict[str, Any]]:
     """Every GPU runner's MPS variables, read from /proc/PID/environ: under --mps each carries
     CUDA_MPS_PINNED_DEVICE_MEM_LIMIT equal to the reservation it was started on (in whole MiB, as
     hosts/mps.py writes it) and the daemon's pipe folder; without MPS none carries them."""
@@ -203,7 +205,7 @@ def runner_mps_env(http: httpx.Client, data_dir: Path, mps_on: bool, goals: Goal
                 bad.append(f"{model['id']} pid {rep['pid']}: {got}, expected {expected}")
     what = "its reservation as CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" if mps_on else "no MPS variables (MPS off)"
     detail = f"{len(seen)} runners read from /proc/PID/environ, each with {what}"
-    goals.check("runner MPS env", bool(seen) and not bad, detail if not bad else "; ".join(bad))
+    goals.check(f"runner MPS env ({section})", bool(seen) and not bad, detail if not bad else "; ".join(bad))
     for row in seen:
         print(f"  {row['uid']:8} pid {row['pid']}: {row['env']['CUDA_MPS_PINNED_DEVICE_MEM_LIMIT']}")
     return seen
@@ -425,7 +427,14 @@ def main() -> int:
         if args.only == "all":
             checked = placement(http, failures, goals, root / "data", args.mps)
         park = {
-            "park_and_wake": gpu_check_park.park_and_wake(http, log, nvml_by_pid, failures, goals),
+            "park_and_wake": gpu_check_park.park_and_wake(
+                http,
+                log,
+                nvml_by_pid,
+                failures,
+                goals,
+                lambda: runner_mps_env(http, root / "data", args.mps, goals, "park"),
+            ),  # fmt: skip
             "move": gpu_check_park.defragment(http, log, nvml_by_pid, failures, goals),
         }
         gpu_check_park.clear(http)

@@ -108,6 +108,7 @@ def park_and_wake(
     nvml: Callable[[], dict[int, int]],
     failures: list[str],
     goals: Goals,
+    check_env: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
     clear(http)
     result: dict[str, Any] = {}
@@ -129,6 +130,7 @@ def park_and_wake(
         status, _ = ask(http, uid)
         log(f"park: launched {uid}, first request {status}")
         result.setdefault("estimates", []).append(estimate_goal(http, goals, nvml, uid, body))
+    check_env()  # their runners' MPS variables, as the placement section's
     pids = {uid: _replica(http, uid)["pid"] for uid in launches}
     contexts = {uid: http.get(f"/v1/models/{uid}").json()["estimate"]["cuda_context"] for uid in launches}
     before = nvml()
