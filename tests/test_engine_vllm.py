@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -271,6 +272,128 @@ def test_load_passes_tool_options_and_removes_its_template_file(
     ]  # fmt: skip
     assert text == template
     assert [p.name for p in tmp_path.iterdir()] == ["start.lock"]  # log and template removed
+
+
+# A stand-in for vLLM's OpenAI server, run as the real command runs it (`python -m
+# vllm.entrypoints.openai.api_server ...`, found through PYTHONPATH): it records its argv and its
+# VLLM_SERVER_DEV_MODE, answers /health and /v1/models, and, as vLLM does, serves /sleep and
+# /wake_up only in dev mode and only with --enable-sleep-mode.
+STANDIN = """
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+argv = sys.argv[1:]
+port, name = int(argv[argv.index("--port") + 1]), argv[argv.index("--served-model-name") + 1]
+dev = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+
+
+def note(entry):
+    with open(os.environ["VLLM_STANDIN_RECORD"], "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+
+note({"argv": argv, "dev_mode": os.environ.get("VLLM_SERVER_DEV_MODE")})
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self.send(200, {})
+        elif path == "/v1/models":
+            self.send(200, {"object": "list", "data": [{"id": name}]})
+        else:
+            self.send(404, {"detail": "Not Found"})
+
+    def do_POST(self):
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if not dev or url.path not in ("/sleep", "/wake_up"):
+            return self.send(404, {"detail": "Not Found"})
+        if "--enable-sleep-mode" not in argv:
+            return self.send(500, {"error": {"message": "sleep mode is not enabled"}})
+        if url.path == "/sleep" and query.get("level") not in ("1", "2"):
+            return self.send(400, {"error": {"message": "level must be 1 or 2"}})
+        note({"post": url.path, "query": query})
+        self.send(200, {})
+
+
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """STANDIN installed as `vllm` for load()'s check and for the child; returns its record file."""
+    package = tmp_path / "standin" / "vllm" / "entrypoints" / "openai"
+    package.mkdir(parents=True)
+    for folder in (package, package.parent, package.parent.parent):
+        (folder / "__init__.py").write_text("")
+    (package / "api_server.py").write_text(STANDIN)
+    record = tmp_path / "record.jsonl"
+    monkeypatch.syspath_prepend(str(tmp_path / "standin"))  # load()'s check that vllm is installed
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path / "standin"), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.setenv("VLLM_STANDIN_RECORD", str(record))
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    monkeypatch.setattr(vllm_module, "START_LOCK", tmp_path / "start.lock")
+    return record
+
+
+def test_park_and_wake_reach_vllms_sleep_routes(standin: Path) -> None:
+    """The vLLM server is started with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 in its own
+    environment (not the runner's); park() asks /sleep?level=1 and wake() /wake_up of the server the
+    runner started, over loopback HTTP; a refusal there is an error that says what vLLM answered."""
+    engine = _engine("cuda", memory_fraction=0.5, start_timeout=60)
+    engine.load()
+    try:
+        assert "VLLM_SERVER_DEV_MODE" not in os.environ  # set for vLLM's process only
+        started = json.loads(standin.read_text().splitlines()[0])
+        assert started["argv"][-1] == "--enable-sleep-mode" and started["dev_mode"] == "1"
+        assert started["argv"][started["argv"].index("--port") + 1] == str(engine.port)
+        engine.park()
+        engine.wake()
+        posts = [json.loads(line) for line in standin.read_text().splitlines()[1:]]
+        assert posts == [{"post": "/sleep", "query": {"level": "1"}}, {"post": "/wake_up", "query": {}}]
+        with pytest.raises(RuntimeError, match="vLLM /sleep answered 400: .*level must be 1 or 2"):
+            engine._control("/sleep", {"level": "3"})
+    finally:
+        engine.close()
+    assert engine._proc is None
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="here CUDA can report its total: the probe would answer"
+)
+def test_under_an_mps_cap_a_total_cuda_cannot_report_leaves_the_share_as_given(
+    monkeypatch: pytest.MonkeyPatch, standin: Path
+) -> None:
+    """Under CUDA_MPS_PINNED_DEVICE_MEM_LIMIT the runner asks CUDA, in a child, for the total vLLM
+    will see, to take the reservation's share of it (cap_fraction); where that child cannot say
+    (no GPU here), vLLM still starts, on the share of NVML's total it was given."""
+    monkeypatch.setenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "0=1024M")
+    options = {"memory_fraction": 0.25, "start_timeout": 60}
+    config = EngineConfig(Path("/nonexistent/model"), "m1", "pytorch", 4096, "cuda", None, options, 2**30)
+    engine = VllmEngine(config)
+    engine.load()
+    try:
+        argv = json.loads(standin.read_text().splitlines()[0])["argv"]
+        assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.2500"
+    finally:
+        engine.close()
 
 
 def test_engine_is_named_vllm() -> None:

@@ -9,6 +9,7 @@ wakes it waiting, the replica placed again (same process on the GPU it left, a n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -117,6 +118,32 @@ def test_park_on_pressure_wake_on_request_and_the_host_ram_budget(park_server: S
     assert described(srv, "chat-b")["status"] == "evicted"
     # The filler (llama.cpp, keep_alive -1) was never touched.
     assert replica(srv, "filler")["state"] == "ready"
+
+
+def test_a_wake_goes_to_the_other_gpu_in_a_new_runner(park_server: ShoalServer) -> None:
+    """Woken where there is room now: emb-a (parked by the test above, its process on the GPU it
+    left, which tiny holds) wakes onto the other GPU once that is free, rather than park tiny: a new
+    runner there, and the parked process is stopped. It leaves one model parked for the next test."""
+    srv = park_server
+    parked = replica(srv, "emb-a")
+    assert parked["state"] == "parked", "the test above leaves emb-a parked"
+    left, [old_pid] = parked["parked_from"], pids_of(srv, "emb-a")
+    assert replica(srv, "tiny")["device"] == left
+    other = replica(srv, "filler")["device"]
+    assert srv.http.delete("/v1/models/filler").status_code == 200
+    embed(srv, "emb-a")  # the request waits while it is placed again, on the free GPU
+    woken = replica(srv, "emb-a")
+    assert woken["state"] == "ready" and woken["device"] == other != left
+    assert woken["pid"] != old_pid and woken["last_wake_seconds"] is not None
+    assert described(srv, "tiny")["status"] == "ready"  # nothing was parked to make room
+    gone_by = time.monotonic() + 30
+    while alive(old_pid) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not alive(old_pid)
+    # a pinned launch that fits only if one of them parks: the next test needs a parked model
+    launch(srv, CHAT_MODEL, "filler", gpu_memory="2.5GiB", keep_alive=-1, n_parallel=1, n_ctx=256)
+    statuses = {uid: described(srv, uid)["status"] for uid in ("emb-a", "tiny")}
+    assert sorted(statuses.values()) == ["parked", "ready"], statuses
 
 
 def test_parked_model_survives_a_gateway_restart(park_server: ShoalServer) -> None:

@@ -233,6 +233,51 @@ def test_the_runner_moves_its_torch_cap_only_on_a_gpu_and_refuses_a_bad_fraction
         for bad in (0, 1.5, "half", True, None):
             r = client.post("/memory_fraction", json={"fraction": bad})
             assert r.status_code == 400 and "fraction" in r.json()["error"]["message"]
+        assert client.post("/memory_fraction", json={"fraction": 0.5, "bytes": 2**30}).json() == {
+            "applied": False
+        }
+        for bad in (0, -1, 1.5, "1GiB", True):
+            r = client.post("/memory_fraction", json={"fraction": 0.5, "bytes": bad})
+            assert r.status_code == 400 and "bytes must be a positive integer" in r.json()["error"]["message"]
+
+
+GiB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("reserved", "visible_total", "fraction"),
+    [
+        (5 * GiB, 80 * GiB, 5 / 80),  # no MPS: CUDA reports the whole GPU, as NVML does
+        (5 * GiB, 5 * GiB, 1.0),  # MPS reporting its pinned cap as the total: the cap is the reservation
+        (5 * GiB, 5 * GiB - 2**20, 1.0),  # a cap rounded down to whole MiB: never above 1
+        (80 * GiB, 80 * GiB, 1.0),
+    ],
+)
+def test_the_torch_cap_is_the_reservation_of_the_total_cuda_reports(
+    reserved: int, visible_total: int, fraction: float
+) -> None:
+    """The runner's share is of the total its own CUDA context sees: fraction × that total is the
+    reservation (or all of it), never reserved² / NVML total as a share of NVML's total would give
+    under a CUDA_MPS_PINNED_DEVICE_MEM_LIMIT that CUDA reports as the device's total."""
+    from shoal.engines.base import cap_fraction
+
+    assert cap_fraction(reserved, visible_total) == pytest.approx(fraction)
+    assert cap_fraction(reserved, visible_total) * visible_total == pytest.approx(
+        min(reserved, visible_total)
+    )
+    nvml_total = 80 * GiB
+    old_share = reserved / nvml_total  # what a share of NVML's total caps at, under an MPS-sized total
+    if visible_total < nvml_total:
+        assert old_share * visible_total < 0.1 * reserved  # the bug: reserved² / total
+        assert cap_fraction(reserved, visible_total) * visible_total >= visible_total
+
+
+@pytest.mark.parametrize(("reserved", "visible_total"), [(0, GiB), (GiB, 0), (-1, GiB)])
+def test_cap_fraction_refuses_what_is_not_a_size(reserved: int, visible_total: int) -> None:
+    from shoal.engines.base import cap_fraction
+
+    with pytest.raises(ValueError, match="must be positive"):
+        cap_fraction(reserved, visible_total)
 
 
 PROFILE_RUN = """

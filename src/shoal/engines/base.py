@@ -29,6 +29,19 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" or "cuda" (CUDA_VISIBLE_DEVICES is set at spawn)
     n_threads: int | None = None
     options: dict[str, Any] = field(default_factory=dict)  # launch keyword arguments for this engine
+    # the replica's GPU reservation per device: the torch cap is this share of what CUDA reports here
+    memory_bytes: int | None = None
+
+
+def cap_fraction(reserved_bytes: int, visible_total: int) -> float:
+    """torch's per-process memory fraction (or vLLM's gpu_memory_utilization) that holds a runner to
+    `reserved_bytes`, as a share of the total that the runner's own CUDA context reports
+    (torch.cuda.mem_get_info()[1]), capped at 1.0. Without MPS that total is the GPU's, as NVML says;
+    under CUDA_MPS_PINNED_DEVICE_MEM_LIMIT it may be the MPS cap, and a share of NVML's total would
+    then hold the runner to reserved² / total instead of its reservation."""
+    if visible_total <= 0 or reserved_bytes <= 0:
+        raise ValueError(f"reservation {reserved_bytes} and CUDA total {visible_total} must be positive")
+    return min(1.0, reserved_bytes / visible_total)
 
 
 class Engine:
@@ -137,15 +150,39 @@ class Engine:
         reach it already. Engines whose memory grows with the batch override this."""
         await self.warm_up()
 
-    def set_memory_fraction(self, fraction: float) -> bool:
-        """Move the torch cap to `fraction` of the GPU (after a profile set the reservation); False
-        when this runner holds no torch CUDA context to cap."""
+    def cap_cuda_memory(self, opts: dict[str, Any]) -> float | None:
+        """Cap torch to this replica's reservation before any weight is allocated, so that going past
+        it raises OutOfMemoryError in this runner only. The cap is the reservation (`memory_bytes`) as
+        a share of what this process's CUDA context reports as total (cap_fraction); a runner given
+        only `memory_fraction` (of the GPU's NVML total) takes that as it is. Returns the fraction set,
+        or None where nothing is capped (the CPU, no reservation)."""
+        if self.config.device != "cuda":
+            return None
+        import torch
+
+        if self.config.memory_bytes:
+            fraction = cap_fraction(self.config.memory_bytes, int(torch.cuda.mem_get_info()[1]))
+        elif opts.get("memory_fraction") is not None:
+            fraction = float(opts["memory_fraction"])
+            if not 0 < fraction <= 1:
+                raise ValueError(f"memory_fraction must be in (0, 1], not {fraction}")
+        else:
+            return None
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        return fraction
+
+    def set_memory_cap(self, reserved_bytes: int | None, fraction: float) -> bool:
+        """Move the torch cap after a profile set the reservation: `reserved_bytes` as a share of the
+        CUDA total this process sees (cap_fraction), or `fraction` of the GPU when no bytes are given.
+        False when this runner holds no torch CUDA context to cap."""
         if self.config.device != "cuda" or "torch" not in sys.modules:
             return False
         import torch
 
         if not torch.cuda.is_initialized():
             return False
+        if reserved_bytes:
+            fraction = cap_fraction(reserved_bytes, int(torch.cuda.mem_get_info()[1]))
         torch.cuda.set_per_process_memory_fraction(fraction)
         return True
 

@@ -90,9 +90,7 @@ class CrossEncoderEngine(Engine):
         opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
-        if self.config.device == "cuda" and "memory_fraction" in opts:
-            # the scheduler's reservation, enforced: going past it raises OutOfMemoryError here only
-            torch.cuda.set_per_process_memory_fraction(float(opts["memory_fraction"]))
+        self.cap_cuda_memory(opts)  # the scheduler's reservation, before any weight
         self._batch_size = int(opts.get("batch_size", 32))
         max_length = opts.get("max_length")
         self._model = CrossEncoder(

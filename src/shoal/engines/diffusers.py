@@ -78,13 +78,7 @@ class DiffusersEngine(Engine):
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
         cuda = self.config.device == "cuda"
-        if cuda and opts.get("memory_fraction") is not None:
-            fraction = float(opts["memory_fraction"])
-            if not 0 < fraction <= 1:
-                raise ValueError(f"memory_fraction must be in (0, 1], not {fraction}")
-            # the scheduler's reservation, enforced before any weight is allocated: going past it
-            # raises OutOfMemoryError in this runner only
-            torch.cuda.set_per_process_memory_fraction(fraction)
+        self.cap_cuda_memory(opts)  # the scheduler's reservation, before any weight
         dtype_name = str(opts.get("dtype") or ("float16" if cuda else "float32"))
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; not {dtype_name!r}")

@@ -34,9 +34,7 @@ class EmbeddingRerankEngine(Engine):
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self._score!r}")
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
-        if self.config.device == "cuda" and "memory_fraction" in opts:
-            # the scheduler's reservation, enforced: going past it raises OutOfMemoryError here only
-            torch.cuda.set_per_process_memory_fraction(float(opts["memory_fraction"]))
+        self.cap_cuda_memory(opts)  # the scheduler's reservation, before any weight
         self._batch_size = int(opts.get("batch_size", 32))
         self._query_prompt: str | None = opts.get("query_prompt")
         self._document_prompt: str | None = opts.get("document_prompt")

@@ -40,9 +40,7 @@ class SentenceTransformersEngine(Engine):
         opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
-        if self.config.device == "cuda" and "memory_fraction" in opts:
-            # the scheduler's reservation, enforced: going past it raises OutOfMemoryError here only
-            torch.cuda.set_per_process_memory_fraction(float(opts["memory_fraction"]))
+        self.cap_cuda_memory(opts)  # the scheduler's reservation, before any weight
         self._batch_size = int(opts.get("batch_size", 32))
         self._model = SentenceTransformer(
             str(self.config.model_path),

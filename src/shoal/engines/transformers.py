@@ -212,11 +212,7 @@ class TransformersEngine(Engine):
         opts = self.pop_options()
         if self.config.n_threads:
             torch.set_num_threads(self.config.n_threads)
-        if self.config.device == "cuda" and opts.get("memory_fraction") is not None:
-            fraction = float(opts["memory_fraction"])
-            if not 0 < fraction <= 1:
-                raise ValueError(f"memory_fraction must be in (0, 1], not {fraction}")
-            torch.cuda.set_per_process_memory_fraction(fraction)  # before any weight is allocated
+        self.cap_cuda_memory(opts)  # the scheduler's reservation, before any weight
         if self.config.device == "cuda":
             # torch sends masked SDPA to cuDNN first on recent GPUs, and cuDNN builds a plan for each
             # new (batch, length): every decode step. Measured on an H100 with a 121M-parameter

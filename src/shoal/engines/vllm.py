@@ -6,10 +6,14 @@ aborts a request when its connection closes, which is what closing a stream here
 
 GPU memory (see DESIGN.md): the scheduler's reservation arrives as the `memory_fraction` option,
 reserved / device total, which is what vLLM's --gpu-memory-utilization means: a share of the whole
-GPU for this one instance, weights, activations and KV cache together. vLLM measures free memory
-while it starts and fails when another instance starts at the same moment, so starts are serialised
-across every runner on the machine with an exclusive flock (`start_lock`), held from the spawn until
-vLLM's /health answers.
+GPU for this one instance, weights, activations and KV cache together. vLLM takes that share of the
+total its own CUDA context reports; under CUDA MPS with CUDA_MPS_PINNED_DEVICE_MEM_LIMIT that total
+may be the cap rather than the GPU's, so there the runner asks CUDA once, in a short child process
+with the same environment, and passes reserved / that total instead (base.cap_fraction; not run
+on a GPU yet: vLLM was not on the lent GPU machines). vLLM measures free memory while it starts and
+fails when another instance starts at the same moment, so starts are serialised across every runner
+on the machine with an exclusive flock (`start_lock`), held from the spawn until vLLM's /health
+answers.
 
 The child runs in its own process group (vLLM forks an engine-core process, and workers under tensor
 parallelism, and those hold the GPU memory) and gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the
@@ -46,7 +50,7 @@ from typing import Any
 import httpx
 import orjson
 
-from shoal.engines.base import ESTIMATE_DEFAULTS, Engine
+from shoal.engines.base import ESTIMATE_DEFAULTS, Engine, cap_fraction
 from shoal.engines.options import ENGINE_OPTIONS
 from shoal.errors import InvalidRequest, ShoalError
 
@@ -62,6 +66,10 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _PR_SET_PDEATHSIG = 1
 _TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL in close(); the gateway SIGKILLs a runner after 5
 _LOG_TAIL_LINES = 20
+# Sleep mode, for park and wake: vLLM serves /sleep and /wake_up only in its server's dev mode (they
+# answer on loopback only, as the whole server does here). Set for vLLM's process, not the runner's.
+SLEEP_ARGS = ("--enable-sleep-mode",)
+SLEEP_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 _PARSER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -115,6 +123,19 @@ def memory_utilization(options: dict[str, Any]) -> str:
     if float(text) == 0:
         raise ValueError(f"memory_fraction {value!r} is too small for vLLM (below 0.0001 of the GPU)")
     return text
+
+
+def cuda_total_seen(timeout: float = 120.0) -> int | None:
+    """The total GPU memory CUDA reports to a process with this environment (MPS client variables
+    included), read in a child so that the runner itself holds no CUDA context; None if it fails."""
+    probe = "import torch; print(torch.cuda.mem_get_info()[1])"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
 
 
 def vllm_command(model_path: str | Path, served_name: str, port: int, options: dict[str, Any]) -> list[str]:
@@ -409,6 +430,10 @@ class VllmEngine(Engine):
         opts.setdefault("tensor_parallel_size", _visible_gpus())
         timeout = _positive_float(opts, "start_timeout", DEFAULT_START_TIMEOUT)
         vllm_command(self.config.model_path, self.config.model_uid, 0, opts)  # refuse bad options first
+        if self.config.memory_bytes and os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"):
+            visible = cuda_total_seen()
+            if visible:  # else the share of NVML's total stands, which is right where CUDA agrees
+                opts["memory_fraction"] = cap_fraction(self.config.memory_bytes, visible)
         self.native_tools = opts.get("tool_call_parser") is not None
 
         self._closing = False
@@ -449,11 +474,8 @@ class VllmEngine(Engine):
     def _start(self, opts: dict[str, Any], timeout: float) -> None:
         for attempt in range(3):  # the free port can be taken between choosing it and vLLM's bind
             self.port = _free_port()
-            # Sleep mode, for park and wake: its /sleep and /wake_up routes need the server's dev mode
-            # (they answer on loopback only, as the whole server does here).
-            os.environ["VLLM_SERVER_DEV_MODE"] = "1"
             argv = vllm_command(self.config.model_path, self.config.model_uid, self.port, opts)
-            self._spawn([*argv, "--enable-sleep-mode"])
+            self._spawn([*argv, *SLEEP_ARGS])
             try:
                 self._wait_ready(timeout)
                 return
@@ -466,6 +488,7 @@ class VllmEngine(Engine):
         with open(self._log.path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv,
+                env={**os.environ, **SLEEP_ENV},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

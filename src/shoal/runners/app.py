@@ -192,14 +192,21 @@ def _threads() -> dict[str, float]:
 
 
 async def _memory_fraction(engine: Engine, request: Request) -> Response:
-    """POST {"fraction": f}: the torch memory cap follows the reservation once a profile set it."""
+    """POST {"fraction": f, "bytes": n}: the torch memory cap follows the reservation once a profile
+    set it; `bytes` (the reservation) is taken as a share of the CUDA total this runner sees, and
+    `fraction` (of the GPU's NVML total) where it is absent."""
     body = orjson.loads(await request.body())
     fraction = body.get("fraction") if isinstance(body, dict) else None
+    reserved = body.get("bytes") if isinstance(body, dict) else None
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         return _error(
             400, f"fraction must be a number in (0, 1], not {fraction!r}", "invalid_request_error", None
         )
-    return _json({"applied": engine.set_memory_fraction(float(fraction))})
+    if reserved is not None and (isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 1):
+        return _error(
+            400, f"bytes must be a positive integer, not {reserved!r}", "invalid_request_error", None
+        )
+    return _json({"applied": engine.set_memory_cap(reserved, float(fraction))})
 
 
 def build_runner_app(

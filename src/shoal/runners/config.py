@@ -29,4 +29,5 @@ class RunnerConfig(BaseModel):
     listen: str | None = None  # "host:port": listen on TCP instead (runners on Ray nodes)
     listen_fd: int | None = None  # the socket bound to `listen`, inherited from the node agent
     status_file: str  # where the runner writes why it failed to load
+    memory_bytes: int | None = None  # the GPU reservation per device, for the torch cap
     profile: bool = False  # warm up with the engine's profile run (largest batch × context), for a profile

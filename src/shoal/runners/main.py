@@ -37,6 +37,7 @@ def main(config_path: str, started: float = STARTED, prewarmed: bool = False) ->
                 device=config.device,
                 n_threads=config.n_threads,
                 options=config.options,
+                memory_bytes=config.memory_bytes,
             )
         )
         loading = time.monotonic()

@@ -697,6 +697,7 @@ class ModelService:
         if model.plan.real_gpu and model.engine in FRACTION_ENGINES and reservation.device_total:
             # torch enforces the share: an allocation past it raises OutOfMemoryError in this runner only
             options["memory_fraction"] = min(1.0, reservation.reserved / reservation.device_total)
+        capped = model.plan.real_gpu and model.engine in FRACTION_ENGINES
         return RunnerConfig(
             model_uid=model.uid,
             replica=0,
@@ -709,6 +710,7 @@ class ModelService:
             options=options,
             socket="",  # the host says where
             status_file="",
+            memory_bytes=reservation.reserved if capped else None,  # the runner shares it of its CUDA total
         )
 
     async def _start(self, model: RunningModel, replica: Replica) -> None:
@@ -799,9 +801,11 @@ class ModelService:
         )  # fmt: skip
         torch_capped = model.engine in FRACTION_ENGINES and model.engine != "vllm"
         if model.plan.real_gpu and torch_capped and r.device_total:
-            fraction = min(1.0, r.reserved / r.device_total)
+            fraction = min(1.0, r.reserved / r.device_total)  # the runner takes bytes where it can
             try:
-                status, text = await runner.http.call("POST", "/memory_fraction", {"fraction": fraction})
+                status, text = await runner.http.call(
+                    "POST", "/memory_fraction", {"fraction": fraction, "bytes": r.reserved}
+                )
                 if status != 200:
                     raise ShoalError(f"{status}: {text[:300].decode('utf-8', 'replace')}")
             except Exception as exc:  # the runner serves on under its first cap
