@@ -396,6 +396,17 @@ def test_under_an_mps_cap_a_total_cuda_cannot_report_leaves_the_share_as_given(
         engine.close()
 
 
+def test_under_an_mps_cap_utilization_leaves_what_vllm_checks_free() -> None:
+    """Where CUDA reports the cap (the reservation) as the total, the reservation's share is 1.0, and
+    vLLM refuses to start unless utilization x total fits in the free memory it finds; where CUDA
+    reports the whole GPU, the share of it stands."""
+    from shoal.engines.vllm import mps_utilization
+
+    gib = 2**30
+    assert mps_utilization(4 * gib, int(3.5 * gib), 4 * gib) == 3.5 / 4
+    assert mps_utilization(4 * gib, 70 * gib, 80 * gib) == 4 / 80
+
+
 def test_engine_is_named_vllm() -> None:
     assert VllmEngine.name == "vllm"
 

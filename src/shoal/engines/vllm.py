@@ -1,31 +1,31 @@
 """vLLM for Hugging Face checkpoints, through vLLM's own OpenAI server run as a child of the runner.
 
-The runner starts `python -m vllm.entrypoints.openai.api_server` on a free loopback port and relays
-the OpenAI routes to it; vLLM does the batching, the chat template, streaming and cancellation (it
-aborts a request when its connection closes, which is what closing a stream here does).
+The runner starts `python -m vllm.entrypoints.openai.api_server` on a free loopback port and relays the
+OpenAI routes to it; vLLM does the batching, the chat template, streaming and cancellation (it aborts a
+request when its connection closes, which is what closing a stream here does).
 
 GPU memory (see DESIGN.md): the scheduler's reservation arrives as the `memory_fraction` option,
-reserved / device total, which is what vLLM's --gpu-memory-utilization means: a share of the whole
-GPU for this one instance, weights, activations and KV cache together. vLLM takes that share of the
-total its own CUDA context reports; under CUDA MPS with CUDA_MPS_PINNED_DEVICE_MEM_LIMIT that total
-may be the cap rather than the GPU's, so there the runner asks CUDA once, in a short child process
-with the same environment, and passes reserved / that total instead (base.cap_fraction; not run
-on a GPU yet: vLLM was not on the lent GPU machines). vLLM measures free memory while it starts and
-fails when another instance starts at the same moment, so starts are serialised across every runner
-on the machine with an exclusive flock (`start_lock`), held from the spawn until vLLM's /health
-answers.
+reserved / device total, which is what vLLM's --gpu-memory-utilization means: a share of the whole GPU
+for this one instance, weights, activations and KV cache together. vLLM takes that share of the total
+its own CUDA context reports; under CUDA MPS with CUDA_MPS_PINNED_DEVICE_MEM_LIMIT that total may be the
+cap rather than the GPU's, so there the runner asks CUDA once, in a short child process with the same
+environment, and passes reserved / that total instead, at most the free share vLLM checks at start
+(mps_utilization; not run on a GPU yet: vLLM was not on the lent GPU machines). vLLM measures free
+memory while it starts and fails when another instance starts at the same moment, so starts are
+serialised across every runner on the machine with an exclusive flock (`start_lock`), held from the
+spawn until vLLM's /health answers.
 
 The child runs in its own process group (vLLM forks an engine-core process, and workers under tensor
 parallelism, and those hold the GPU memory) and gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the
-runner; a small watcher process kills the rest of the group when the runner dies, and close() ends
-the whole group. If vLLM dies while the runner serves, the runner exits too, so the supervisor sees
-a crashed replica and restarts it instead of routing requests to a dead backend.
+runner; a small watcher process kills the rest of the group when the runner dies, and close() ends the
+whole group. If vLLM dies while the runner serves, the runner exits too, so the supervisor sees a
+crashed replica and restarts it instead of routing requests to a dead backend.
 
 Tool calling: with the launch option `tool_call_parser` (a vLLM parser name: hermes, llama3_json,
-mistral, pythonic, ...) vLLM is started with --enable-auto-tool-choice and parses tool calls itself,
-and the engine says so (`native_tools`), so Shoal's tool layer passes tools through. `chat_template`
-(the template's text) is written to a file the engine owns and passed as --chat-template, because
-vLLM decodes backslash escapes in a template given inline.
+mistral, pythonic, ...) vLLM is started with --enable-auto-tool-choice and parses tool calls itself, and
+the engine says so (`native_tools`), so Shoal's tool layer passes tools through. `chat_template` (the
+template's text) is written to a file the engine owns and passed as --chat-template, because vLLM
+decodes backslash escapes in a template given inline.
 """
 
 from __future__ import annotations
@@ -125,17 +125,29 @@ def memory_utilization(options: dict[str, Any]) -> str:
     return text
 
 
-def cuda_total_seen(timeout: float = 120.0) -> int | None:
-    """The total GPU memory CUDA reports to a process with this environment (MPS client variables
-    included), read in a child so that the runner itself holds no CUDA context; None if it fails."""
-    probe = "import torch; print(torch.cuda.mem_get_info()[1])"
+def cuda_memory_seen(timeout: float = 120.0) -> tuple[int, int] | None:
+    """(free, total) GPU memory as CUDA reports them to a process with this environment (MPS client
+    variables included), read in a child so that the runner itself holds no CUDA context; None if it
+    fails."""
+    probe = "import torch; print(*torch.cuda.mem_get_info())"
     try:
         done = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout, check=False
         )
-        return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+        if done.returncode != 0:
+            return None
+        free, total = (int(v) for v in done.stdout.strip().splitlines()[-1].split())
+        return free, total
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return None
+
+
+def mps_utilization(reserved: int, free: int, total: int) -> float:
+    """--gpu-memory-utilization under an MPS cap: the reservation's share of the total CUDA reports,
+    but no more than the free share. vLLM refuses to start when utilization x total exceeds the free
+    memory it finds, and where the total is the cap itself (the reservation) the reservation's share
+    is 1.0 while the CUDA context has already taken some of it."""
+    return min(cap_fraction(reserved, total), free / total)
 
 
 def vllm_command(model_path: str | Path, served_name: str, port: int, options: dict[str, Any]) -> list[str]:
@@ -431,9 +443,9 @@ class VllmEngine(Engine):
         timeout = _positive_float(opts, "start_timeout", DEFAULT_START_TIMEOUT)
         vllm_command(self.config.model_path, self.config.model_uid, 0, opts)  # refuse bad options first
         if self.config.memory_bytes and os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"):
-            visible = cuda_total_seen()
-            if visible:  # else the share of NVML's total stands, which is right where CUDA agrees
-                opts["memory_fraction"] = cap_fraction(self.config.memory_bytes, visible)
+            seen = cuda_memory_seen()
+            if seen:  # else the share of NVML's total stands, which is right where CUDA agrees
+                opts["memory_fraction"] = mps_utilization(self.config.memory_bytes, *seen)
         self.native_tools = opts.get("tool_call_parser") is not None
 
         self._closing = False
