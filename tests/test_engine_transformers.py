@@ -171,6 +171,8 @@ def test_n_and_echo_are_refused_not_ignored(engine: TransformersEngine) -> None:
     with pytest.raises(InvalidRequest, match="logprobs"):
         asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "logprobs": 0}))
     asyncio.run(engine.chat(chat_body("hi", logprobs=False, max_tokens=1)))  # false asks for nothing
+    with pytest.raises(InvalidRequest, match="suffix"):
+        asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "suffix": "end"}))
 
 
 def test_unknown_option_is_refused(tmp_path: Path) -> None:

@@ -291,7 +291,7 @@ def qwen(chat_server: ShoalServer, tmp_path_factory: pytest.TempPathFactory) -> 
             out.write(part.read_bytes())
     model = {
         "model_name": "qwen-coder-tools",
-        "model_ability": ["chat"],
+        "model_ability": ["chat", "generate"],
         "context_length": 32768,
         "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_K_M", "model_uri": str(gguf)}],
     }
@@ -525,6 +525,22 @@ def test_anthropic_sdk_auto_tool_choice_on_qwen(qwen: str, chat_server: ShoalSer
     (use,) = [b for b in message.content if b.type == "tool_use"]
     assert use.name == "get_weather" and use.input["city"] == "Paris"  # type: ignore[index]
     jsonschema.validate(use.input, tool["input_schema"])  # type: ignore[arg-type]
+
+
+def test_qwen_coder_fills_in_the_middle(qwen: str, openai_client) -> None:
+    # completions `suffix` through llama.cpp's infill (Qwen2.5-Coder has FIM tokens); here because
+    # this module has the model loaded
+    response = openai_client.completions.create(
+        model=qwen,
+        prompt="def add(a, b):\n    ",
+        suffix="\n\nprint(add(1, 2))\n",
+        max_tokens=16,
+        temperature=0,
+    )
+    (choice,) = response.choices
+    assert response.id.startswith("cmpl-") and response.object == "text_completion"
+    assert choice.text.startswith("return a + b") and choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 10 and response.usage.completion_tokens > 0
 
 
 # ---- LangChain -----------------------------------------------------------------------------------

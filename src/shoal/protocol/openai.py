@@ -258,16 +258,15 @@ class CompletionRequest(_Sampling):
         None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token; 0: none"
     )
     echo: bool = Field(False, description="the prompt before each answer's text")
-    suffix: str | None = Field(None, description="refused unless empty: no engine does fill-in-the-middle")
+    suffix: str | None = Field(
+        None, description="fill-in-the-middle: llama.cpp, for a model with FIM tokens (not streamed)"
+    )
     best_of: int | None = Field(None, ge=1, description="only 1 (best_of > 1 is refused)")
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError(
-                "suffix (fill-in-the-middle) is not supported: llama.cpp's infill is not exposed by the "
-                "binding Shoal uses, and the other engines have none"
-            )
+        if self.suffix and self.stream:
+            raise ValueError("suffix (fill-in-the-middle) is answered whole: send it with stream false")
         if self.best_of is not None and self.best_of > 1:
             raise ValueError(
                 "best_of > 1 is not supported; ask for n answers instead (they are all returned)"
