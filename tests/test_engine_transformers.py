@@ -165,6 +165,14 @@ def test_n_and_echo_are_refused_not_ignored(engine: TransformersEngine) -> None:
         asyncio.run(collect(engine.complete_stream({"model": "tiny", "prompt": "hi", "n": 2})))
     with pytest.raises(InvalidRequest, match="echo"):
         asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "echo": True}))
+    # log probabilities would come back null: a client that asked for them is told instead
+    with pytest.raises(InvalidRequest, match="logprobs"):
+        asyncio.run(engine.chat(chat_body("hi", logprobs=True)))
+    with pytest.raises(InvalidRequest, match="logprobs"):
+        asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "logprobs": 0}))
+    asyncio.run(engine.chat(chat_body("hi", logprobs=False, max_tokens=1)))  # false asks for nothing
+    with pytest.raises(InvalidRequest, match="suffix"):
+        asyncio.run(engine.complete({"model": "tiny", "prompt": "hi", "suffix": "end"}))
 
 
 def test_unknown_option_is_refused(tmp_path: Path) -> None:

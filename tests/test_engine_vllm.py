@@ -32,6 +32,7 @@ from shoal.engines.vllm import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_NUM_SEQS,
     VllmEngine,
+    embedding_body,
     memory_utilization,
     parse_metrics,
     start_lock,
@@ -405,6 +406,26 @@ def test_under_an_mps_cap_utilization_leaves_what_vllm_checks_free() -> None:
     gib = 2**30
     assert mps_utilization(4 * gib, int(3.5 * gib), 4 * gib) == 3.5 / 4
     assert mps_utilization(4 * gib, 70 * gib, 80 * gib) == 4 / 80
+
+
+@pytest.mark.parametrize("ids", [[15339, 1917], [[101, 7592, 102]], [[1, 2], [3]]])
+def test_embedding_token_ids_are_refused_with_the_langchain_fix(ids: Any) -> None:
+    # vLLM embeds whatever ids it is sent; LangChain's defaults send OpenAI's tiktoken ids
+    with pytest.raises(InvalidRequest, match="check_embedding_ctx_length=False"):
+        embedding_body({"model": "m", "input": ids})
+
+
+def test_embedding_text_passes_and_truncate_becomes_vllms_own_field() -> None:
+    assert embedding_body({"model": "m", "input": ["a", "b"], "truncate": False}) == {
+        "model": "m",
+        "input": ["a", "b"],
+    }
+    # -1: cut at the model's own length (vLLM's truncate_prompt_tokens); usage then counts what it read
+    assert embedding_body({"model": "m", "input": "a", "truncate": True}) == {
+        "model": "m",
+        "input": "a",
+        "truncate_prompt_tokens": -1,
+    }
 
 
 def test_engine_is_named_vllm() -> None:

@@ -100,6 +100,19 @@ def test_idle_model_is_evicted_and_autoload_brings_it_back(clean: ShoalServer) -
     assert clean.http.get("/v1/models/new").json()["status"] == "evicted"
 
 
+def test_ollama_chat_for_a_catalog_name_loads_it_under_autoload(clean: ShoalServer) -> None:
+    import ollama
+
+    assert clean.http.get(f"/v1/models/{CHAT_MODEL}").status_code == 404  # not running: only in the catalog
+    client = ollama.Client(host=clean.url)
+    answer = client.chat(
+        model=f"{CHAT_MODEL}:latest", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2}
+    )
+    assert answer.done and answer.message.role == "assistant" and answer.eval_count
+    assert answer.load_duration and answer.load_duration > 0  # it waited for the load
+    assert clean.http.get(f"/v1/models/{CHAT_MODEL}").json()["status"] == "ready"
+
+
 def test_pinned_model_is_never_evicted(clean: ShoalServer) -> None:
     assert launch(clean, CHAT_MODEL, "keep", gpu_memory="14GiB", pinned=True, keep_alive=0).status_code == 200
     r = launch(clean, CHAT_MODEL, "other", gpu_memory="14GiB")

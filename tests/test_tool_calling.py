@@ -218,6 +218,47 @@ def test_auto_on_a_template_without_tools_is_refused_and_forced_calls_are_constr
     assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"zone": "UTC"}
 
 
+class _Calling(_Engine):
+    """An engine that parses calls itself (as llama.cpp does for a template with tools)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__([])
+        self.names = names
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.sent = body
+        calls = [
+            {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": "{}"}}
+            for i, n in enumerate(self.names)
+        ]
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+
+
+def test_a_forced_call_on_a_template_with_tools_sends_and_keeps_only_the_allowed_functions() -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    engine = _Calling(["get_weather", "get_time"])
+    result = _chat(engine, {"messages": ASK, "tools": [WEATHER, TIME], "tool_choice": named})  # type: ignore[arg-type]
+    assert [t["function"]["name"] for t in engine.sent["tools"]] == ["get_time"]
+    assert engine.sent["response_format"]["json_schema"]["schema"]["properties"]["name"] == {
+        "const": "get_time"
+    }
+    assert [c["function"]["name"] for c in result["choices"][0]["message"]["tool_calls"]] == ["get_time"]
+    # required: every function may be called, but one call only when parallel_tool_calls is false
+    body = {
+        "messages": ASK,
+        "tools": [WEATHER, TIME],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
+    result = _chat(engine, body)  # type: ignore[arg-type]
+    assert len(engine.sent["tools"]) == 2 and len(result["choices"][0]["message"]["tool_calls"]) == 1
+    # a call to a function the request did not offer is not passed on
+    result = _chat(_Calling(["delete_everything"]), {"messages": ASK, "tools": [TIME]})  # type: ignore[arg-type]
+    (choice,) = result["choices"]
+    assert not choice["message"]["tool_calls"] and choice["finish_reason"] == "stop"
+
+
 def test_parallel_tool_calls_false_keeps_one_call() -> None:
     call = '<tool_call>{"name": "get_time", "arguments": {"zone": "%s"}}</tool_call>'
     two = [call % "UTC" + call % "CET"]
@@ -250,7 +291,7 @@ def qwen(chat_server: ShoalServer, tmp_path_factory: pytest.TempPathFactory) -> 
             out.write(part.read_bytes())
     model = {
         "model_name": "qwen-coder-tools",
-        "model_ability": ["chat"],
+        "model_ability": ["chat", "generate"],
         "context_length": 32768,
         "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_K_M", "model_uri": str(gguf)}],
     }
@@ -381,6 +422,46 @@ def test_qwen_streams_its_call(qwen: str, openai_client) -> None:
     assert usage is not None and usage.completion_tokens > 0
 
 
+def _valid_call(call: Any) -> str:
+    """The call's function name, after checking its arguments against that function's parameters."""
+    function = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
+    jsonschema.validate(json.loads(call.function.arguments), function["parameters"])  # type: ignore[index]
+    return str(call.function.name)
+
+
+def test_qwen_makes_the_named_call_even_when_the_question_asks_for_another(qwen: str, openai_client) -> None:
+    # The template has tools, so llama.cpp would let the model pick any of them: the named one must win.
+    response = openai_client.chat.completions.create(
+        model=qwen,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=60,
+        temperature=0,
+    )
+    (answer,) = response.choices
+    assert answer.finish_reason == "tool_calls", answer.message.content
+    assert [_valid_call(c) for c in answer.message.tool_calls] == ["get_time"]
+
+
+@pytest.mark.parametrize("parallel", [False, None])
+def test_qwen_required_makes_one_valid_call(qwen: str, openai_client, parallel: bool | None) -> None:
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    response = openai_client.chat.completions.create(
+        model=qwen,
+        messages=[{"role": "user", "content": "Say hello."}],  # no tool fits: still a call
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        **extra,
+    )
+    (answer,) = response.choices
+    assert answer.finish_reason == "tool_calls", answer.message.content
+    assert len(answer.message.tool_calls) == 1
+    assert _valid_call(answer.message.tool_calls[0]) in NAMES
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
@@ -400,6 +481,12 @@ def test_qwen_streams_its_call(qwen: str, openai_client) -> None:
         ({"logit_bias": {"hello": 5}}, "token ids"),
         ({"logit_bias": {"5": 500}}, "-100 to 100"),
         ({"tool_choice": "auto"}, "only allowed when tools"),
+        # fields whose answer Shoal cannot give: refused, not silently answered in text
+        ({"modalities": ["text", "audio"]}, "audio output"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio output"),
+        ({"web_search_options": {}}, "web search"),
+        ({"functions": [WEATHER["function"]]}, "send tools"),
+        ({"function_call": "auto"}, "send tools"),
     ],
 )
 def test_garbage_tools_and_formats_are_a_400(
@@ -415,6 +502,45 @@ def test_a_tool_message_needs_the_call_it_answers(chat_server: ShoalServer) -> N
     body = {"model": CHAT_MODEL, "messages": [*ASK, {"role": "tool", "content": "sunny"}], "max_tokens": 4}
     r = chat_server.http.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and "tool_call_id" in r.json()["error"]["message"]
+
+
+def test_anthropic_sdk_auto_tool_choice_on_qwen(qwen: str, chat_server: ShoalServer) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=chat_server.url, api_key="unused", max_retries=0, timeout=120)
+    tool = {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "input_schema": WEATHER["function"]["parameters"],  # type: ignore[index]
+    }
+    message = client.messages.create(
+        model=qwen,
+        max_tokens=80,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
+        tool_choice={"type": "auto"},
+        extra_body={"temperature": 0},
+    )
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input["city"] == "Paris"  # type: ignore[index]
+    jsonschema.validate(use.input, tool["input_schema"])  # type: ignore[arg-type]
+
+
+def test_qwen_coder_fills_in_the_middle(qwen: str, openai_client) -> None:
+    # completions `suffix` through llama.cpp's infill (Qwen2.5-Coder has FIM tokens); here because
+    # this module has the model loaded
+    response = openai_client.completions.create(
+        model=qwen,
+        prompt="def add(a, b):\n    ",
+        suffix="\n\nprint(add(1, 2))\n",
+        max_tokens=16,
+        temperature=0,
+    )
+    (choice,) = response.choices
+    assert response.id.startswith("cmpl-") and response.object == "text_completion"
+    assert choice.text.startswith("return a + b") and choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 10 and response.usage.completion_tokens > 0
 
 
 # ---- LangChain -----------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ from typing import Any
 from shoal.engines.options import check_launch_options
 from shoal.errors import InvalidRequest
 
+# Who sends another tokenizer's ids as an embedding input, and the fix: LangChain's OpenAIEmbeddings
+# at its defaults tokenizes with tiktoken's cl100k_base for any model name.
+FOREIGN_IDS = (
+    "LangChain's OpenAIEmbeddings sends OpenAI's tiktoken ids unless it is created with "
+    "check_embedding_ctx_length=False (then it sends the text)"
+)
+
 
 @dataclass(frozen=True)
 class SpeechStream:
@@ -253,6 +260,16 @@ for _engine in ("faster_whisper", "piper", "hibari", "rapidocr"):  # no KV cache
 # rerank document always; an embedding input only when the request says truncate: true, else it is
 # refused with its token count), and the LLM reranker, which shortens a document until it fits.
 TRUNCATING_ENGINES = frozenset({"sentence_transformers", "cross_encoder", "embedding_rerank", "llm_rerank"})
+# Engines that hand a chat's image, audio and file parts to the model: vLLM, for a checkpoint that
+# reads them. llama.cpp would need the model's image projector (mmproj), which Shoal does not load;
+# the transformers engine reads text.
+MULTIMODAL_ENGINES = frozenset({"vllm"})
+
+
+def abilities(model_ability: list[str], engine: str) -> list[str]:
+    """What a model does as this engine runs it: the catalog's abilities, "vision" only on an engine
+    that gives the model its images (Gemma 3's GGUF builds, on llama.cpp, answer text only)."""
+    return [a for a in model_ability if a != "vision" or engine in MULTIMODAL_ENGINES]
 
 
 def context_tokens(engine: str, options: dict[str, Any], model_context: int | None) -> int:

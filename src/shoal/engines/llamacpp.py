@@ -7,8 +7,9 @@ cancels its generation.
 
 `n` answers (up to the n_parallel slots) and a list of prompts run as one llama.cpp request each,
 merged into one answer with the usage summed (engines/completions.py); completions come back in
-OpenAI's completions shape (cmpl- ids, legacy logprobs, echo). `suffix` is refused by the gateway:
-xllamacpp exposes no infill.
+OpenAI's completions shape (cmpl- ids, legacy logprobs, echo). A completion with a `suffix` is
+llama.cpp's infill (fill-in-the-middle with the model's FIM tokens), asked of the llama.cpp HTTP server
+that xllamacpp embeds on loopback, because its in-process API has no infill.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +31,11 @@ DEFAULT_PARALLEL: int = ESTIMATE_DEFAULTS["llama.cpp"]["parallel"]
 DEFAULT_CONTEXT: int = ESTIMATE_DEFAULTS["llama.cpp"]["context"]  # per slot, capped by the model's own
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's bound; llama.cpp has none and returns the vocabulary)
 _END = object()
+# OpenAI completions fields that llama.cpp's /infill does not take (or that Shoal sends in its own way)
+_NOT_INFILL = frozenset(
+    {"prompt", "suffix", "max_tokens", "max_completion_tokens", "n", "echo", "best_of", "stream",
+     "stream_options", "user", "logprobs"}
+)  # fmt: skip
 
 
 @dataclass
@@ -137,6 +144,8 @@ class LlamaCppEngine(Engine):
         opts = self.pop_options()
         key = secrets.token_hex(16)
         self._server, self.n_parallel, self.slot_context = start_server(self.config, opts, key)
+        self._key = key
+        self._http: Any = None  # the embedded HTTP server's client, made at the first infill
         self.template_tools = template_renders_tools(self._server, key)
         # One thread per slot plus room for requests waiting on a slot.
         self._pool = ThreadPoolExecutor(max_workers=self.n_parallel * 4, thread_name_prefix="llama")
@@ -271,7 +280,58 @@ class LlamaCppEngine(Engine):
         return self._stream(self._server.handle_chat_completions, body, chat=True)
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("suffix"):
+            return await self._infill(body)
         return await self._call(self._server.handle_completions, body, chat=False)
+
+    async def _infill(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Fill-in-the-middle: the text between `prompt` and `suffix`, from llama.cpp's /infill, in
+        OpenAI's completions shape. One prompt string and one answer, without echo or logprobs."""
+        import httpx
+
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or (body.get("n") or 1) != 1 or body.get("echo"):
+            raise InvalidRequest("suffix (fill-in-the-middle) takes one prompt string, n 1 and no echo")
+        if body.get("logprobs") is not None:
+            raise InvalidRequest("suffix (fill-in-the-middle) is answered without logprobs: leave them out")
+        checked, _ = self._check(body, chat=False)
+        sent = {k: v for k, v in checked.items() if k not in _NOT_INFILL}
+        sent.update(input_prefix=prompt, input_suffix=body["suffix"], stream=False)
+        if checked.get("max_tokens"):
+            sent["n_predict"] = checked["max_tokens"]
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self._server.listening_address,
+                headers={"Authorization": f"Bearer {self._key}"},
+                timeout=httpx.Timeout(None, connect=10),
+                trust_env=False,
+            )
+        response = await self._http.post("/infill", json=sent)
+        result = response.json()
+        if response.status_code != 200:
+            message = str((result.get("error") or {}).get("message", response.text))
+            if response.status_code < 500 or response.status_code == 501:  # 501: this model has no FIM
+                raise InvalidRequest(f"llama.cpp refused the infill (suffix): {message}")
+            raise ShoalError(f"llama.cpp infill: {message}")
+        prompt_tokens, completion_tokens = int(result["tokens_evaluated"]), int(result["tokens_predicted"])
+        choice = {
+            "index": 0,
+            "text": result.get("content") or "",
+            "logprobs": None,
+            "finish_reason": "length" if result.get("stop_type") == "limit" else "stop",
+        }
+        return {
+            "id": answer_id(chat=False),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.config.model_uid,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     def complete_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self._stream(self._server.handle_completions, body, chat=False)

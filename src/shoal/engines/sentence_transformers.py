@@ -16,17 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from shoal.engines.base import Engine
+from shoal.engines.base import FOREIGN_IDS, Engine
 from shoal.engines.batching import Batcher, BatchSettings
 from shoal.engines.torch_park import park_modules, wake_modules
 from shoal.errors import InvalidRequest
-
-# Who sends another tokenizer's ids, and the fix: LangChain's OpenAIEmbeddings at its defaults
-# tokenizes with tiktoken's cl100k_base for any model name.
-FOREIGN_IDS = (
-    "LangChain's OpenAIEmbeddings sends OpenAI's tiktoken ids unless it is created with "
-    "check_embedding_ctx_length=False (then it sends the text)"
-)
 
 
 class SentenceTransformersEngine(Engine):

@@ -6,7 +6,9 @@ What a request asks for, and what the engine is sent:
   {"name": ..., "arguments": {...}} whose arguments match the function's parameters — sent to the
   engine as a `response_format` json_schema, which llama.cpp, vLLM and the transformers engine all
   enforce with a grammar. This works even on a model whose template knows nothing of tools (the
-  functions are then described in a system message) and on a tiny model.
+  functions are then described in a system message) and on a tiny model. A template with tools is
+  sent only the functions the call may go to (llama.cpp, given tools and a schema, lets its grammar
+  call any tool it was sent), and calls an engine parsed itself are kept only to those functions.
 - "auto" (the default when tools are given): the model's own template renders the tools (llama.cpp
   with its Jinja template, transformers' apply_chat_template) and the answer is parsed for calls in
   the common formats (`parse_calls`). A model whose template cannot render tools is refused with a
@@ -52,6 +54,11 @@ class ToolRequest:
     def names(self) -> set[str]:
         return {f["name"] for f in self.functions}
 
+    @property
+    def allowed(self) -> list[dict[str, Any]]:
+        """The functions the answer may call: all of them, or only the one a tool_choice names."""
+        return [f for f in self.functions if self.forced in (None, "*", f["name"])]
+
 
 def tool_request(body: dict[str, Any]) -> ToolRequest | None:
     """The request's tools and tool_choice (validated by the gateway), or None for no calls."""
@@ -78,7 +85,7 @@ def call_schema(request: ToolRequest) -> dict[str, Any]:
             "additionalProperties": False,
         }
 
-    allowed = [f for f in request.functions if request.forced in ("*", f["name"])]
+    allowed = request.allowed
     return one(allowed[0]) if len(allowed) == 1 else {"anyOf": [one(f) for f in allowed]}
 
 
@@ -239,7 +246,11 @@ def prepare(engine: ChatEngine, body: dict[str, Any]) -> tuple[dict[str, Any], T
             + (" (vLLM: launch with the tool_call_parser option)" if engine.name == "vllm" else "")
         )
     if engine.template_tools:
-        out["tools"] = body["tools"]  # rendered by the model's own template
+        # Rendered by the model's own template. A forced call sends only the functions it may call:
+        # given tools and a schema together, llama.cpp switches to its generic format, whose grammar
+        # also lets the model call any tool it was sent.
+        names = {f["name"] for f in request.allowed}
+        out["tools"] = [t for t in body["tools"] if t["function"]["name"] in names]
     else:
         out["messages"] = plain_messages(body["messages"], request.functions)
     if request.forced is not None:
@@ -252,10 +263,18 @@ def prepare(engine: ChatEngine, body: dict[str, Any]) -> tuple[dict[str, Any], T
 
 
 def _read(text: str, request: ToolRequest) -> tuple[str | None, list[Call]]:
-    content, calls = parse_calls(text, request.names)
+    content, calls = parse_calls(text, {f["name"] for f in request.allowed})
     if calls and not request.parallel:
         calls = calls[:1]
     return content, calls
+
+
+def _found(calls: list[dict[str, Any]], request: ToolRequest) -> list[dict[str, Any]]:
+    """The calls an engine parsed itself, as the request allows them: only functions it may call,
+    one when parallel_tool_calls is false."""
+    names = {f["name"] for f in request.allowed}
+    kept = [c for c in calls if (c.get("function") or {}).get("name") in names]
+    return kept if request.parallel else kept[:1]
 
 
 async def chat(engine: ChatEngine, body: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +285,10 @@ async def chat(engine: ChatEngine, body: dict[str, Any]) -> dict[str, Any]:
     for choice in result.get("choices") or []:
         message = choice.get("message") or {}
         if message.get("tool_calls"):  # the engine found them itself
+            kept = _found(message["tool_calls"], request)
+            choice["message"] = {**message, "tool_calls": kept or None}
+            if not kept:
+                choice["finish_reason"] = "stop"
             continue
         content, calls = _read(message.get("content") or "", request)
         if calls:

@@ -497,6 +497,12 @@ class TransformersEngine(Engine):
             raise InvalidRequest("n > 1 is not supported by the transformers engine; send n requests")
         if not chat and body.get("echo"):
             raise InvalidRequest("echo is not supported by the transformers engine")
+        if not chat and body.get("suffix"):
+            raise InvalidRequest("suffix (fill-in-the-middle) is not supported by the transformers engine")
+        if body.get("logprobs") is not None and body["logprobs"] is not False:  # completions' 0 asks too
+            raise InvalidRequest(
+                "logprobs are not supported by the transformers engine (llama.cpp gives them)"
+            )
         want = constraint(body)
 
         def prepare() -> tuple[list[list[int]], list[Matcher | None]]:  # tokenizing and compiling block

@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 import orjson
 
-from shoal.engines.base import ESTIMATE_DEFAULTS, Engine, cap_fraction
+from shoal.engines.base import ESTIMATE_DEFAULTS, FOREIGN_IDS, Engine, cap_fraction
 from shoal.engines.options import ENGINE_OPTIONS
 from shoal.errors import InvalidRequest, ShoalError
 
@@ -421,6 +421,23 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
+def embedding_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The embeddings request vLLM is sent. Token ids are refused: vLLM embeds whatever ids it gets,
+    and those LangChain sends at its defaults are another tokenizer's, so they would embed as other
+    words. TEI's `truncate: true` becomes vLLM's `truncate_prompt_tokens: -1` (cut at the model's own
+    length); without it vLLM refuses an input past that length."""
+    raw = body.get("input")
+    if isinstance(raw, list) and raw and not all(isinstance(x, str) for x in raw):
+        raise InvalidRequest(
+            "token ids as an embedding input are not supported on vLLM, which cannot tell this model's "
+            "own ids from another tokenizer's: send the text. " + FOREIGN_IDS
+        )
+    out = {k: v for k, v in body.items() if k != "truncate"}
+    if body.get("truncate") is True:
+        out["truncate_prompt_tokens"] = -1
+    return out
+
+
 class VllmEngine(Engine):
     name = "vllm"
     can_park = True  # sleep mode level 1 (written against vLLM's documented API; not run here without a GPU)
@@ -667,7 +684,7 @@ class VllmEngine(Engine):
         return self._stream("/v1/completions", body)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._post("/v1/embeddings", body)
+        return await self._post("/v1/embeddings", embedding_body(body))
 
     def metrics(self) -> dict[str, float]:
         """vLLM's own Prometheus series (requests running and waiting, tokens, KV cache use), as numbers."""

@@ -63,7 +63,10 @@ def _content(blocks: list[Any], vision: bool) -> str | list[dict[str, Any]]:
     a blank line), else OpenAI content parts."""
     if any(block.type == "image" for block in blocks):
         if not vision:
-            raise InvalidRequest("this model cannot read images (it has no vision ability): send text only")
+            raise InvalidRequest(
+                "this model cannot read images (it has no vision ability, or it is a GGUF build, which "
+                "Shoal's llama.cpp engine runs without an image projector): send text only"
+            )
         return [
             {"type": "text", "text": b.text} if isinstance(b, TextBlock) else _image_part(b) for b in blocks
         ]

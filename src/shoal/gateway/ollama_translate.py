@@ -404,7 +404,7 @@ def show(model: RunningModel, context_length: int) -> dict[str, Any]:
         "license": model.family.license or "",
         "details": details(model),
         "model_info": info,
-        "capabilities": capabilities(model.family.model_ability),
+        "capabilities": capabilities(model.abilities),
         "modified_at": now_iso(datetime.fromtimestamp(model.created, UTC)),
     }
 

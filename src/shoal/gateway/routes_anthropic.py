@@ -81,7 +81,7 @@ async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[A
     """The parsed body, the model service (the model exists and can chat), and whether it sees images."""
     body, _ = await parse_body(request, model)
     service = await check_model(request, body.model, "chat")
-    vision = "vision" in service.get(body.model).family.model_ability
+    vision = "vision" in service.get(body.model).abilities
     return body, service, vision
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from shoal import metrics
-from shoal.engines.base import TRUNCATING_ENGINES
+from shoal.engines.base import MULTIMODAL_ENGINES, TRUNCATING_ENGINES
 from shoal.errors import InvalidRequest
 from shoal.gateway.routes_admin import model_card
 from shoal.protocol.openai import (
@@ -83,11 +83,31 @@ async def check_model_of(
         await service.ensure_ready(uid, name)
     running = service.get(uid)
     state["model"] = uid  # a model that exists: the metrics' and access log's model label
-    if ability not in running.family.model_ability:
+    if ability not in running.abilities:
         raise InvalidRequest(
             f"model {uid!r} ({running.family.model_type}) cannot do {ability}; "
-            f"it can do: {', '.join(running.family.model_ability)}"
+            f"it can do: {', '.join(running.abilities)}"
         )
+
+
+def check_content(service: ModelService, uid: str, body: ChatCompletionRequest) -> None:
+    """Image parts only to a model that reads images as it runs; audio and file parts only to an
+    engine that hands them to the model (vLLM). Elsewhere they are a 400 here, not an engine's error."""
+    kinds = {p.type for m in body.messages if isinstance(m.content, list) for p in m.content}
+    if kinds <= {"text"}:
+        return
+    running = service.get(uid)
+    if "image_url" in kinds and "vision" not in running.abilities:
+        if "vision" in running.family.model_ability:
+            raise InvalidRequest(
+                f"model {uid!r} cannot read images as it runs here: its {running.engine} build has no "
+                "image projector (Shoal's llama.cpp engine loads no mmproj). Launch its pytorch spec on "
+                "vLLM to send images, or send text only"
+            )
+        raise InvalidRequest(f"model {uid!r} cannot read images (it has no vision ability): send text only")
+    other = sorted(kinds - {"text", "image_url"})
+    if other and running.engine not in MULTIMODAL_ENGINES:
+        raise InvalidRequest(f"model {uid!r} ({running.engine}) reads no {other[0]} content parts: send text")
 
 
 def render(result: Forwarded) -> Response:
@@ -115,6 +135,8 @@ async def serve(service: ModelService, state: dict[str, Any], raw: bytes, path: 
     body = validate(model, raw)
     uid: str = body.model  # type: ignore[attr-defined]
     await check_model_of(service, state, uid, ability)
+    if isinstance(body, ChatCompletionRequest):
+        check_content(service, uid, body)
     check_size(service, uid, body)
     stream: bool = getattr(body, "stream", False)
     result = await forward(service, uid, path, raw, stream)

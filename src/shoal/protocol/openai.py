@@ -206,6 +206,31 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
     response_format: ResponseFormat | None = None
+    # Asked-for answers no engine here gives: refused, because the text that would come back instead
+    # is not what a client sending them reads (see docs/api-compat.md).
+    modalities: list[str] | None = Field(None, description='only ["text"]: no audio output')
+    audio: dict[str, Any] | None = Field(None, description="refused: no audio output")
+    web_search_options: dict[str, Any] | None = Field(None, description="refused: no web search")
+    functions: list[Any] | None = Field(None, description="refused: the legacy form of tools")
+    function_call: Any = Field(None, description="refused: the legacy form of tool_choice")
+
+    @model_validator(mode="after")
+    def _refused(self) -> ChatCompletionRequest:
+        if self.audio is not None or any(m != "text" for m in self.modalities or []):
+            raise ValueError(
+                'audio output (modalities "audio", audio) is not supported: the models answer in text; '
+                'send modalities ["text"] or leave both out (speech: POST /v1/audio/speech)'
+            )
+        if self.web_search_options is not None:
+            raise ValueError(
+                "web search (web_search_options) is not supported: the models cannot search the web"
+            )
+        if self.functions is not None or self.function_call is not None:
+            raise ValueError(
+                "functions and function_call (OpenAI's deprecated form) are not supported: "
+                "send tools and tool_choice"
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -233,16 +258,15 @@ class CompletionRequest(_Sampling):
         None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token; 0: none"
     )
     echo: bool = Field(False, description="the prompt before each answer's text")
-    suffix: str | None = Field(None, description="refused unless empty: no engine does fill-in-the-middle")
+    suffix: str | None = Field(
+        None, description="fill-in-the-middle: llama.cpp, for a model with FIM tokens (not streamed)"
+    )
     best_of: int | None = Field(None, ge=1, description="only 1 (best_of > 1 is refused)")
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError(
-                "suffix (fill-in-the-middle) is not supported: llama.cpp's infill is not exposed by the "
-                "binding Shoal uses, and the other engines have none"
-            )
+        if self.suffix and self.stream:
+            raise ValueError("suffix (fill-in-the-middle) is answered whole: send it with stream false")
         if self.best_of is not None and self.best_of > 1:
             raise ValueError(
                 "best_of > 1 is not supported; ask for n answers instead (they are all returned)"

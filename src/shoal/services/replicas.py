@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shoal.catalog import ModelFamily, ModelSpec, Source
-from shoal.engines.base import context_tokens
+from shoal.engines.base import abilities, context_tokens
 from shoal.errors import IllegalTransition
 from shoal.protocol.admin import LaunchRequest
 from shoal.scheduler import node_of
@@ -161,6 +161,11 @@ class RunningModel:
         return context_tokens(self.engine, self.request.engine_options(), self.family.context_length)
 
     @property
+    def abilities(self) -> list[str]:
+        """The catalog's abilities as this launch's engine can serve them (engines.base.abilities)."""
+        return abilities(self.family.model_ability, self.engine)
+
+    @property
     def status(self) -> str:
         states = {r.state for r in self.replicas}
         if self.download is not None and self.download.active and ReplicaState.STARTING in states:
@@ -183,7 +188,7 @@ class RunningModel:
             "id": self.uid,
             "model_name": self.family.model_name,
             "model_type": self.family.model_type,
-            "model_ability": self.family.model_ability,
+            "model_ability": self.abilities,
             "model_engine": self.engine,
             "model_format": self.spec.model_format,
             "model_size_in_billions": self.spec.model_size_in_billions,
