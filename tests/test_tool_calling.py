@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from conftest import CHAT_MODEL, ShoalServer, wait_until_ready
+from conftest import CHAT_MODEL, ShoalServer, serve_gguf
 from shoal.engines import tools
 from shoal.errors import InvalidRequest
 
@@ -289,22 +289,7 @@ def qwen(chat_server: ShoalServer, tmp_path_factory: pytest.TempPathFactory) -> 
     with gguf.open("wb") as out:
         for part in qwen_coder_parts():
             out.write(part.read_bytes())
-    model = {
-        "model_name": "qwen-coder-tools",
-        "model_ability": ["chat", "generate"],
-        "context_length": 32768,
-        "model_specs": [{"model_format": "ggufv2", "quantization": "Q4_K_M", "model_uri": str(gguf)}],
-    }
-    r = chat_server.http.post("/v1/model_registrations/LLM", json={"model": model})
-    assert r.status_code == 200, r.text
-    r = chat_server.http.post(
-        "/v1/models", json={"model_name": "qwen-coder-tools", "n_ctx": 2048, "n_parallel": 1}
-    )
-    assert r.status_code == 200, r.text
-    wait_until_ready(chat_server, "qwen-coder-tools")
-    yield "qwen-coder-tools"
-    chat_server.http.delete("/v1/models/qwen-coder-tools")
-    chat_server.http.delete("/v1/model_registrations/LLM/qwen-coder-tools")
+    yield from serve_gguf(chat_server, "qwen-coder-tools", gguf, ["chat", "generate"], 32768, "Q4_K_M", 2048)
 
 
 def _arguments(call: Any) -> dict[str, Any]:
