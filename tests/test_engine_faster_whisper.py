@@ -55,8 +55,13 @@ def whisper_path() -> Path:
     return matches[0]
 
 
+NUMBERS = dict(enumerate("zero one two three four five six seven eight nine ten".split()))
+
+
 def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    """Lower-case words, with numbers as Whisper may write them ("7 engineers") spelled out."""
+    found = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    return [NUMBERS.get(int(w), w) if w.isdigit() else w for w in found]
 
 
 def assert_mostly(heard: str, expected: str = SENTENCE) -> None:
