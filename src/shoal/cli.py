@@ -130,8 +130,6 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--warm-spares") from None
     if profile.lower() not in ("gpu", "all", "off"):
         raise typer.BadParameter("profile must be gpu, all or off")
-    if not 0 <= profile_margin <= 1:
-        raise typer.BadParameter("profile-margin must be between 0 and 1")
     try:
         server_settings = ServerSettings(
             host=host,
