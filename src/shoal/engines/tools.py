@@ -51,13 +51,13 @@ class ToolRequest:
     parallel: bool
 
     @property
-    def names(self) -> set[str]:
-        return {f["name"] for f in self.functions}
-
-    @property
     def allowed(self) -> list[dict[str, Any]]:
         """The functions the answer may call: all of them, or only the one a tool_choice names."""
         return [f for f in self.functions if self.forced in (None, "*", f["name"])]
+
+    @property
+    def allowed_names(self) -> set[str]:
+        return {f["name"] for f in self.allowed}
 
 
 def tool_request(body: dict[str, Any]) -> ToolRequest | None:
@@ -249,7 +249,7 @@ def prepare(engine: ChatEngine, body: dict[str, Any]) -> tuple[dict[str, Any], T
         # Rendered by the model's own template. A forced call sends only the functions it may call:
         # given tools and a schema together, llama.cpp switches to its generic format, whose grammar
         # also lets the model call any tool it was sent.
-        names = {f["name"] for f in request.allowed}
+        names = request.allowed_names
         out["tools"] = [t for t in body["tools"] if t["function"]["name"] in names]
     else:
         out["messages"] = plain_messages(body["messages"], request.functions)
@@ -263,7 +263,7 @@ def prepare(engine: ChatEngine, body: dict[str, Any]) -> tuple[dict[str, Any], T
 
 
 def _read(text: str, request: ToolRequest) -> tuple[str | None, list[Call]]:
-    content, calls = parse_calls(text, {f["name"] for f in request.allowed})
+    content, calls = parse_calls(text, request.allowed_names)
     if calls and not request.parallel:
         calls = calls[:1]
     return content, calls
@@ -272,7 +272,7 @@ def _read(text: str, request: ToolRequest) -> tuple[str | None, list[Call]]:
 def _found(calls: list[dict[str, Any]], request: ToolRequest) -> list[dict[str, Any]]:
     """The calls an engine parsed itself, as the request allows them: only functions it may call,
     one when parallel_tool_calls is false."""
-    names = {f["name"] for f in request.allowed}
+    names = request.allowed_names
     kept = [c for c in calls if (c.get("function") or {}).get("name") in names]
     return kept if request.parallel else kept[:1]
 
